@@ -1,0 +1,295 @@
+//! The topology file: which regions exist, where their stores and agents are,
+//! and which tables Meridian replicates.
+//!
+//! ```toml
+//! [regions.na]
+//! store = "postgres://meridian@na-db:5432/app"   # or MERIDIAN_NA_STORE in the environment
+//! listen = "0.0.0.0:7401"                        # the agent's gRPC address
+//! connect = "na-agent.internal:7401"             # optional: what peers dial
+//!
+//! [[tables]]
+//! name = "public.orders"
+//! primary_key = ["id"]
+//! home_column = "region"
+//! ```
+//!
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+/// A parsed and validated topology.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Regions by name (`na`, `eu`, `apac`, ...).
+    pub regions: BTreeMap<String, Region>,
+    /// Replicated tables.
+    #[serde(default)]
+    pub tables: Vec<TableSpec>,
+    /// Tuning of the replication links.
+    #[serde(default)]
+    pub replication: Tuning,
+}
+
+/// One region: its store and its agent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// Connection URL of the region's PostgreSQL store.
+    pub store: Dsn,
+    /// Address the region's agent listens on for peers (`host:port`).
+    pub listen: String,
+    /// Address peers dial to reach the agent; defaults to `listen`.
+    pub connect: Option<String>,
+}
+
+impl Region {
+    /// The address peers dial.
+    pub fn connect_addr(&self) -> &str {
+        self.connect.as_deref().unwrap_or(&self.listen)
+    }
+}
+
+/// A replicated table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// `schema.table`.
+    pub name: String,
+    /// Primary key columns; must be the table's replica identity.
+    pub primary_key: Vec<String>,
+    /// Column holding each row's home region.
+    pub home_column: String,
+}
+
+impl TableSpec {
+    /// `(schema, table)`.
+    pub fn split_name(&self) -> (&str, &str) {
+        self.name.split_once('.').unwrap_or(("public", &self.name))
+    }
+}
+
+/// Link tuning. Defaults suit a WAN link between regions.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tuning {
+    /// Most row changes in one shipped batch (whole transactions are never split,
+    /// so a larger transaction makes a larger batch).
+    pub batch_max_changes: usize,
+    /// Most batches in flight (sent, not yet acknowledged) per link.
+    pub window: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            batch_max_changes: 2000,
+            window: 8,
+        }
+    }
+}
+
+/// A PostgreSQL connection URL. Its `Debug` and `Display` hide the password.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Dsn(String);
+
+impl Dsn {
+    pub fn new(url: impl Into<String>) -> Self {
+        Dsn(url.into())
+    }
+    /// The full URL, password included. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // postgres://user:password@host/db -> postgres://user:***@host/db
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(s), Some(at)) if at > s => {
+                let creds = &self.0[s + 3..at];
+                match creds.split_once(':') {
+                    Some((user, _)) => write!(f, "{}{user}:***{}", &self.0[..s + 3], &self.0[at..]),
+                    None => f.write_str(&self.0),
+                }
+            }
+            _ => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Dsn({self})")
+    }
+}
+
+/// A topology file that is not valid. The message names the file, the key, what
+/// was found and what is expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct TopologyError {
+    pub file: String,
+    pub message: String,
+}
+
+impl Topology {
+    /// Parses and validates a topology. `file` names the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Topology, TopologyError> {
+        let err = |message: String| TopologyError {
+            file: file.to_owned(),
+            message,
+        };
+        let topology: Topology =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        if topology.regions.len() < 2 {
+            return Err(err(format!(
+                "[regions] defines {} region(s); expected at least two, like [regions.na] and [regions.eu]",
+                topology.regions.len()
+            )));
+        }
+        for (name, region) in &topology.regions {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(err(format!(
+                    "regions.{name}: region names must be lowercase letters, digits and '_' (they name slots and origins)"
+                )));
+            }
+            let store = region.store.expose();
+            if !(store.starts_with("postgres://") || store.starts_with("postgresql://")) {
+                return Err(err(format!(
+                    "regions.{name}.store: found {:?}; expected a URL like postgres://user@host:5432/db",
+                    region.store.to_string()
+                )));
+            }
+            for (key, addr) in [("listen", Some(&region.listen)), ("connect", region.connect.as_ref())] {
+                if let Some(addr) = addr {
+                    if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                        return Err(err(format!(
+                            "regions.{name}.{key}: found {addr:?}; expected host:port, like 127.0.0.1:7401"
+                        )));
+                    }
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in topology.tables.iter().enumerate() {
+            let at = format!("tables[{i}] ({})", t.name);
+            if t.name.split('.').count() != 2 || t.name.split('.').any(str::is_empty) {
+                return Err(err(format!(
+                    "{at}.name: found {:?}; expected schema.table, like public.orders",
+                    t.name
+                )));
+            }
+            if !seen.insert(&t.name) {
+                return Err(err(format!("{at}.name: the table is listed twice; keep one entry")));
+            }
+            if t.primary_key.is_empty() {
+                return Err(err(format!(
+                    "{at}.primary_key: found an empty list; expected the key columns, like [\"id\"]"
+                )));
+            }
+            if t.home_column.is_empty() {
+                return Err(err(format!(
+                    "{at}.home_column: found an empty name; expected the column holding the row's home region"
+                )));
+            }
+        }
+        if topology.replication.batch_max_changes == 0 || topology.replication.window == 0 {
+            return Err(err(
+                "replication: batch_max_changes and window must be at least 1".to_owned(),
+            ));
+        }
+        Ok(topology)
+    }
+
+    /// Applies `MERIDIAN_<REGION>_STORE` overrides (for secrets kept out of the
+    /// file). `lookup` reads the environment.
+    pub fn override_stores(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        for (name, region) in &mut self.regions {
+            if let Some(url) = lookup(&format!("MERIDIAN_{}_STORE", name.to_uppercase())) {
+                region.store = Dsn(url);
+            }
+        }
+    }
+
+    /// Looks a region up, with an error that lists the known ones.
+    pub fn region(&self, name: &str) -> Result<&Region, String> {
+        self.regions.get(name).ok_or_else(|| {
+            format!(
+                "unknown region {name:?}; the topology defines {}",
+                self.regions.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [regions.na]
+        store = "postgres://meridian:s3cret@127.0.0.1:5432/app"
+        listen = "127.0.0.1:7401"
+        [regions.eu]
+        store = "postgres://meridian@127.0.0.1:5433/app"
+        listen = "127.0.0.1:7402"
+        connect = "127.0.0.1:17402"
+        [[tables]]
+        name = "public.orders"
+        primary_key = ["id"]
+        home_column = "region"
+    "#;
+
+    #[test]
+    fn parses_a_valid_topology() {
+        let t = Topology::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(t.regions.len(), 2);
+        assert_eq!(t.regions["eu"].connect_addr(), "127.0.0.1:17402");
+        assert_eq!(t.regions["na"].connect_addr(), "127.0.0.1:7401");
+        assert_eq!(t.tables[0].split_name(), ("public", "orders"));
+        assert_eq!(t.replication.window, 8);
+    }
+
+    #[test]
+    fn never_prints_passwords() {
+        let t = Topology::parse(GOOD, "t.toml").unwrap();
+        let shown = format!("{:?} {}", t, t.regions["na"].store);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("meridian:***@127.0.0.1"), "{shown}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let cases = [
+            (GOOD.replace("listen = \"127.0.0.1:7401\"", "listne = \"x:1\""), "listne"),
+            (GOOD.replace("127.0.0.1:7402\"", "nowhere\""), "regions.eu.listen"),
+            (GOOD.replace("postgres://meridian@", "mysql://x@"), "regions.eu.store"),
+            (GOOD.replace("public.orders", "orders"), "tables[0] (orders).name"),
+            (GOOD.replace("[\"id\"]", "[]"), "primary_key"),
+            (GOOD.replace("[regions.eu]", "[regions.EU]"), "regions.EU"),
+        ];
+        for (text, key) in cases {
+            let e = Topology::parse(&text, "topo.toml").unwrap_err().to_string();
+            assert!(e.starts_with("topo.toml: "), "{e}");
+            assert!(e.contains(key), "{key} not in {e}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_stores() {
+        let mut t = Topology::parse(GOOD, "t.toml").unwrap();
+        t.override_stores(|k| (k == "MERIDIAN_EU_STORE").then(|| "postgres://other/db".to_owned()));
+        assert_eq!(t.regions["eu"].store.expose(), "postgres://other/db");
+        assert!(t.region("apac").unwrap_err().contains("eu, na"));
+    }
+}

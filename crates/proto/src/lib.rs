@@ -1,0 +1,11 @@
+//! Generated gRPC types and services for agent-to-agent replication.
+//!
+//! The `.proto` sources live in the top-level `proto/` folder; this crate is the
+//! only place they are compiled.
+
+#![allow(unreachable_pub, clippy::all)]
+
+/// `meridian.replication.v1`: the replication stream between agents.
+pub mod replication {
+    tonic::include_proto!("meridian.replication.v1");
+}
