@@ -1,1 +1,81 @@
-fn main() {}
+//! `meridian`: the command line of the Meridian replication service.
+
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+/// Residency-aware multi-region replication for PostgreSQL.
+#[derive(Parser)]
+#[command(name = "meridian", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one region's agent: capture its store's changes, ship them to the
+    /// peer regions, apply what peers send.
+    Agent {
+        /// Topology file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// This agent's region, as named in the topology.
+        #[arg(long)]
+        region: String,
+    },
+    /// Start three local regions (na, eu, apac) on temporary PostgreSQL
+    /// clusters with their agents, write sample tenants and orders, and show
+    /// them arriving in the peers. Ctrl-C stops and removes everything.
+    Demo {
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Agent { config, region } => {
+                let topology = meridian_agent::load_topology(&config)?;
+                topology.region(&region).map_err(anyhow::Error::msg).with_context(|| {
+                    format!("--region {region} does not match {}", config.display())
+                })?;
+                let shutdown = shutdown_on_signal();
+                meridian_agent::run(topology, &region, shutdown).await
+            }
+            Command::Demo { duration } => demo::run(duration).await,
+        }
+    })
+}
+
+/// A watch that turns true on SIGINT or SIGTERM.
+pub(crate) fn shutdown_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}

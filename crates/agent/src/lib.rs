@@ -1,1 +1,102 @@
-//! agent
+//! The regional agent: one per region.
+//!
+//! - [`link`]: the outbound side. For each peer region, a link reads this
+//!   region's changes from a dedicated slot and streams them as checksummed
+//!   batches to the peer's agent, confirming the slot only past what the peer
+//!   acknowledged as durably applied.
+//! - [`receiver`]: the inbound side. A gRPC service that applies each peer's
+//!   batches into this region's store through [`meridian_apply::Applier`].
+//! - [`run`] wires both for one region and runs until shutdown.
+
+pub mod link;
+pub mod receiver;
+
+use std::path::Path;
+
+use anyhow::Context;
+use meridian_capture::{ensure_publication, ensure_slot, publication_name, slot_name};
+use meridian_core::topology::Topology;
+use meridian_proto::replication::replication_server::ReplicationServer;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Largest gRPC message accepted (a batch never splits a transaction, so one
+/// large transaction makes one large message).
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+/// Reads a topology file and applies environment overrides.
+pub fn load_topology(path: &Path) -> anyhow::Result<Topology> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read topology file {}", path.display()))?;
+    let mut topology = Topology::parse(&text, &path.display().to_string())?;
+    topology.override_stores(|k| std::env::var(k).ok());
+    Ok(topology)
+}
+
+/// Runs `region`'s agent until `shutdown` turns true: prepares the store
+/// (migrations, publication, one slot per peer), serves peers, and runs one
+/// outbound link per peer.
+pub async fn run(topology: Topology, region: &str, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let me = topology.region(region).map_err(anyhow::Error::msg)?.clone();
+    let store = me.store.expose().to_owned();
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&store)
+        .await
+        .with_context(|| format!("cannot connect to region {region}'s store {}", me.store))?;
+    meridian_apply::migrate(&pool)
+        .await
+        .with_context(|| format!("migrating region {region}'s store"))?;
+    let publication = publication_name(region);
+    ensure_publication(&pool, &publication, &topology.tables)
+        .await
+        .with_context(|| format!("preparing region {region}'s store for capture"))?;
+    let peers: Vec<String> = topology.regions.keys().filter(|r| *r != region).cloned().collect();
+    for peer in &peers {
+        ensure_slot(&pool, &slot_name(region, peer))
+            .await
+            .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
+    }
+    pool.close().await;
+
+    let listener = tokio::net::TcpListener::bind(&me.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (regions.{region}.listen)", me.listen))?;
+    tracing::info!(region, listen = %me.listen, "agent started");
+    let service = receiver::ReplicationService::new(region, &store, topology.regions.keys().cloned());
+    let server = ReplicationServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut server_shutdown = shutdown.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = server_shutdown.wait_for(|s| *s).await;
+            }),
+    );
+    let links: Vec<_> = peers
+        .iter()
+        .map(|peer| {
+            let link = link::Link {
+                source: region.to_owned(),
+                destination: peer.clone(),
+                store: store.clone(),
+                peer_addr: topology.regions[peer].connect_addr().to_owned(),
+                slot: slot_name(region, peer),
+                publication: publication.clone(),
+                batch_max_changes: topology.replication.batch_max_changes,
+                window: topology.replication.window,
+            };
+            tokio::spawn(link.run(shutdown.clone()))
+        })
+        .collect();
+    let _ = shutdown.wait_for(|s| *s).await;
+    for l in links {
+        let _ = l.await;
+    }
+    server.await?.context("gRPC server failed")?;
+    tracing::info!(region, "agent stopped");
+    Ok(())
+}

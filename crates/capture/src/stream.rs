@@ -1,6 +1,8 @@
 //! The replication connection: PostgreSQL's streaming replication protocol in
 //! logical mode, decoding `pgoutput` with [`meridian_core::pgoutput`].
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -66,8 +68,9 @@ pub struct ReplicationStream {
     socket: TcpStream,
     read: BytesMut,
     decoder: Decoder,
-    /// Highest position the caller confirmed as durably applied everywhere.
-    confirmed: Lsn,
+    /// Highest position confirmed as durably applied at the destination,
+    /// shared with whoever receives the acknowledgements.
+    confirmed: Arc<AtomicU64>,
     /// Highest WAL position the server said it has sent.
     received: Lsn,
     last_status: Instant,
@@ -96,7 +99,7 @@ impl ReplicationStream {
             socket,
             read: BytesMut::with_capacity(64 * 1024),
             decoder: Decoder::new(),
-            confirmed: start,
+            confirmed: Arc::new(AtomicU64::new(start.0)),
             received: start,
             last_status: Instant::now(),
         };
@@ -190,10 +193,11 @@ impl ReplicationStream {
         }
     }
 
-    /// Records that everything up to `lsn` is durably applied at every
-    /// destination; the next status report lets the server discard it.
-    pub fn confirm(&mut self, lsn: Lsn) {
-        self.confirmed = self.confirmed.max(lsn);
+    /// The confirmed position. Raise it (`fetch_max`) once everything up to a
+    /// position is durably applied at the destination; the next status report
+    /// (at most a second later) lets the server discard that WAL.
+    pub fn confirmed(&self) -> Arc<AtomicU64> {
+        self.confirmed.clone()
     }
 
     /// Highest WAL position the server reported sending.
@@ -273,11 +277,12 @@ impl ReplicationStream {
             .unwrap_or_default()
             .as_micros() as i64
             - PG_EPOCH_OFFSET_US;
+        let confirmed = self.confirmed.load(Ordering::Acquire);
         let mut status = BytesMut::with_capacity(34);
         status.put_u8(b'r');
-        status.put_u64(self.confirmed.0);
-        status.put_u64(self.confirmed.0);
-        status.put_u64(self.confirmed.0);
+        status.put_u64(confirmed);
+        status.put_u64(confirmed);
+        status.put_u64(confirmed);
         status.put_i64(now_us);
         status.put_u8(reply as u8);
         let mut buf = BytesMut::new();

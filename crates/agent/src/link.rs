@@ -1,0 +1,199 @@
+//! The outbound side of one replication link (this region -> one peer).
+//!
+//! Delivery: at-least-once. Each session starts the slot at the peer's durable
+//! watermark (from its `Welcome`) and the peer skips anything at or below it, so
+//! the effect at the peer is exactly-once. The slot is confirmed only past
+//! positions the peer acknowledged as durably applied. At most `window`
+//! batches are unacknowledged at a time (back-pressure: capture waits). Any
+//! failure (peer down, corrupted batch refused, store restart) ends the
+//! session; the next one starts again from the peer's watermark, with
+//! exponential backoff, so there is never a gap.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use meridian_capture::{CaptureError, ReplicationStream};
+use meridian_core::{codec, Lsn, Transaction};
+use meridian_proto::replication::{
+    destination_message, replication_client::ReplicationClient, source_message, Batch, Hello,
+    SourceMessage,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::MAX_MESSAGE_BYTES;
+
+/// Why a link session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach peer agent: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("peer agent: {0}")]
+    Peer(#[from] tonic::Status),
+    #[error("peer refused batch {seq}: {reason}")]
+    Refused { seq: u64, reason: String },
+    #[error("peer closed the stream")]
+    Closed,
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("capture: {0}")]
+    Capture(#[from] CaptureError),
+}
+
+/// One link's configuration.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub source: String,
+    pub destination: String,
+    /// The source store URL (secret).
+    pub store: String,
+    pub peer_addr: String,
+    pub slot: String,
+    pub publication: String,
+    pub batch_max_changes: usize,
+    pub window: usize,
+}
+
+impl Link {
+    /// Runs sessions until shutdown, backing off between failures.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = std::time::Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            if let Err(e) = result {
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(source = %self.source, destination = %self.destination,
+                    error = %e, retry_in_ms = backoff.as_millis() as u64, "link interrupted");
+                if matches!(&e, LinkError::Capture(c) if !c.is_retryable()) {
+                    backoff = Duration::from_secs(10);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self) -> Result<(), LinkError> {
+        let mut client = ReplicationClient::connect(format!("http://{}", self.peer_addr))
+            .await?
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (outbound, rx) = mpsc::channel(self.window + 1);
+        let hello = SourceMessage {
+            kind: Some(source_message::Kind::Hello(Hello {
+                source_region: self.source.clone(),
+                destination_region: self.destination.clone(),
+            })),
+        };
+        outbound.send(hello).await.map_err(|_| LinkError::Closed)?;
+        let mut inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
+        let applied = match inbound.next().await.ok_or(LinkError::Closed)??.kind {
+            Some(destination_message::Kind::Welcome(w)) => Lsn(w.applied_lsn),
+            other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
+        };
+        let stream = ReplicationStream::start(&self.store, &self.slot, &self.publication, applied).await?;
+        let confirmed = stream.confirmed();
+        confirmed.fetch_max(applied.0, Ordering::AcqRel);
+        tracing::info!(source = %self.source, destination = %self.destination,
+            resume_from = %applied, "link connected");
+
+        // capture runs in its own task so a slow peer never stalls the
+        // replication connection's status reports
+        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(self.batch_max_changes.max(64));
+        let mut capture = tokio::spawn(capture(stream, changes_tx));
+        let _abort = AbortOnDrop(capture.abort_handle());
+
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        let mut seq = 0u64;
+        let mut pending: Option<Transaction> = None;
+        loop {
+            tokio::select! {
+                biased;
+                reply = inbound.next() => {
+                    match reply.ok_or(LinkError::Closed)??.kind {
+                        Some(destination_message::Kind::Ack(ack)) => {
+                            while in_flight.front().is_some_and(|&s| s <= ack.seq) {
+                                in_flight.pop_front();
+                            }
+                            confirmed.fetch_max(ack.applied_lsn, Ordering::AcqRel);
+                        }
+                        Some(destination_message::Kind::Nack(n)) => {
+                            return Err(LinkError::Refused { seq: n.seq, reason: n.reason });
+                        }
+                        other => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+                    }
+                }
+                ended = &mut capture => {
+                    return match ended {
+                        Ok(Err(e)) => Err(e.into()),
+                        _ => Err(LinkError::Protocol("capture stopped".into())),
+                    };
+                }
+                first = changes.recv(), if in_flight.len() < self.window && pending.is_none() => {
+                    let Some(first) = first else { return Err(LinkError::Closed) };
+                    pending = Some(first);
+                }
+            }
+            if let Some(first) = pending.take() {
+                let mut size = first.changes.len();
+                let mut batch = vec![first];
+                while size < self.batch_max_changes {
+                    match changes.try_recv() {
+                        Ok(t) => {
+                            size += t.changes.len();
+                            batch.push(t);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                seq += 1;
+                let payload = codec::encode(&batch);
+                let message = SourceMessage {
+                    kind: Some(source_message::Kind::Batch(Batch {
+                        seq,
+                        end_lsn: batch.last().map_or(0, |t| t.end_lsn.0),
+                        crc32: codec::checksum(&payload),
+                        payload,
+                    })),
+                };
+                outbound.send(message).await.map_err(|_| LinkError::Closed)?;
+                in_flight.push_back(seq);
+            }
+        }
+    }
+}
+
+async fn capture(mut stream: ReplicationStream, out: mpsc::Sender<Transaction>) -> Result<(), CaptureError> {
+    loop {
+        let transaction = stream.next().await?;
+        let permit = loop {
+            tokio::select! {
+                permit = out.reserve() => match permit {
+                    Ok(p) => break p,
+                    Err(_) => return Ok(()),
+                },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => stream.send_status(false).await?,
+            }
+        };
+        permit.send(transaction);
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

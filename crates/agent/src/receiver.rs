@@ -1,0 +1,209 @@
+//! The inbound side: a gRPC service that applies peers' batches to this
+//! region's store.
+//!
+//! Per source region there is one apply session at a time (a second stream
+//! from the same source waits for the first to end). A batch is applied only
+//! if its sequence number is the next one and its crc32 matches; a corrupted
+//! batch is refused with a `Nack` and the stream ends, so the source resends
+//! from the durable watermark and nothing after the bad batch is applied out
+//! of order. A batch the store rejects (bad value, missing column) goes to
+//! `meridian.dead_letters` transaction by transaction, and the link moves on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use meridian_apply::{ApplyError, Applier};
+use meridian_capture::origin_name;
+use meridian_core::{codec, Lsn};
+use meridian_proto::replication::{
+    destination_message, replication_server::Replication, source_message, Ack, Batch,
+    DestinationMessage, Nack, SourceMessage, Welcome,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+type Session = Arc<tokio::sync::Mutex<Option<Applier>>>;
+
+/// The `Replication` gRPC service of one region's agent.
+pub struct ReplicationService {
+    region: String,
+    store: String,
+    regions: HashSet<String>,
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+impl ReplicationService {
+    pub fn new(region: &str, store: &str, regions: impl IntoIterator<Item = String>) -> Self {
+        ReplicationService {
+            region: region.to_owned(),
+            store: store.to_owned(),
+            regions: regions.into_iter().collect(),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn session(&self, source: &str) -> Session {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        sessions.entry(source.to_owned()).or_default().clone()
+    }
+}
+
+/// The one place where apply errors become gRPC statuses. Messages carry no
+/// row values.
+fn status(e: &ApplyError) -> Status {
+    match e {
+        ApplyError::Rejected(m) => Status::failed_precondition(m.clone()),
+        ApplyError::Unavailable(e) => Status::unavailable(format!("destination store unavailable: {e}")),
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    type ReplicateStream = ReceiverStream<Result<DestinationMessage, Status>>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<SourceMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await?.and_then(|m| m.kind) {
+            Some(source_message::Kind::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message must be a Hello")),
+        };
+        if hello.destination_region != self.region {
+            return Err(Status::failed_precondition(format!(
+                "this agent serves region {}, not {}; check regions.*.connect in the topology",
+                self.region, hello.destination_region
+            )));
+        }
+        if hello.source_region == self.region || !self.regions.contains(&hello.source_region) {
+            return Err(Status::permission_denied(format!(
+                "source region {:?} is not a peer in this agent's topology",
+                hello.source_region
+            )));
+        }
+        let session = self.session(&hello.source_region);
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        let source = hello.source_region;
+        tokio::spawn(async move {
+            if let Err(e) = serve(session, &store, &source, inbound, &tx).await {
+                tracing::warn!(source = %source, error = %e.message(), "inbound stream ended");
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn serve(
+    session: Session,
+    store: &str,
+    source: &str,
+    mut inbound: Streaming<SourceMessage>,
+    tx: &mpsc::Sender<Result<DestinationMessage, Status>>,
+) -> Result<(), Status> {
+    let mut guard = session.lock().await;
+    if guard.is_none() {
+        let applier = Applier::connect(store, source, &origin_name(source))
+            .await
+            .map_err(|e| Status::unavailable(format!("destination store unavailable: {e}")))?;
+        *guard = Some(applier);
+    }
+    let result = apply_stream(guard.as_mut().expect("set above"), source, &mut inbound, tx).await;
+    if let Err(e) = &result {
+        if e.code() == tonic::Code::Unavailable {
+            *guard = None; // reconnect next time
+        }
+    }
+    result
+}
+
+async fn apply_stream(
+    applier: &mut Applier,
+    source: &str,
+    inbound: &mut Streaming<SourceMessage>,
+    tx: &mpsc::Sender<Result<DestinationMessage, Status>>,
+) -> Result<(), Status> {
+    let mut watermark = applier
+        .watermark()
+        .await
+        .map_err(|e| Status::unavailable(format!("destination store unavailable: {e}")))?;
+    if !reply(tx, destination_message::Kind::Welcome(Welcome { applied_lsn: watermark.0 })).await {
+        return Ok(());
+    }
+    let mut expected = 1;
+    while let Some(message) = inbound.message().await? {
+        let Some(source_message::Kind::Batch(batch)) = message.kind else {
+            return Err(Status::invalid_argument("expected a Batch"));
+        };
+        if batch.seq != expected {
+            return Err(Status::invalid_argument(format!(
+                "batch {} out of sequence, expected {expected}",
+                batch.seq
+            )));
+        }
+        expected += 1;
+        if codec::checksum(&batch.payload) != batch.crc32 {
+            tracing::warn!(source, seq = batch.seq, end_lsn = %Lsn(batch.end_lsn),
+                "rejected batch: crc32 mismatch (corrupted in transit); the source will resend it");
+            reply(tx, destination_message::Kind::Nack(Nack {
+                seq: batch.seq,
+                reason: "crc32 mismatch".into(),
+            }))
+            .await;
+            return Ok(());
+        }
+        watermark = apply_batch(applier, source, &batch).await?.max(watermark);
+        let ack = Ack { seq: batch.seq, applied_lsn: watermark.0 };
+        if !reply(tx, destination_message::Kind::Ack(ack)).await {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Sends a reply; false when the source is gone.
+async fn reply(tx: &mpsc::Sender<Result<DestinationMessage, Status>>, kind: destination_message::Kind) -> bool {
+    tx.send(Ok(DestinationMessage { kind: Some(kind) })).await.is_ok()
+}
+
+async fn dead_letter(applier: &mut Applier, source: &str, end: Lsn, reason: String, payload: &[u8]) -> Result<Lsn, Status> {
+    tracing::error!(source, end_lsn = %end, %reason, "batch moved to meridian.dead_letters");
+    applier
+        .dead_letter(end, &reason, payload)
+        .await
+        .map_err(|e| status(&e.into()))?;
+    Ok(end)
+}
+
+/// Applies one batch; returns the watermark after it.
+async fn apply_batch(applier: &mut Applier, source: &str, batch: &Batch) -> Result<Lsn, Status> {
+    let transactions = match codec::decode(&batch.payload) {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = format!("undecodable batch: {e}");
+            return dead_letter(applier, source, Lsn(batch.end_lsn), reason, &batch.payload).await;
+        }
+    };
+    match applier.apply(&transactions).await {
+        Ok(applied) => Ok(applied.watermark),
+        Err(ApplyError::Rejected(_)) => {
+            // find the offending transactions; apply the others
+            let mut watermark = Lsn(0);
+            for t in &transactions {
+                match applier.apply(std::slice::from_ref(t)).await {
+                    Ok(applied) => watermark = applied.watermark,
+                    Err(ApplyError::Rejected(reason)) => {
+                        let payload = codec::encode(std::slice::from_ref(t));
+                        watermark = dead_letter(applier, source, t.end_lsn, reason, &payload).await?;
+                    }
+                    Err(e) => return Err(status(&e)),
+                }
+            }
+            Ok(watermark)
+        }
+        Err(e) => Err(status(&e)),
+    }
+}

@@ -1,0 +1,139 @@
+//! A TCP proxy that stands in for the WAN between two agents: it can cut all
+//! connections, refuse new ones, and corrupt bytes in flight.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Forwards `127.0.0.1:port` to a target address. Stops on drop.
+pub struct TcpProxy {
+    port: u16,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+}
+
+struct State {
+    target: String,
+    paused: AtomicBool,
+    /// Number of upcoming large client->server chunks to corrupt.
+    corrupt: AtomicUsize,
+    corrupted: AtomicUsize,
+    /// Bumped to close every open connection.
+    cut: watch::Sender<u64>,
+}
+
+/// Chunks at least this large are payload-heavy: flipping a byte in their
+/// middle hits a batch's payload rather than HTTP/2 framing.
+const CORRUPTIBLE_CHUNK: usize = 2048;
+
+impl TcpProxy {
+    /// Starts a proxy on a free port of 127.0.0.1.
+    pub async fn start(target: &str) -> anyhow::Result<TcpProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (stop, mut stopped) = watch::channel(false);
+        let state = Arc::new(State {
+            target: target.to_owned(),
+            paused: AtomicBool::new(false),
+            corrupt: AtomicUsize::new(0),
+            corrupted: AtomicUsize::new(0),
+            cut: watch::channel(0).0,
+        });
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((client, _)) = accepted else { continue };
+                        if s.paused.load(Ordering::SeqCst) {
+                            drop(client);
+                            continue;
+                        }
+                        tokio::spawn(forward(s.clone(), client));
+                    }
+                    _ = stopped.changed() => return,
+                }
+            }
+        });
+        Ok(TcpProxy { port, state, stop })
+    }
+
+    /// The address to dial instead of the target.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection and refuses new ones until [`TcpProxy::resume`].
+    pub fn pause(&self) {
+        self.state.paused.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    pub fn resume(&self) {
+        self.state.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Closes every open connection (new ones are accepted).
+    pub fn cut(&self) {
+        self.state.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Flips one byte in the middle of each of the next `n` large chunks sent
+    /// from client to server.
+    pub fn corrupt_next(&self, n: usize) {
+        self.state.corrupt.store(n, Ordering::SeqCst);
+    }
+
+    /// How many chunks were corrupted so far.
+    pub fn corrupted(&self) -> usize {
+        self.state.corrupted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.cut();
+    }
+}
+
+async fn forward(state: Arc<State>, client: TcpStream) {
+    let Ok(server) = TcpStream::connect(&state.target).await else { return };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let mut cut = state.cut.subscribe();
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up_state = state.clone();
+    let up = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = cr.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            if n >= CORRUPTIBLE_CHUNK
+                && up_state
+                    .corrupt
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                    .is_ok()
+            {
+                buf[n / 2] ^= 0xFF;
+                up_state.corrupted.fetch_add(1, Ordering::SeqCst);
+            }
+            sw.write_all(&buf[..n]).await?;
+        }
+    };
+    let down = async move {
+        tokio::io::copy(&mut sr, &mut cw).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = cut.changed() => {}
+    }
+}

@@ -1,0 +1,195 @@
+//! `meridian demo`: three regions on this machine, replicating live.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meridian_testkit::PgCluster;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+const REGIONS: [&str; 3] = ["na", "eu", "apac"];
+
+/// The demo's application schema, the same in every region.
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE tenants (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    home_region text NOT NULL
+);
+CREATE TABLE orders (
+    id bigint PRIMARY KEY,
+    tenant_id bigint NOT NULL,
+    home_region text NOT NULL,
+    amount numeric(12,2) NOT NULL,
+    items jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);";
+
+pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
+    let mut signal = crate::shutdown_on_signal();
+    let (stop_agents, agents_shutdown) = tokio::sync::watch::channel(false);
+    println!("starting three PostgreSQL clusters (wal_level=logical)...");
+    let clusters: Vec<PgCluster> = REGIONS
+        .iter()
+        .map(|_| PgCluster::start())
+        .collect::<anyhow::Result<_>>()
+        .context("the demo needs PostgreSQL server binaries")?;
+    let mut pools = Vec::new();
+    let mut topology = String::new();
+    for (region, cluster) in REGIONS.iter().zip(&clusters) {
+        let pool = PgPoolOptions::new().max_connections(2).connect(&cluster.url("postgres")).await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        pools.push(pool);
+        topology.push_str(&format!(
+            "[regions.{region}]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n",
+            cluster.url("postgres"),
+            meridian_testkit::free_port()
+        ));
+    }
+    topology.push_str(
+        "[[tables]]\nname = \"public.tenants\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n\n\
+         [[tables]]\nname = \"public.orders\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n",
+    );
+    let config = clusters[0].dir().join("topology.toml");
+    std::fs::write(&config, &topology)?;
+    println!("topology: {}\n{topology}", config.display());
+
+    let topology = meridian_agent::load_topology(&config)?;
+    let agents: Vec<_> = REGIONS
+        .iter()
+        .map(|r| tokio::spawn(meridian_agent::run(topology.clone(), r, agents_shutdown.clone())))
+        .collect();
+
+    for pool in &pools {
+        wait_for_slots(pool, REGIONS.len() - 1).await?;
+    }
+    let started = Instant::now();
+    let mut next_id = 1i64;
+    println!("writing tenants in each region...");
+    for (i, region) in REGIONS.iter().enumerate() {
+        for name in ["acme", "globex"] {
+            sqlx::query("INSERT INTO tenants VALUES ($1, $2, $3)")
+                .bind(next_id)
+                .bind(format!("{name}-{region}"))
+                .bind(region)
+                .execute(&pools[i])
+                .await?;
+            next_id += 1;
+        }
+    }
+    wait_visible(&pools, "tenants", next_id - 1, Duration::from_secs(30)).await?;
+    print_counts(&pools).await?;
+    println!("\nwriting one order a second in a rotating region; Ctrl-C to stop\n");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0usize;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = signal.wait_for(|s| *s) => break,
+        }
+        if duration.is_some_and(|d| started.elapsed() >= Duration::from_secs(d)) {
+            break;
+        }
+        let home = n % REGIONS.len();
+        n += 1;
+        let id = next_id;
+        next_id += 1;
+        let written = Instant::now();
+        sqlx::query(
+            "INSERT INTO orders (id, tenant_id, home_region, amount, items) VALUES ($1, $2, $3, $4::numeric, $5::jsonb)",
+        )
+        .bind(id)
+        .bind(1 + 2 * home as i64)
+        .bind(REGIONS[home])
+        .bind(format!("{}.{:02}", 10 + n, n % 100))
+        .bind(format!(r#"[{{"sku": "demo-{n}", "qty": {}}}]"#, 1 + n % 3))
+        .execute(&pools[home])
+        .await?;
+        let mut line = format!("order {id:>3} written in {:<4}", REGIONS[home]);
+        for (i, region) in REGIONS.iter().enumerate() {
+            if i == home {
+                continue;
+            }
+            match wait_row(&pools[i], "orders", id, Duration::from_secs(10)).await {
+                Ok(()) => line.push_str(&format!(" | visible in {region:<4} after {:>4} ms", written.elapsed().as_millis())),
+                Err(_) => line.push_str(&format!(" | NOT visible in {region} after 10 s")),
+            }
+        }
+        println!("{line}");
+    }
+    print_counts(&pools).await?;
+    println!("stopping agents and removing the temporary clusters...");
+    let _ = stop_agents.send(true);
+    for a in agents {
+        a.await??;
+    }
+    Ok(())
+}
+
+/// Waits until an agent has created its slots: changes before that are not captured.
+pub(crate) async fn wait_for_slots(pool: &PgPool, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'meridian_%'")
+            .fetch_one(pool)
+            .await?;
+        if slots as usize >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the agent did not create its replication slots within 60 s; see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_row(pool: &PgPool, table: &str, id: i64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"))
+            .bind(id)
+            .fetch_one(pool)
+            .await?;
+        if found {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("row {id} of {table} did not arrive within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_visible(pools: &[PgPool], table: &str, count: i64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    for pool in pools {
+        loop {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await?;
+            if n >= count {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{table} did not reach {count} rows in every region within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn print_counts(pools: &[PgPool]) -> anyhow::Result<()> {
+    println!("\n{:<8}{:>28}{:>28}", "store", "tenants (na/eu/apac homes)", "orders (na/eu/apac homes)");
+    for (region, pool) in REGIONS.iter().zip(pools) {
+        let mut cells = Vec::new();
+        for table in ["tenants", "orders"] {
+            let counts: Vec<i64> = sqlx::query_scalar(&format!(
+                "SELECT (SELECT count(*) FROM {table} WHERE home_region = r) FROM unnest(ARRAY['na','eu','apac']) WITH ORDINALITY AS u(r, i) ORDER BY i"
+            ))
+            .fetch_all(pool)
+            .await?;
+            cells.push(counts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("/"));
+        }
+        println!("{region:<8}{:>28}{:>28}", cells[0], cells[1]);
+    }
+    Ok(())
+}
