@@ -3,10 +3,12 @@
 //! network faults. Everything cleans up on drop, also when a test panics.
 
 pub mod agent;
+pub mod deployment;
 pub mod postgres;
 pub mod proxy;
 
 pub use agent::AgentProcess;
+pub use deployment::{Deployment, Spec};
 pub use postgres::PgCluster;
 pub use proxy::TcpProxy;
 

@@ -1,0 +1,178 @@
+//! A whole multi-region deployment on this machine: one PostgreSQL cluster
+//! and one agent process per region, optionally with a [`TcpProxy`] in front
+//! of a region's agent to inject network faults.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use crate::{free_port, AgentProcess, PgCluster, TcpProxy};
+
+/// What to start.
+pub struct Spec<'a> {
+    pub regions: &'a [&'a str],
+    /// Application schema, run in every region before the agents start.
+    pub schema: &'a str,
+    /// Replicated tables: (schema.table, primary key column, home column).
+    pub tables: &'a [(&'a str, &'a str, &'a str)],
+    /// Regions whose agent peers reach through a proxy.
+    pub proxied: &'a [&'a str],
+    /// Extra topology lines (e.g. a `[replication]` section).
+    pub extra_topology: &'a str,
+}
+
+/// A running deployment. Dropping it kills the agents and removes the clusters.
+pub struct Deployment {
+    pub regions: Vec<String>,
+    pub pools: Vec<PgPool>,
+    agents: Vec<AgentProcess>,
+    proxies: Vec<(String, TcpProxy)>,
+    clusters: Vec<PgCluster>,
+    pub config: PathBuf,
+}
+
+impl Deployment {
+    /// Starts clusters, applies the schema, writes the topology, starts the
+    /// agents (`binary agent ...`) and waits until every slot exists, so
+    /// every change from now on is captured.
+    pub async fn start(binary: &Path, spec: &Spec<'_>) -> anyhow::Result<Deployment> {
+        let mut clusters = Vec::new();
+        let mut pools = Vec::new();
+        for _ in spec.regions {
+            let cluster = PgCluster::start()?;
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&cluster.url("postgres"))
+                .await?;
+            sqlx::raw_sql(spec.schema).execute(&pool).await.context("applying the test schema")?;
+            clusters.push(cluster);
+            pools.push(pool);
+        }
+        let mut topology = String::new();
+        let mut proxies = Vec::new();
+        for (region, cluster) in spec.regions.iter().zip(&clusters) {
+            let listen = format!("127.0.0.1:{}", free_port());
+            topology.push_str(&format!(
+                "[regions.{region}]\nstore = \"{}\"\nlisten = \"{listen}\"\n",
+                cluster.url("postgres")
+            ));
+            if spec.proxied.contains(region) {
+                let proxy = TcpProxy::start(&listen).await?;
+                topology.push_str(&format!("connect = \"{}\"\n", proxy.addr()));
+                proxies.push((region.to_string(), proxy));
+            }
+            topology.push('\n');
+        }
+        for (name, pk, home) in spec.tables {
+            topology.push_str(&format!(
+                "[[tables]]\nname = \"{name}\"\nprimary_key = [\"{pk}\"]\nhome_column = \"{home}\"\n\n"
+            ));
+        }
+        topology.push_str(spec.extra_topology);
+        let config = clusters[0].dir().join("topology.toml");
+        std::fs::write(&config, topology)?;
+        let log_dir = clusters[0].dir().to_owned();
+        let agents = spec
+            .regions
+            .iter()
+            .map(|r| AgentProcess::spawn(binary, &config, r, &log_dir))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let deployment = Deployment {
+            regions: spec.regions.iter().map(|r| r.to_string()).collect(),
+            pools,
+            agents,
+            proxies,
+            clusters,
+            config,
+        };
+        for i in 0..deployment.regions.len() {
+            deployment.wait_for_slots(i).await?;
+        }
+        Ok(deployment)
+    }
+
+    fn index(&self, region: &str) -> usize {
+        self.regions.iter().position(|r| r == region).expect("known region")
+    }
+
+    /// The store of `region`.
+    pub fn pool(&self, region: &str) -> &PgPool {
+        &self.pools[self.index(region)]
+    }
+
+    /// The agent of `region`.
+    pub fn agent(&mut self, region: &str) -> &mut AgentProcess {
+        let i = self.index(region);
+        &mut self.agents[i]
+    }
+
+    /// The proxy in front of `region`'s agent.
+    pub fn proxy(&self, region: &str) -> &TcpProxy {
+        &self.proxies.iter().find(|(r, _)| r == region).expect("region is proxied").1
+    }
+
+    /// The cluster of `region`.
+    pub fn cluster(&self, region: &str) -> &PgCluster {
+        &self.clusters[self.index(region)]
+    }
+
+    async fn wait_for_slots(&self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'meridian\\_%'",
+            )
+            .fetch_one(&self.pools[i])
+            .await?;
+            if n as usize >= self.regions.len() - 1 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent {} created no slots in 60 s; log:\n{}", self.regions[i], self.agents[i].log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// md5 and row count of a table's rows in primary-key order.
+    pub async fn fingerprint(&self, region: &str, table: &str, key: &str) -> anyhow::Result<(i64, String)> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.{key})), '') FROM {table} t"
+        ))
+        .fetch_one(self.pool(region))
+        .await?)
+    }
+
+    /// Waits until `table` is identical in every region and holds at least
+    /// `min_rows` rows; returns the common row count. On timeout, the error
+    /// shows each region's fingerprint and the agents' logs' last lines.
+    pub async fn wait_converged(&self, table: &str, key: &str, min_rows: i64, timeout: Duration) -> anyhow::Result<i64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut prints = Vec::new();
+            for r in &self.regions {
+                prints.push(self.fingerprint(r, table, key).await?);
+            }
+            if prints.windows(2).all(|w| w[0] == w[1]) && prints[0].0 >= min_rows {
+                return Ok(prints[0].0);
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .agents
+                    .iter()
+                    .zip(&self.regions)
+                    .map(|(a, r)| {
+                        let log = a.log();
+                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                        format!("--- agent {r}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                    })
+                    .collect();
+                bail!("{table} did not converge within {timeout:?}: {prints:?}\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
