@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meridian_testkit::PgCluster;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 const REGIONS: [&str; 3] = ["na", "eu", "apac"];
 
@@ -37,7 +37,10 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
     let mut pools = Vec::new();
     let mut topology = String::new();
     for (region, cluster) in REGIONS.iter().zip(&clusters) {
-        let pool = PgPoolOptions::new().max_connections(2).connect(&cluster.url("postgres")).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&cluster.url("postgres"))
+            .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         pools.push(pool);
         topology.push_str(&format!(
@@ -57,7 +60,13 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
     let topology = meridian_agent::load_topology(&config)?;
     let agents: Vec<_> = REGIONS
         .iter()
-        .map(|r| tokio::spawn(meridian_agent::run(topology.clone(), r, agents_shutdown.clone())))
+        .map(|r| {
+            tokio::spawn(meridian_agent::run(
+                topology.clone(),
+                r,
+                agents_shutdown.clone(),
+            ))
+        })
         .collect();
 
     for pool in &pools {
@@ -111,7 +120,10 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
                 continue;
             }
             match wait_row(&pools[i], "orders", id, Duration::from_secs(10)).await {
-                Ok(()) => line.push_str(&format!(" | visible in {region:<4} after {:>4} ms", written.elapsed().as_millis())),
+                Ok(()) => line.push_str(&format!(
+                    " | visible in {region:<4} after {:>4} ms",
+                    written.elapsed().as_millis()
+                )),
                 Err(_) => line.push_str(&format!(" | NOT visible in {region} after 10 s")),
             }
         }
@@ -130,14 +142,18 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
 pub(crate) async fn wait_for_slots(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'meridian_%'")
-            .fetch_one(pool)
-            .await?;
+        let slots: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'meridian_%'",
+        )
+        .fetch_one(pool)
+        .await?;
         if slots as usize >= n {
             return Ok(());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("the agent did not create its replication slots within 60 s; see its log");
+            anyhow::bail!(
+                "the agent did not create its replication slots within 60 s; see its log"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -146,10 +162,12 @@ pub(crate) async fn wait_for_slots(pool: &PgPool, n: usize) -> anyhow::Result<()
 async fn wait_row(pool: &PgPool, table: &str, id: i64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let found: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"))
-            .bind(id)
-            .fetch_one(pool)
-            .await?;
+        let found: bool = sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"
+        ))
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
         if found {
             return Ok(());
         }
@@ -160,16 +178,25 @@ async fn wait_row(pool: &PgPool, table: &str, id: i64, timeout: Duration) -> any
     }
 }
 
-async fn wait_visible(pools: &[PgPool], table: &str, count: i64, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_visible(
+    pools: &[PgPool],
+    table: &str,
+    count: i64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     for pool in pools {
         loop {
-            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await?;
+            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+                .fetch_one(pool)
+                .await?;
             if n >= count {
                 break;
             }
             if Instant::now() > deadline {
-                anyhow::bail!("{table} did not reach {count} rows in every region within {timeout:?}");
+                anyhow::bail!(
+                    "{table} did not reach {count} rows in every region within {timeout:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -178,7 +205,10 @@ async fn wait_visible(pools: &[PgPool], table: &str, count: i64, timeout: Durati
 }
 
 async fn print_counts(pools: &[PgPool]) -> anyhow::Result<()> {
-    println!("\n{:<8}{:>28}{:>28}", "store", "tenants (na/eu/apac homes)", "orders (na/eu/apac homes)");
+    println!(
+        "\n{:<8}{:>28}{:>28}",
+        "store", "tenants (na/eu/apac homes)", "orders (na/eu/apac homes)"
+    );
     for (region, pool) in REGIONS.iter().zip(pools) {
         let mut cells = Vec::new();
         for table in ["tenants", "orders"] {
@@ -187,7 +217,13 @@ async fn print_counts(pools: &[PgPool]) -> anyhow::Result<()> {
             ))
             .fetch_all(pool)
             .await?;
-            cells.push(counts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("/"));
+            cells.push(
+                counts
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+            );
         }
         println!("{region:<8}{:>28}{:>28}", cells[0], cells[1]);
     }

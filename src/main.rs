@@ -48,14 +48,19 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Agent { config, region } => {
                 let topology = meridian_agent::load_topology(&config)?;
-                topology.region(&region).map_err(anyhow::Error::msg).with_context(|| {
-                    format!("--region {region} does not match {}", config.display())
-                })?;
+                topology
+                    .region(&region)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| {
+                        format!("--region {region} does not match {}", config.display())
+                    })?;
                 let shutdown = shutdown_on_signal();
                 meridian_agent::run(topology, &region, shutdown).await
             }

@@ -52,7 +52,8 @@ async fn write_typed_rows(pool: &PgPool, region: &str, base: i64) -> anyhow::Res
     for (i, row) in rows.iter().enumerate() {
         let sql = format!(
             "INSERT INTO typed VALUES {}",
-            row.replace("ID", &(base + i as i64).to_string()).replace("HOME", region)
+            row.replace("ID", &(base + i as i64).to_string())
+                .replace("HOME", region)
         );
         sqlx::raw_sql(&sql).execute(pool).await?;
     }
@@ -92,13 +93,18 @@ async fn every_type_replicates_between_three_regions() -> anyhow::Result<()> {
         write_typed_rows(d.pool(region), region, 1000 * (i as i64 + 1)).await?;
     }
     // 4 rows per region, one deleted: 3 per region
-    let rows = d.wait_converged("typed", "id", 9, Duration::from_secs(60)).await?;
+    let rows = d
+        .wait_converged("typed", "id", 9, Duration::from_secs(60))
+        .await?;
     assert_eq!(rows, 9);
     for region in REGIONS {
         let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM typed WHERE id % 1000 = 100")
             .fetch_one(d.pool(region))
             .await?;
-        assert_eq!(moved, 3, "{region}: a primary-key update moves the row everywhere");
+        assert_eq!(
+            moved, 3,
+            "{region}: a primary-key update moves the row everywhere"
+        );
         let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
             .fetch_one(d.pool(region))
             .await?;
@@ -123,31 +129,45 @@ async fn toasted_values_survive_updates_of_other_columns() -> anyhow::Result<()>
     let na = d.pool("na");
     // ~45 kB of hex text: stored out of line (TOAST) even after compression
     let big = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 1400))";
-    sqlx::raw_sql(&format!("INSERT INTO docs VALUES (1, 'na', 'first', {big}), (2, 'na', 'second', {big})"))
+    sqlx::raw_sql(&format!(
+        "INSERT INTO docs VALUES (1, 'na', 'first', {big}), (2, 'na', 'second', {big})"
+    ))
+    .execute(na)
+    .await?;
+    d.wait_converged("docs", "id", 2, Duration::from_secs(60))
+        .await?;
+    // row 1: the update ships in its own batch, with the body "unchanged"
+    sqlx::raw_sql("UPDATE docs SET title = 'first, edited' WHERE id = 1")
         .execute(na)
         .await?;
-    d.wait_converged("docs", "id", 2, Duration::from_secs(60)).await?;
-    // row 1: the update ships in its own batch, with the body "unchanged"
-    sqlx::raw_sql("UPDATE docs SET title = 'first, edited' WHERE id = 1").execute(na).await?;
     // row 3: insert and title update in one transaction (one batch)
     sqlx::raw_sql(&format!(
         "BEGIN; INSERT INTO docs VALUES (3, 'na', 'third', {big}); UPDATE docs SET title = 'third, edited' WHERE id = 3; COMMIT;"
     ))
     .execute(na)
     .await?;
-    d.wait_converged("docs", "id", 3, Duration::from_secs(60)).await?;
+    d.wait_converged("docs", "id", 3, Duration::from_secs(60))
+        .await?;
     for region in REGIONS {
-        let (title, len): (String, i32) = sqlx::query_as("SELECT title, length(body) FROM docs WHERE id = 1")
-            .fetch_one(d.pool(region))
-            .await?;
+        let (title, len): (String, i32) =
+            sqlx::query_as("SELECT title, length(body) FROM docs WHERE id = 1")
+                .fetch_one(d.pool(region))
+                .await?;
         assert_eq!(title, "first, edited");
         assert_eq!(len, 1400 * 32, "{region}: the TOASTed body is kept");
     }
-    let toast: String = sqlx::query_scalar("SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'docs'")
+    let toast: String = sqlx::query_scalar(
+        "SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'docs'",
+    )
+    .fetch_one(na)
+    .await?;
+    let chunks: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {toast}"))
         .fetch_one(na)
         .await?;
-    let chunks: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {toast}")).fetch_one(na).await?;
-    assert!(chunks > 20, "the source really stored the bodies out of line ({chunks} TOAST chunks)");
+    assert!(
+        chunks > 20,
+        "the source really stored the bodies out of line ({chunks} TOAST chunks)"
+    );
     Ok(())
 }
 
@@ -216,7 +236,12 @@ async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice() -> anyhow
     let mut step = 1i64;
     // (after this many changes, kill this region's agent): na and eu are each
     // source and destination; each is killed while both roles are busy
-    let kills = [(8_000u64, "na"), (20_000, "eu"), (32_000, "na"), (42_000, "apac")];
+    let kills = [
+        (8_000u64, "na"),
+        (20_000, "eu"),
+        (32_000, "na"),
+        (42_000, "apac"),
+    ];
     let mut next_kill = 0;
     while changes < 50_000 {
         for (i, region) in REGIONS.iter().enumerate() {
@@ -238,7 +263,9 @@ async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice() -> anyhow
         }
     }
     assert!(changes >= 50_000);
-    let rows = d.wait_converged("counters", "id", 1, Duration::from_secs(180)).await?;
+    let rows = d
+        .wait_converged("counters", "id", 1, Duration::from_secs(180))
+        .await?;
     assert!(rows > 1000, "the workload leaves rows behind: {rows}");
     for region in REGIONS {
         let pool = d.pool(region);
@@ -275,19 +302,31 @@ async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
     )
     .await?;
     // let the link connect through the proxy, then arm the corruption
-    sqlx::raw_sql("INSERT INTO blobs VALUES (0, 'na', 'warm-up')").execute(d.pool("na")).await?;
-    d.wait_converged("blobs", "id", 1, Duration::from_secs(60)).await?;
+    sqlx::raw_sql("INSERT INTO blobs VALUES (0, 'na', 'warm-up')")
+        .execute(d.pool("na"))
+        .await?;
+    d.wait_converged("blobs", "id", 1, Duration::from_secs(60))
+        .await?;
     d.proxy("eu").corrupt_next(1);
     sqlx::raw_sql(
         "INSERT INTO blobs SELECT g, 'na', repeat(md5(g::text), 30) FROM generate_series(1, 300) g",
     )
     .execute(d.pool("na"))
     .await?;
-    let rows = d.wait_converged("blobs", "id", 301, Duration::from_secs(60)).await?;
+    let rows = d
+        .wait_converged("blobs", "id", 301, Duration::from_secs(60))
+        .await?;
     assert_eq!(rows, 301);
-    assert_eq!(d.proxy("eu").corrupted(), 1, "the proxy corrupted one chunk");
+    assert_eq!(
+        d.proxy("eu").corrupted(),
+        1,
+        "the proxy corrupted one chunk"
+    );
     let log = d.agent("eu").log();
-    assert!(log.contains("crc32 mismatch"), "the receiver detected the corruption:\n{log}");
+    assert!(
+        log.contains("crc32 mismatch"),
+        "the receiver detected the corruption:\n{log}"
+    );
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
         .fetch_one(d.pool("eu"))
         .await?;

@@ -37,7 +37,11 @@ pub fn load_topology(path: &Path) -> anyhow::Result<Topology> {
 /// Runs `region`'s agent until `shutdown` turns true: prepares the store
 /// (migrations, publication, one slot per peer), serves peers, and runs one
 /// outbound link per peer.
-pub async fn run(topology: Topology, region: &str, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(
+    topology: Topology,
+    region: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let me = topology.region(region).map_err(anyhow::Error::msg)?.clone();
     let store = me.store.expose().to_owned();
     let pool = PgPoolOptions::new()
@@ -52,7 +56,12 @@ pub async fn run(topology: Topology, region: &str, mut shutdown: watch::Receiver
     ensure_publication(&pool, &publication, &topology.tables)
         .await
         .with_context(|| format!("preparing region {region}'s store for capture"))?;
-    let peers: Vec<String> = topology.regions.keys().filter(|r| *r != region).cloned().collect();
+    let peers: Vec<String> = topology
+        .regions
+        .keys()
+        .filter(|r| *r != region)
+        .cloned()
+        .collect();
     for peer in &peers {
         ensure_slot(&pool, &slot_name(region, peer))
             .await
@@ -64,7 +73,8 @@ pub async fn run(topology: Topology, region: &str, mut shutdown: watch::Receiver
         .await
         .with_context(|| format!("cannot listen on {} (regions.{region}.listen)", me.listen))?;
     tracing::info!(region, listen = %me.listen, "agent started");
-    let service = receiver::ReplicationService::new(region, &store, topology.regions.keys().cloned());
+    let service =
+        receiver::ReplicationService::new(region, &store, topology.regions.keys().cloned());
     let server = ReplicationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

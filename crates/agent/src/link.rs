@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use meridian_capture::{CaptureError, ReplicationStream};
-use meridian_core::{codec, Lsn, Transaction};
+use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
-    destination_message, replication_client::ReplicationClient, source_message, Batch, Hello,
-    SourceMessage,
+    Batch, Hello, SourceMessage, destination_message, replication_client::ReplicationClient,
+    source_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -97,12 +97,20 @@ impl Link {
             })),
         };
         outbound.send(hello).await.map_err(|_| LinkError::Closed)?;
-        let mut inbound = client.replicate(ReceiverStream::new(rx)).await?.into_inner();
+        let mut inbound = client
+            .replicate(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         let applied = match inbound.next().await.ok_or(LinkError::Closed)??.kind {
             Some(destination_message::Kind::Welcome(w)) => Lsn(w.applied_lsn),
-            other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
         };
-        let stream = ReplicationStream::start(&self.store, &self.slot, &self.publication, applied).await?;
+        let stream =
+            ReplicationStream::start(&self.store, &self.slot, &self.publication, applied).await?;
         let confirmed = stream.confirmed();
         confirmed.fetch_max(applied.0, Ordering::AcqRel);
         tracing::info!(source = %self.source, destination = %self.destination,
@@ -110,7 +118,8 @@ impl Link {
 
         // capture runs in its own task so a slow peer never stalls the
         // replication connection's status reports
-        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(self.batch_max_changes.max(64));
+        let (changes_tx, mut changes) =
+            mpsc::channel::<Transaction>(self.batch_max_changes.max(64));
         let mut capture = tokio::spawn(capture(stream, changes_tx));
         let _abort = AbortOnDrop(capture.abort_handle());
 
@@ -167,14 +176,20 @@ impl Link {
                         payload,
                     })),
                 };
-                outbound.send(message).await.map_err(|_| LinkError::Closed)?;
+                outbound
+                    .send(message)
+                    .await
+                    .map_err(|_| LinkError::Closed)?;
                 in_flight.push_back(seq);
             }
         }
     }
 }
 
-async fn capture(mut stream: ReplicationStream, out: mpsc::Sender<Transaction>) -> Result<(), CaptureError> {
+async fn capture(
+    mut stream: ReplicationStream,
+    out: mpsc::Sender<Transaction>,
+) -> Result<(), CaptureError> {
     loop {
         let transaction = stream.next().await?;
         let permit = loop {

@@ -12,12 +12,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use meridian_apply::{ApplyError, Applier};
+use meridian_apply::{Applier, ApplyError};
 use meridian_capture::origin_name;
-use meridian_core::{codec, Lsn};
+use meridian_core::{Lsn, codec};
 use meridian_proto::replication::{
-    destination_message, replication_server::Replication, source_message, Ack, Batch,
-    DestinationMessage, Nack, SourceMessage, Welcome,
+    Ack, Batch, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
+    replication_server::Replication, source_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,7 +54,9 @@ impl ReplicationService {
 fn status(e: &ApplyError) -> Status {
     match e {
         ApplyError::Rejected(m) => Status::failed_precondition(m.clone()),
-        ApplyError::Unavailable(e) => Status::unavailable(format!("destination store unavailable: {e}")),
+        ApplyError::Unavailable(e) => {
+            Status::unavailable(format!("destination store unavailable: {e}"))
+        }
     }
 }
 
@@ -69,7 +71,11 @@ impl Replication for ReplicationService {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.kind) {
             Some(source_message::Kind::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message must be a Hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
         };
         if hello.destination_region != self.region {
             return Err(Status::failed_precondition(format!(
@@ -112,10 +118,11 @@ async fn serve(
         *guard = Some(applier);
     }
     let result = apply_stream(guard.as_mut().expect("set above"), source, &mut inbound, tx).await;
-    if let Err(e) = &result {
-        if e.code() == tonic::Code::Unavailable {
-            *guard = None; // reconnect next time
-        }
+    if result
+        .as_ref()
+        .is_err_and(|e| e.code() == tonic::Code::Unavailable)
+    {
+        *guard = None; // reconnect next time
     }
     result
 }
@@ -130,7 +137,14 @@ async fn apply_stream(
         .watermark()
         .await
         .map_err(|e| Status::unavailable(format!("destination store unavailable: {e}")))?;
-    if !reply(tx, destination_message::Kind::Welcome(Welcome { applied_lsn: watermark.0 })).await {
+    if !reply(
+        tx,
+        destination_message::Kind::Welcome(Welcome {
+            applied_lsn: watermark.0,
+        }),
+    )
+    .await
+    {
         return Ok(());
     }
     let mut expected = 1;
@@ -148,15 +162,21 @@ async fn apply_stream(
         if codec::checksum(&batch.payload) != batch.crc32 {
             tracing::warn!(source, seq = batch.seq, end_lsn = %Lsn(batch.end_lsn),
                 "rejected batch: crc32 mismatch (corrupted in transit); the source will resend it");
-            reply(tx, destination_message::Kind::Nack(Nack {
-                seq: batch.seq,
-                reason: "crc32 mismatch".into(),
-            }))
+            reply(
+                tx,
+                destination_message::Kind::Nack(Nack {
+                    seq: batch.seq,
+                    reason: "crc32 mismatch".into(),
+                }),
+            )
             .await;
             return Ok(());
         }
         watermark = apply_batch(applier, source, &batch).await?.max(watermark);
-        let ack = Ack { seq: batch.seq, applied_lsn: watermark.0 };
+        let ack = Ack {
+            seq: batch.seq,
+            applied_lsn: watermark.0,
+        };
         if !reply(tx, destination_message::Kind::Ack(ack)).await {
             return Ok(());
         }
@@ -165,11 +185,22 @@ async fn apply_stream(
 }
 
 /// Sends a reply; false when the source is gone.
-async fn reply(tx: &mpsc::Sender<Result<DestinationMessage, Status>>, kind: destination_message::Kind) -> bool {
-    tx.send(Ok(DestinationMessage { kind: Some(kind) })).await.is_ok()
+async fn reply(
+    tx: &mpsc::Sender<Result<DestinationMessage, Status>>,
+    kind: destination_message::Kind,
+) -> bool {
+    tx.send(Ok(DestinationMessage { kind: Some(kind) }))
+        .await
+        .is_ok()
 }
 
-async fn dead_letter(applier: &mut Applier, source: &str, end: Lsn, reason: String, payload: &[u8]) -> Result<Lsn, Status> {
+async fn dead_letter(
+    applier: &mut Applier,
+    source: &str,
+    end: Lsn,
+    reason: String,
+    payload: &[u8],
+) -> Result<Lsn, Status> {
     tracing::error!(source, end_lsn = %end, %reason, "batch moved to meridian.dead_letters");
     applier
         .dead_letter(end, &reason, payload)
@@ -197,7 +228,8 @@ async fn apply_batch(applier: &mut Applier, source: &str, batch: &Batch) -> Resu
                     Ok(applied) => watermark = applied.watermark,
                     Err(ApplyError::Rejected(reason)) => {
                         let payload = codec::encode(std::slice::from_ref(t));
-                        watermark = dead_letter(applier, source, t.end_lsn, reason, &payload).await?;
+                        watermark =
+                            dead_letter(applier, source, t.end_lsn, reason, &payload).await?;
                     }
                     Err(e) => return Err(status(&e)),
                 }

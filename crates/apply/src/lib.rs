@@ -77,7 +77,11 @@ pub struct Applier {
 
 impl Applier {
     /// Opens the apply session for `source` on the store at `url`.
-    pub fn connect<'a>(url: &'a str, source: &'a str, origin: &'a str) -> BoxFuture<'a, Result<Applier, sqlx::Error>> {
+    pub fn connect<'a>(
+        url: &'a str,
+        source: &'a str,
+        origin: &'a str,
+    ) -> BoxFuture<'a, Result<Applier, sqlx::Error>> {
         Box::pin(Self::connect_inner(url, source, origin))
     }
 
@@ -121,7 +125,10 @@ impl Applier {
 
     /// Applies the transactions past the watermark, in one transaction with
     /// the new watermark.
-    pub fn apply<'a>(&'a mut self, transactions: &'a [Transaction]) -> BoxFuture<'a, Result<Applied, ApplyError>> {
+    pub fn apply<'a>(
+        &'a mut self,
+        transactions: &'a [Transaction],
+    ) -> BoxFuture<'a, Result<Applied, ApplyError>> {
         Box::pin(self.apply_inner(transactions))
     }
 
@@ -142,11 +149,11 @@ impl Applier {
         };
         for (table, _) in &plan.tables {
             let key = (table.schema.clone(), table.name.clone());
-            if !self.shapes.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.shapes.entry(key) {
                 let shape = statements::load_shape(&mut tx, &table.schema, &table.name)
                     .await
                     .map_err(classify)?;
-                self.shapes.insert(key, shape);
+                slot.insert(shape);
             }
         }
         execute(&mut tx, &plan, &self.shapes).await?;
@@ -181,7 +188,12 @@ impl Applier {
         Box::pin(self.dead_letter_inner(end_lsn, reason, payload))
     }
 
-    async fn dead_letter_inner(&mut self, end_lsn: Lsn, reason: &str, payload: &[u8]) -> Result<(), sqlx::Error> {
+    async fn dead_letter_inner(
+        &mut self,
+        end_lsn: Lsn,
+        reason: &str,
+        payload: &[u8],
+    ) -> Result<(), sqlx::Error> {
         self.shapes.clear();
         let mut tx = self.conn.begin().await?;
         sqlx::query(
@@ -228,4 +240,3 @@ async fn execute(
     }
     Ok(())
 }
-

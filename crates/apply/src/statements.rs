@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use meridian_core::change::{quote_ident, Table, Value};
+use meridian_core::change::{Table, Value, quote_ident};
 use meridian_core::plan::TableOps;
 use sqlx::PgConnection;
 
@@ -84,12 +84,24 @@ pub fn build(table: &Table, shape: &TableShape, ops: &TableOps) -> Result<Vec<St
     let mut out = Vec::new();
 
     if !ops.deletes.is_empty() {
-        let args = (1..=keys.len()).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ");
-        let alias = (0..keys.len()).map(|i| format!("k{i}")).collect::<Vec<_>>().join(", ");
+        let args = (1..=keys.len())
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let alias = (0..keys.len())
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let cond = keys
             .iter()
             .enumerate()
-            .map(|(i, &c)| format!("t.{} = d.k{i}::{}", quote_ident(&table.columns[c].name), types[c]))
+            .map(|(i, &c)| {
+                format!(
+                    "t.{} = d.k{i}::{}",
+                    quote_ident(&table.columns[c].name),
+                    types[c]
+                )
+            })
             .collect::<Vec<_>>()
             .join(" AND ");
         out.push(Statement {
@@ -102,11 +114,29 @@ pub fn build(table: &Table, shape: &TableShape, ops: &TableOps) -> Result<Vec<St
 
     if !ops.upserts.is_empty() {
         let n = table.columns.len();
-        let cols = table.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-        let casts = (0..n).map(|i| format!("u.c{i}::{}", types[i])).collect::<Vec<_>>().join(", ");
-        let args = (1..=n).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ");
-        let alias = (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ");
-        let conflict = keys.iter().map(|&c| quote_ident(&table.columns[c].name)).collect::<Vec<_>>().join(", ");
+        let cols = table
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let casts = (0..n)
+            .map(|i| format!("u.c{i}::{}", types[i]))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let args = (1..=n)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let alias = (0..n)
+            .map(|i| format!("c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let conflict = keys
+            .iter()
+            .map(|&c| quote_ident(&table.columns[c].name))
+            .collect::<Vec<_>>()
+            .join(", ");
         let set = table
             .columns
             .iter()
@@ -134,7 +164,12 @@ pub fn build(table: &Table, shape: &TableShape, ops: &TableOps) -> Result<Vec<St
         for (i, c) in table.columns.iter().enumerate() {
             if !c.key && row[i] != Value::Unchanged {
                 params.push(Param::Value(text(&row[i])));
-                set.push(format!("{} = ${}::{}", quote_ident(&c.name), params.len(), types[i]));
+                set.push(format!(
+                    "{} = ${}::{}",
+                    quote_ident(&c.name),
+                    params.len(),
+                    types[i]
+                ));
             }
         }
         if set.is_empty() {
@@ -143,10 +178,19 @@ pub fn build(table: &Table, shape: &TableShape, ops: &TableOps) -> Result<Vec<St
         let mut cond = Vec::new();
         for &k in &keys {
             params.push(Param::Value(text(&row[k])));
-            cond.push(format!("{} = ${}::{}", quote_ident(&table.columns[k].name), params.len(), types[k]));
+            cond.push(format!(
+                "{} = ${}::{}",
+                quote_ident(&table.columns[k].name),
+                params.len(),
+                types[k]
+            ));
         }
         out.push(Statement {
-            sql: format!("UPDATE {name} SET {} WHERE {}", set.join(", "), cond.join(" AND ")),
+            sql: format!(
+                "UPDATE {name} SET {} WHERE {}",
+                set.join(", "),
+                cond.join(" AND ")
+            ),
             params,
         });
     }
@@ -163,15 +207,27 @@ mod tests {
             schema: "public".into(),
             name: "orders".into(),
             columns: vec![
-                Column { name: "id".into(), type_oid: 20, key: true },
-                Column { name: "note".into(), type_oid: 25, key: false },
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    key: true,
+                },
+                Column {
+                    name: "note".into(),
+                    type_oid: 25,
+                    key: false,
+                },
             ],
         }
     }
 
     fn shape() -> TableShape {
         TableShape {
-            types: [("id".into(), "bigint".into()), ("note".into(), "text".into())].into(),
+            types: [
+                ("id".into(), "bigint".into()),
+                ("note".into(), "text".into()),
+            ]
+            .into(),
         }
     }
 
@@ -184,12 +240,21 @@ mod tests {
             partial_updates: vec![vec![t("4"), Value::Unchanged]],
         };
         let s = build(&table(), &shape(), &ops).unwrap();
-        assert_eq!(s.len(), 2, "a partial update with nothing to set is dropped");
+        assert_eq!(
+            s.len(),
+            2,
+            "a partial update with nothing to set is dropped"
+        );
         assert_eq!(
             s[0].sql,
             r#"DELETE FROM "public"."orders" AS t USING unnest($1::text[]) AS d(k0) WHERE t."id" = d.k0::bigint"#
         );
-        assert!(s[1].sql.contains(r#"ON CONFLICT ("id") DO UPDATE SET "note" = EXCLUDED."note""#), "{}", s[1].sql);
+        assert!(
+            s[1].sql
+                .contains(r#"ON CONFLICT ("id") DO UPDATE SET "note" = EXCLUDED."note""#),
+            "{}",
+            s[1].sql
+        );
         assert_eq!(s[1].params[1], Param::Column(vec![None, Some("x".into())]));
     }
 

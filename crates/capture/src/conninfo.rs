@@ -91,13 +91,20 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let c = ConnInfo::parse("postgres://app:p%40ss@db.example:6543/orders?sslmode=disable").unwrap();
+        let c = ConnInfo::parse("postgres://app:p%40ss@db.example:6543/orders?sslmode=disable")
+            .unwrap();
         assert_eq!((c.host.as_str(), c.port), ("db.example", 6543));
-        assert_eq!((c.user.as_str(), c.password.as_deref()), ("app", Some("p@ss")));
+        assert_eq!(
+            (c.user.as_str(), c.password.as_deref()),
+            ("app", Some("p@ss"))
+        );
         assert_eq!(c.database, "orders");
         assert!(!format!("{c:?}").contains("p@ss"));
         let d = ConnInfo::parse("postgresql://postgres@127.0.0.1/").unwrap();
-        assert_eq!((d.port, d.database.as_str(), d.password), (5432, "postgres", None));
+        assert_eq!(
+            (d.port, d.database.as_str(), d.password),
+            (5432, "postgres", None)
+        );
         assert!(ConnInfo::parse("mysql://x").is_err());
         assert!(ConnInfo::parse("postgres://h:notaport/db").is_err());
     }

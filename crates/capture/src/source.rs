@@ -43,15 +43,20 @@ pub async fn ensure_publication(
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-        .bind(publication)
-        .fetch_one(pool)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(publication)
+            .fetch_one(pool)
+            .await?;
     let pubname = quote_ident(publication);
     let sql = match (exists, list.is_empty()) {
-        (false, true) => format!("CREATE PUBLICATION {pubname} WITH (publish = 'insert, update, delete')"),
+        (false, true) => {
+            format!("CREATE PUBLICATION {pubname} WITH (publish = 'insert, update, delete')")
+        }
         (false, false) => {
-            format!("CREATE PUBLICATION {pubname} FOR TABLE {list} WITH (publish = 'insert, update, delete')")
+            format!(
+                "CREATE PUBLICATION {pubname} FOR TABLE {list} WITH (publish = 'insert, update, delete')"
+            )
         }
         (true, false) => format!("ALTER PUBLICATION {pubname} SET TABLE {list}"),
         (true, true) => return Ok(()),

@@ -53,7 +53,10 @@ impl CaptureError {
             // 55006 object_in_use (slot active for another PID), 57P0x shutdown,
             // 53xxx insufficient resources, 08xxx connection exceptions
             CaptureError::Server { code, .. } => {
-                code == "55006" || code.starts_with("57P") || code.starts_with("53") || code.starts_with("08")
+                code == "55006"
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code.starts_with("08")
             }
             CaptureError::Decode(_) | CaptureError::Config(_) => false,
         }
@@ -165,16 +168,24 @@ impl ReplicationStream {
                             password()?.as_bytes(),
                             sasl::ChannelBinding::unsupported(),
                         );
-                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut buf)?;
+                        frontend::sasl_initial_response(
+                            sasl::SCRAM_SHA_256,
+                            s.message(),
+                            &mut buf,
+                        )?;
                         scram = Some(s);
                     }
                     11 => {
-                        let s = scram.as_mut().ok_or_else(|| unexpected(b'R', "SASL continue"))?;
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| unexpected(b'R', "SASL continue"))?;
                         s.update(&frame.body)?;
                         frontend::sasl_response(s.message(), &mut buf)?;
                     }
                     12 => {
-                        let s = scram.as_mut().ok_or_else(|| unexpected(b'R', "SASL final"))?;
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| unexpected(b'R', "SASL final"))?;
                         s.finish(&frame.body)?;
                     }
                     other => {
@@ -219,7 +230,11 @@ impl ReplicationStream {
             };
             match frame.tag {
                 b'd' => {}
-                b'c' => return Err(CaptureError::Protocol("server ended the replication stream".into())),
+                b'c' => {
+                    return Err(CaptureError::Protocol(
+                        "server ended the replication stream".into(),
+                    ));
+                }
                 b'N' => continue,
                 tag => return Err(unexpected(tag, "streaming")),
             }
@@ -299,7 +314,9 @@ impl ReplicationStream {
             if self.read.len() >= 5 {
                 let len = i32::from_be_bytes(self.read[1..5].try_into().expect("4 bytes"));
                 if len < 4 {
-                    return Err(CaptureError::Protocol(format!("invalid message length {len}")));
+                    return Err(CaptureError::Protocol(format!(
+                        "invalid message length {len}"
+                    )));
                 }
                 let total = 1 + len as usize;
                 if self.read.len() >= total {

@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 use crate::Lsn;
+use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 
 const MAGIC: &[u8; 2] = b"MB";
 const VERSION: u8 = 1;
@@ -147,9 +147,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
                 .ok_or(CodecError::TableIndex(idx))?;
             let width = table.columns.len();
             let kind = match r.u8("change kind")? {
-                b'I' => ChangeKind::Insert {
-                    new: r.row(width)?,
-                },
+                b'I' => ChangeKind::Insert { new: r.row(width)? },
                 b'U' => {
                     let old = match r.u8("old row flag")? {
                         0 => None,
@@ -166,9 +164,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
                         new: r.row(width)?,
                     }
                 }
-                b'D' => ChangeKind::Delete {
-                    old: r.row(width)?,
-                },
+                b'D' => ChangeKind::Delete { old: r.row(width)? },
                 tag => {
                     return Err(CodecError::Tag {
                         what: "change kind",
@@ -278,14 +274,21 @@ mod tests {
     }
 
     fn table() -> impl Strategy<Value = Arc<Table>> {
-        ("[a-z]{1,8}", proptest::collection::vec(("[a-z_]{1,8}", any::<u32>(), any::<bool>()), 1..6))
+        (
+            "[a-z]{1,8}",
+            proptest::collection::vec(("[a-z_]{1,8}", any::<u32>(), any::<bool>()), 1..6),
+        )
             .prop_map(|(name, cols)| {
                 Arc::new(Table {
                     schema: "public".into(),
                     name,
                     columns: cols
                         .into_iter()
-                        .map(|(name, type_oid, key)| Column { name, type_oid, key })
+                        .map(|(name, type_oid, key)| Column {
+                            name,
+                            type_oid,
+                            key,
+                        })
                         .collect(),
                 })
             })
@@ -293,23 +296,31 @@ mod tests {
 
     fn transactions() -> impl Strategy<Value = Vec<Transaction>> {
         proptest::collection::vec(table(), 1..4).prop_flat_map(|tables| {
-            let change = (0..tables.len(), 0u8..4, any::<u64>()).prop_flat_map(move |(t, kind, _)| {
-                let table = tables[t].clone();
-                let width = table.columns.len();
-                let row = || proptest::collection::vec(value(), width);
-                (Just(table), Just(kind), row(), row())
-                    .prop_map(|(table, kind, a, b)| Change {
+            let change =
+                (0..tables.len(), 0u8..4, any::<u64>()).prop_flat_map(move |(t, kind, _)| {
+                    let table = tables[t].clone();
+                    let width = table.columns.len();
+                    let row = || proptest::collection::vec(value(), width);
+                    (Just(table), Just(kind), row(), row()).prop_map(|(table, kind, a, b)| Change {
                         table,
                         kind: match kind {
                             0 => ChangeKind::Insert { new: a },
                             1 => ChangeKind::Update { old: None, new: a },
-                            2 => ChangeKind::Update { old: Some(b), new: a },
+                            2 => ChangeKind::Update {
+                                old: Some(b),
+                                new: a,
+                            },
                             _ => ChangeKind::Delete { old: a },
                         },
                     })
-            });
+                });
             proptest::collection::vec(
-                (any::<u64>(), any::<u64>(), any::<i64>(), proptest::collection::vec(change, 0..8)),
+                (
+                    any::<u64>(),
+                    any::<u64>(),
+                    any::<i64>(),
+                    proptest::collection::vec(change, 0..8),
+                ),
                 0..4,
             )
             .prop_map(|txs| {

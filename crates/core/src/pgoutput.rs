@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 use crate::Lsn;
+use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 
 /// A message the decoder could not make sense of. Fatal for the stream: the
 /// position is not advanced, so a restart re-reads the same bytes.
@@ -336,7 +336,13 @@ mod tests {
         let mut d = Decoder::new();
         assert_eq!(d.decode(&begin()), Ok(Decoded::Pending));
         d.decode(&relation()).unwrap();
-        let insert = Msg::new(b'I').u32(16384).u8(b'N').i16(2).text("1").u8(b'n').0;
+        let insert = Msg::new(b'I')
+            .u32(16384)
+            .u8(b'N')
+            .i16(2)
+            .text("1")
+            .u8(b'n')
+            .0;
         d.decode(&insert).unwrap();
         let update = Msg::new(b'U')
             .u32(16384)
@@ -350,7 +356,13 @@ mod tests {
             .u8(b'u')
             .0;
         d.decode(&update).unwrap();
-        let delete = Msg::new(b'D').u32(16384).u8(b'K').i16(2).text("2").u8(b'n').0;
+        let delete = Msg::new(b'D')
+            .u32(16384)
+            .u8(b'K')
+            .i16(2)
+            .text("2")
+            .u8(b'n')
+            .0;
         d.decode(&delete).unwrap();
         let Decoded::Committed {
             transaction,
@@ -387,7 +399,8 @@ mod tests {
     fn reports_the_origin_of_replicated_transactions() {
         let mut d = Decoder::new();
         d.decode(&begin()).unwrap();
-        d.decode(&Msg::new(b'O').u64(5).cstr("meridian_eu").0).unwrap();
+        d.decode(&Msg::new(b'O').u64(5).cstr("meridian_eu").0)
+            .unwrap();
         let Decoded::Committed { origin, .. } = d.decode(&commit(0x300)).unwrap() else {
             panic!("expected commit");
         };
@@ -409,7 +422,13 @@ mod tests {
             Err(DecodeError::ColumnCount { .. })
         ));
         // every prefix of a valid message fails cleanly
-        let full = Msg::new(b'I').u32(16384).u8(b'N').i16(2).text("1").u8(b'n').0;
+        let full = Msg::new(b'I')
+            .u32(16384)
+            .u8(b'N')
+            .i16(2)
+            .text("1")
+            .u8(b'n')
+            .0;
         for end in 1..full.len() {
             assert!(d.decode(&full[..end]).is_err(), "prefix {end}");
         }

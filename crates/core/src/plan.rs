@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::change::{ChangeKind, Row, Table, Transaction, Value};
 use crate::Lsn;
+use crate::change::{ChangeKind, Row, Table, Transaction, Value};
 
 /// Operations for one table.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -54,6 +54,9 @@ impl Plan {
     }
 }
 
+/// A table's keys in first-seen order, and each key's final effect.
+type Pending = (Arc<Table>, Vec<Row>, HashMap<Row, Final>);
+
 enum Final {
     Upsert(Row),
     Delete(Row),
@@ -63,10 +66,13 @@ enum Final {
 /// already in the destination and are skipped. Returns `None` when nothing is
 /// new.
 pub fn plan(transactions: &[Transaction], applied: Lsn) -> Option<Plan> {
-    let fresh: Vec<&Transaction> = transactions.iter().filter(|t| t.end_lsn > applied).collect();
+    let fresh: Vec<&Transaction> = transactions
+        .iter()
+        .filter(|t| t.end_lsn > applied)
+        .collect();
     let last = fresh.last()?;
     // (table identity, key) -> final effect; insertion order kept per table
-    let mut tables: Vec<(Arc<Table>, Vec<Row>, HashMap<Row, Final>)> = Vec::new();
+    let mut tables: Vec<Pending> = Vec::new();
     let mut table_index: HashMap<(String, String), usize> = HashMap::new();
     let mut changes = 0;
     for change in fresh.iter().flat_map(|t| &t.changes) {
@@ -82,13 +88,20 @@ pub fn plan(transactions: &[Transaction], applied: Lsn) -> Option<Plan> {
         // a later relation message (schema change) wins
         *table = t.clone();
         match &change.kind {
-            ChangeKind::Insert { new } => record(order, rows, key_of(t, new), Final::Upsert(new.clone())),
+            ChangeKind::Insert { new } => {
+                record(order, rows, key_of(t, new), Final::Upsert(new.clone()))
+            }
             ChangeKind::Update { old, new } => {
                 let new_key = key_of(t, new);
-                let old_key = old.as_ref().map(|o| key_of(t, o)).unwrap_or(new_key.clone());
+                let old_key = old
+                    .as_ref()
+                    .map(|o| key_of(t, o))
+                    .unwrap_or(new_key.clone());
                 let mut image = new.clone();
-                if image.contains(&Value::Unchanged) {
-                    if let Some(Final::Upsert(prev)) = rows.get(&old_key) {
+                if image.contains(&Value::Unchanged)
+                    && let Some(Final::Upsert(prev)) = rows.get(&old_key)
+                {
+                    {
                         for (v, p) in image.iter_mut().zip(prev) {
                             if *v == Value::Unchanged {
                                 *v = p.clone();
@@ -155,9 +168,21 @@ mod tests {
             schema: "public".into(),
             name: "t".into(),
             columns: vec![
-                Column { name: "id".into(), type_oid: 20, key: true },
-                Column { name: "a".into(), type_oid: 25, key: false },
-                Column { name: "big".into(), type_oid: 25, key: false },
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    key: true,
+                },
+                Column {
+                    name: "a".into(),
+                    type_oid: 25,
+                    key: false,
+                },
+                Column {
+                    name: "big".into(),
+                    type_oid: 25,
+                    key: false,
+                },
             ],
         })
     }
@@ -168,7 +193,13 @@ mod tests {
             commit_lsn: Lsn(end - 1),
             end_lsn: Lsn(end),
             commit_time: end as i64,
-            changes: kinds.into_iter().map(|kind| Change { table: t.clone(), kind }).collect(),
+            changes: kinds
+                .into_iter()
+                .map(|kind| Change {
+                    table: t.clone(),
+                    kind,
+                })
+                .collect(),
         }
     }
 
@@ -179,8 +210,18 @@ mod tests {
     #[test]
     fn skips_transactions_already_applied() {
         let txs = vec![
-            tx(10, vec![ChangeKind::Insert { new: vec![v("1"), v("a"), v("x")] }]),
-            tx(20, vec![ChangeKind::Insert { new: vec![v("2"), v("a"), v("x")] }]),
+            tx(
+                10,
+                vec![ChangeKind::Insert {
+                    new: vec![v("1"), v("a"), v("x")],
+                }],
+            ),
+            tx(
+                20,
+                vec![ChangeKind::Insert {
+                    new: vec![v("2"), v("a"), v("x")],
+                }],
+            ),
         ];
         assert!(plan(&txs, Lsn(20)).is_none());
         let p = plan(&txs, Lsn(10)).unwrap();
@@ -193,14 +234,25 @@ mod tests {
         let txs = vec![tx(
             10,
             vec![
-                ChangeKind::Insert { new: vec![v("1"), v("a"), v("big")] },
-                ChangeKind::Update { old: None, new: vec![v("1"), v("b"), Value::Unchanged] },
-                ChangeKind::Update { old: None, new: vec![v("2"), v("c"), Value::Unchanged] },
+                ChangeKind::Insert {
+                    new: vec![v("1"), v("a"), v("big")],
+                },
+                ChangeKind::Update {
+                    old: None,
+                    new: vec![v("1"), v("b"), Value::Unchanged],
+                },
+                ChangeKind::Update {
+                    old: None,
+                    new: vec![v("2"), v("c"), Value::Unchanged],
+                },
             ],
         )];
         let ops = &plan(&txs, Lsn(0)).unwrap().tables[0].1;
         assert_eq!(ops.upserts, vec![vec![v("1"), v("b"), v("big")]]);
-        assert_eq!(ops.partial_updates, vec![vec![v("2"), v("c"), Value::Unchanged]]);
+        assert_eq!(
+            ops.partial_updates,
+            vec![vec![v("2"), v("c"), Value::Unchanged]]
+        );
     }
 
     #[test]
@@ -222,11 +274,15 @@ mod tests {
         for k in kinds {
             match k {
                 ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => {
-                    let Value::Text(id) = &new[0] else { unreachable!() };
+                    let Value::Text(id) = &new[0] else {
+                        unreachable!()
+                    };
                     state.insert(id.clone(), new.clone());
                 }
                 ChangeKind::Delete { old } => {
-                    let Value::Text(id) = &old[0] else { unreachable!() };
+                    let Value::Text(id) = &old[0] else {
+                        unreachable!()
+                    };
                     state.remove(id);
                 }
             }
@@ -237,11 +293,15 @@ mod tests {
     fn apply(state: &mut BTreeMap<String, Row>, p: &Plan) {
         for (_, ops) in &p.tables {
             for k in &ops.deletes {
-                let Value::Text(id) = &k[0] else { unreachable!() };
+                let Value::Text(id) = &k[0] else {
+                    unreachable!()
+                };
                 state.remove(id);
             }
             for r in ops.upserts.iter().chain(&ops.partial_updates) {
-                let Value::Text(id) = &r[0] else { unreachable!() };
+                let Value::Text(id) = &r[0] else {
+                    unreachable!()
+                };
                 state.insert(id.clone(), r.clone());
             }
         }

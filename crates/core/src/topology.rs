@@ -170,13 +170,19 @@ impl Topology {
                     region.store.to_string()
                 )));
             }
-            for (key, addr) in [("listen", Some(&region.listen)), ("connect", region.connect.as_ref())] {
-                if let Some(addr) = addr {
-                    if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-                        return Err(err(format!(
-                            "regions.{name}.{key}: found {addr:?}; expected host:port, like 127.0.0.1:7401"
-                        )));
-                    }
+            for (key, addr) in [
+                ("listen", Some(&region.listen)),
+                ("connect", region.connect.as_ref()),
+            ] {
+                if let Some(addr) = addr
+                    && addr
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<u16>().ok())
+                        .is_none()
+                {
+                    return Err(err(format!(
+                        "regions.{name}.{key}: found {addr:?}; expected host:port, like 127.0.0.1:7401"
+                    )));
                 }
             }
         }
@@ -190,7 +196,9 @@ impl Topology {
                 )));
             }
             if !seen.insert(&t.name) {
-                return Err(err(format!("{at}.name: the table is listed twice; keep one entry")));
+                return Err(err(format!(
+                    "{at}.name: the table is listed twice; keep one entry"
+                )));
             }
             if t.primary_key.is_empty() {
                 return Err(err(format!(
@@ -271,10 +279,22 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_key() {
         let cases = [
-            (GOOD.replace("listen = \"127.0.0.1:7401\"", "listne = \"x:1\""), "listne"),
-            (GOOD.replace("127.0.0.1:7402\"", "nowhere\""), "regions.eu.listen"),
-            (GOOD.replace("postgres://meridian@", "mysql://x@"), "regions.eu.store"),
-            (GOOD.replace("public.orders", "orders"), "tables[0] (orders).name"),
+            (
+                GOOD.replace("listen = \"127.0.0.1:7401\"", "listne = \"x:1\""),
+                "listne",
+            ),
+            (
+                GOOD.replace("127.0.0.1:7402\"", "nowhere\""),
+                "regions.eu.listen",
+            ),
+            (
+                GOOD.replace("postgres://meridian@", "mysql://x@"),
+                "regions.eu.store",
+            ),
+            (
+                GOOD.replace("public.orders", "orders"),
+                "tables[0] (orders).name",
+            ),
             (GOOD.replace("[\"id\"]", "[]"), "primary_key"),
             (GOOD.replace("[regions.eu]", "[regions.EU]"), "regions.EU"),
         ];

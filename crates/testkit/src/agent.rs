@@ -15,7 +15,12 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `binary agent --config config --region region`, logging to
     /// `log_dir/agent-<region>.log` (appended across restarts).
-    pub fn spawn(binary: &Path, config: &Path, region: &str, log_dir: &Path) -> anyhow::Result<AgentProcess> {
+    pub fn spawn(
+        binary: &Path,
+        config: &Path,
+        region: &str,
+        log_dir: &Path,
+    ) -> anyhow::Result<AgentProcess> {
         let log = log_dir.join(format!("agent-{region}.log"));
         let child = Self::start(binary, config, region, &log)?;
         Ok(AgentProcess {
@@ -28,12 +33,18 @@ impl AgentProcess {
     }
 
     fn start(binary: &Path, config: &Path, region: &str, log: &Path) -> anyhow::Result<Child> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         Ok(Command::new(binary)
             .args(["agent", "--config"])
             .arg(config)
             .args(["--region", region])
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

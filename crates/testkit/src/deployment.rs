@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use sqlx::postgres::PgPoolOptions;
+use anyhow::{Context, bail};
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
-use crate::{free_port, AgentProcess, PgCluster, TcpProxy};
+use crate::{AgentProcess, PgCluster, TcpProxy, free_port};
 
 /// What to start.
 pub struct Spec<'a> {
@@ -47,7 +47,10 @@ impl Deployment {
                 .max_connections(4)
                 .connect(&cluster.url("postgres"))
                 .await?;
-            sqlx::raw_sql(spec.schema).execute(&pool).await.context("applying the test schema")?;
+            sqlx::raw_sql(spec.schema)
+                .execute(&pool)
+                .await
+                .context("applying the test schema")?;
             clusters.push(cluster);
             pools.push(pool);
         }
@@ -95,7 +98,10 @@ impl Deployment {
     }
 
     fn index(&self, region: &str) -> usize {
-        self.regions.iter().position(|r| r == region).expect("known region")
+        self.regions
+            .iter()
+            .position(|r| r == region)
+            .expect("known region")
     }
 
     /// The store of `region`.
@@ -111,7 +117,12 @@ impl Deployment {
 
     /// The proxy in front of `region`'s agent.
     pub fn proxy(&self, region: &str) -> &TcpProxy {
-        &self.proxies.iter().find(|(r, _)| r == region).expect("region is proxied").1
+        &self
+            .proxies
+            .iter()
+            .find(|(r, _)| r == region)
+            .expect("region is proxied")
+            .1
     }
 
     /// The cluster of `region`.
@@ -131,14 +142,23 @@ impl Deployment {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("agent {} created no slots in 60 s; log:\n{}", self.regions[i], self.agents[i].log());
+                bail!(
+                    "agent {} created no slots in 60 s; log:\n{}",
+                    self.regions[i],
+                    self.agents[i].log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// md5 and row count of a table's rows in primary-key order.
-    pub async fn fingerprint(&self, region: &str, table: &str, key: &str) -> anyhow::Result<(i64, String)> {
+    pub async fn fingerprint(
+        &self,
+        region: &str,
+        table: &str,
+        key: &str,
+    ) -> anyhow::Result<(i64, String)> {
         Ok(sqlx::query_as(&format!(
             "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.{key})), '') FROM {table} t"
         ))
@@ -149,7 +169,13 @@ impl Deployment {
     /// Waits until `table` is identical in every region and holds at least
     /// `min_rows` rows; returns the common row count. On timeout, the error
     /// shows each region's fingerprint and the agents' logs' last lines.
-    pub async fn wait_converged(&self, table: &str, key: &str, min_rows: i64, timeout: Duration) -> anyhow::Result<i64> {
+    pub async fn wait_converged(
+        &self,
+        table: &str,
+        key: &str,
+        min_rows: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<i64> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut prints = Vec::new();
@@ -167,10 +193,16 @@ impl Deployment {
                     .map(|(a, r)| {
                         let log = a.log();
                         let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                        format!("--- agent {r}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                        format!(
+                            "--- agent {r}:\n{}",
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
                     })
                     .collect();
-                bail!("{table} did not converge within {timeout:?}: {prints:?}\n{}", logs.join("\n"));
+                bail!(
+                    "{table} did not converge within {timeout:?}: {prints:?}\n{}",
+                    logs.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 /// A running cluster; stopped (immediate mode) and deleted on drop.
 pub struct PgCluster {
@@ -15,22 +15,13 @@ pub struct PgCluster {
 }
 
 /// Options for [`PgCluster::start_with`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PgOptions {
     /// `fsync = off`: much faster, safe while only agents (not PostgreSQL) are
     /// killed. The benchmark keeps it on.
     pub fsync: bool,
     /// Extra `postgresql.conf` lines.
     pub extra_conf: Vec<String>,
-}
-
-impl Default for PgOptions {
-    fn default() -> Self {
-        PgOptions {
-            fsync: false,
-            extra_conf: Vec::new(),
-        }
-    }
 }
 
 /// Where the PostgreSQL server binaries are: `MERIDIAN_PG_BINDIR`,
@@ -40,10 +31,10 @@ pub fn find_bindir() -> anyhow::Result<PathBuf> {
         return Ok(dir.into());
     }
     let mut candidates = Vec::new();
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
-            candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
-        }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
     }
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
         let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
@@ -78,7 +69,8 @@ impl PgCluster {
     pub fn start_with(options: &PgOptions) -> anyhow::Result<PgCluster> {
         let bindir = find_bindir()?;
         let as_postgres = is_root();
-        let dir = std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let cluster = PgCluster {
             dir,
@@ -87,15 +79,30 @@ impl PgCluster {
             as_postgres,
         };
         if as_postgres {
-            let status = Command::new("chown").arg("postgres:").arg(&cluster.dir).status()?;
+            let status = Command::new("chown")
+                .arg("postgres:")
+                .arg(&cluster.dir)
+                .status()?;
             if !status.success() {
-                bail!("cannot chown {} to the postgres user; create that user (it comes with Debian's postgresql package)", cluster.dir.display());
+                bail!(
+                    "cannot chown {} to the postgres user; create that user (it comes with Debian's postgresql package)",
+                    cluster.dir.display()
+                );
             }
         }
         let data = cluster.data_dir();
         cluster.run(
             "initdb",
-            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
         )?;
         let mut conf = vec![
             format!("port = {}", cluster.port),
@@ -118,7 +125,16 @@ impl PgCluster {
         let log = cluster.dir.join("server.log");
         cluster.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )?;
         Ok(cluster)
     }
@@ -168,14 +184,27 @@ impl PgCluster {
 
     /// libpq key/value connection string (for CREATE SUBSCRIPTION).
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
     }
 }
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let data = self.data_dir();
-        let _ = self.run("pg_ctl", &["-D", data.to_str().unwrap_or_default(), "-m", "immediate", "-w", "stop"]);
+        let _ = self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap_or_default(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
         if std::env::var_os("MERIDIAN_KEEP_CLUSTERS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

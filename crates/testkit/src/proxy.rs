@@ -1,8 +1,8 @@
 //! A TCP proxy that stands in for the WAN between two agents: it can cut all
 //! connections, refuse new ones, and corrupt bytes in flight.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -101,7 +101,9 @@ impl Drop for TcpProxy {
 }
 
 async fn forward(state: Arc<State>, client: TcpStream) {
-    let Ok(server) = TcpStream::connect(&state.target).await else { return };
+    let Ok(server) = TcpStream::connect(&state.target).await else {
+        return;
+    };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let mut cut = state.cut.subscribe();
