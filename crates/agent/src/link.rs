@@ -118,8 +118,7 @@ impl Link {
 
         // capture runs in its own task so a slow peer never stalls the
         // replication connection's status reports
-        let (changes_tx, mut changes) =
-            mpsc::channel::<Transaction>(self.batch_max_changes.max(64));
+        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(2 * self.window);
         let mut capture = tokio::spawn(capture(stream, changes_tx));
         let _abort = AbortOnDrop(capture.abort_handle());
 
