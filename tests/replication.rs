@@ -333,3 +333,46 @@ async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
     assert_eq!(dead, 0, "a corrupted batch is resent, not dead-lettered");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_link_reconnects_and_resumes_without_a_gap() -> anyhow::Result<()> {
+    let d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: COUNTERS_SCHEMA,
+            tables: &[("public.counters", "id", "home")],
+            proxied: &["eu"],
+            extra_topology: "[replication]\nbatch_max_changes = 200\nwindow = 2\n",
+        },
+    )
+    .await?;
+    let na = d.pool("na");
+    for step in 1..=60 {
+        workload_step(na, 0, step).await?;
+        match step % 20 {
+            5 => d.proxy("eu").cut(),
+            10 => d.proxy("eu").pause(),
+            15 => d.proxy("eu").resume(),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.proxy("eu").resume();
+    let rows = d
+        .wait_converged("counters", "id", 1, Duration::from_secs(60))
+        .await?;
+    assert!(rows > 1000, "{rows}");
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM apply_log GROUP BY id, version, op HAVING count(*) > 1) d",
+    )
+    .fetch_one(d.pool("eu"))
+    .await?;
+    assert_eq!(duplicates, 0, "a row version was applied twice");
+    let reconnects = d.agent_log("na").matches("link connected").count();
+    assert!(
+        reconnects >= 4,
+        "the link reconnected after each cut: {reconnects}"
+    );
+    Ok(())
+}

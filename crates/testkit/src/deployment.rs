@@ -115,6 +115,11 @@ impl Deployment {
         &mut self.agents[i]
     }
 
+    /// Everything `region`'s agent logged so far.
+    pub fn agent_log(&self, region: &str) -> String {
+        self.agents[self.index(region)].log()
+    }
+
     /// The proxy in front of `region`'s agent.
     pub fn proxy(&self, region: &str) -> &TcpProxy {
         &self
