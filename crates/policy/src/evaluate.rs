@@ -1,0 +1,439 @@
+//! Evaluating a policy: per change and destination, what crosses and in what
+//! form (the sender), and whether what arrived is allowed (the receiver).
+//!
+//! The home region of a row is its home column's value. A key-only image
+//! (deletes and key changes under `REPLICA IDENTITY DEFAULT`) has no home
+//! value: the capturing region is taken as home, and conditions on non-key
+//! columns count as not met, so a conditional rule never lets a key-only
+//! delete through. Tables with conditional rules should use
+//! `REPLICA IDENTITY FULL`, so deletes and home changes carry the whole old
+//! row and are routed exactly.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use meridian_core::change::{Change, ChangeKind, Row, Table, Transaction, Value};
+use sha2::Sha256;
+
+use crate::file::{Action, Condition, Policy, Rule};
+
+/// How a change fared for one destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Sent as it is.
+    Passed,
+    /// Sent with columns dropped, hashed, nulled or redacted.
+    Transformed,
+    /// Not sent.
+    Blocked,
+}
+
+/// The rule that decided, if any.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    Send(&'a Rule),
+    Block,
+}
+
+/// A received change that the policy forbids here. The message names tables,
+/// columns and rules, never values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Audit counts of one filtering: (table, rule name or "-", verdict) -> changes.
+pub type Counts = HashMap<(String, String, Verdict), u64>;
+
+/// A policy ready to enforce.
+pub struct Enforcer {
+    policy: Policy,
+    hash_key: Option<Vec<u8>>,
+    /// schema -> table -> (home column, rule indexes in file order)
+    tables: HashMap<String, HashMap<String, (String, Vec<usize>)>>,
+    global: Vec<String>,
+}
+
+impl Enforcer {
+    /// `home_columns`: `(schema.table, home column)` for every replicated table.
+    pub fn new(
+        policy: Policy,
+        hash_key: Option<Vec<u8>>,
+        home_columns: &[(String, String)],
+    ) -> Enforcer {
+        let mut tables: HashMap<String, HashMap<String, (String, Vec<usize>)>> = HashMap::new();
+        for (name, home) in home_columns {
+            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+            let rules = policy
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.table == *name)
+                .map(|(i, _)| i)
+                .collect();
+            tables
+                .entry(schema.to_owned())
+                .or_default()
+                .insert(table.to_owned(), (home.clone(), rules));
+        }
+        let global = policy.global.clone();
+        Enforcer {
+            policy,
+            hash_key,
+            tables,
+            global,
+        }
+    }
+
+    /// The policy's version.
+    pub fn version(&self) -> u64 {
+        self.policy.version
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn entry(&self, table: &Table) -> Option<&(String, Vec<usize>)> {
+        self.tables.get(&table.schema)?.get(&table.name)
+    }
+
+    /// Decides whether `row` of `table`, captured in `source`, may go to
+    /// `destination`, and under which rule.
+    pub fn decide(
+        &self,
+        table: &Table,
+        source: &str,
+        destination: &str,
+        row: &Row,
+    ) -> Decision<'_> {
+        let Some((home_column, rules)) = self.entry(table) else {
+            return Decision::Block;
+        };
+        let home_at = table.columns.iter().position(|c| c.name == *home_column);
+        let (home, partial) = match home_at.map(|i| &row[i]) {
+            Some(Value::Text(h)) => (h.as_str(), false),
+            _ => (source, true),
+        };
+        for &i in rules {
+            let rule = &self.policy.rules[i];
+            if rule.from.iter().any(|f| f == home)
+                && rule.to.iter().any(|t| t == destination)
+                && rule.when.iter().all(|c| holds(c, table, row, partial))
+            {
+                return Decision::Send(rule);
+            }
+        }
+        Decision::Block
+    }
+
+    /// The sender's filter: the transactions as `destination` may receive
+    /// them (changes it may not have removed, the others transformed), and
+    /// audit counts. Transactions left empty are kept (their position still
+    /// advances the destination's watermark).
+    pub fn filter(
+        &self,
+        source: &str,
+        destination: &str,
+        transactions: &[Transaction],
+    ) -> (Vec<Transaction>, Counts) {
+        let mut counts = Counts::new();
+        let mut projections: HashMap<(usize, *const Table), Arc<Table>> = HashMap::new();
+        let out = transactions
+            .iter()
+            .map(|t| {
+                let mut changes = Vec::with_capacity(t.changes.len());
+                for change in &t.changes {
+                    let (sent, verdict, rule) =
+                        self.filter_change(source, destination, change, &mut projections);
+                    let table = format!("{}.{}", change.table.schema, change.table.name);
+                    *counts
+                        .entry((table, rule.unwrap_or("-").to_owned(), verdict))
+                        .or_default() += 1;
+                    changes.extend(sent);
+                }
+                Transaction {
+                    changes,
+                    ..t.clone()
+                }
+            })
+            .collect();
+        (out, counts)
+    }
+
+    fn filter_change<'a>(
+        &'a self,
+        source: &str,
+        destination: &str,
+        change: &Change,
+        projections: &mut HashMap<(usize, *const Table), Arc<Table>>,
+    ) -> (Option<Change>, Verdict, Option<&'a str>) {
+        let table = &change.table;
+        if self.is_global(table) {
+            return (None, Verdict::Blocked, None);
+        }
+        let mut project = |rule: &Rule| -> Arc<Table> {
+            let idx = self
+                .policy
+                .rules
+                .iter()
+                .position(|r| std::ptr::eq(r, rule))
+                .unwrap_or(0);
+            projections
+                .entry((idx, Arc::as_ptr(table)))
+                .or_insert_with(|| Arc::new(projected(table, rule)))
+                .clone()
+        };
+        let send = |rule: &'a Rule, kind: ChangeKind, projected: Arc<Table>| {
+            let verdict = if projected.columns.len() == table.columns.len()
+                && rule
+                    .columns
+                    .values()
+                    .all(|a| matches!(a, Action::Keep | Action::Drop))
+            {
+                Verdict::Passed
+            } else {
+                Verdict::Transformed
+            };
+            (
+                Some(Change {
+                    table: projected,
+                    kind,
+                }),
+                verdict,
+                Some(rule.name.as_str()),
+            )
+        };
+        match &change.kind {
+            ChangeKind::Insert { new } => match self.decide(table, source, destination, new) {
+                Decision::Send(rule) => {
+                    let p = project(rule);
+                    let new = self.transform(table, rule, new, false);
+                    send(rule, ChangeKind::Insert { new }, p)
+                }
+                Decision::Block => (None, Verdict::Blocked, None),
+            },
+            ChangeKind::Update { old, new } => {
+                let now = self.decide(table, source, destination, new);
+                let before = old
+                    .as_ref()
+                    .map(|o| self.decide(table, source, destination, o));
+                match (now, before) {
+                    (Decision::Send(rule), _) => {
+                        let p = project(rule);
+                        let old = old.as_ref().map(|o| self.transform(table, rule, o, true));
+                        let new = self.transform(table, rule, new, false);
+                        send(rule, ChangeKind::Update { old, new }, p)
+                    }
+                    // it was allowed there and no longer is: remove it there
+                    (Decision::Block, Some(Decision::Send(rule))) => {
+                        let p = project(rule);
+                        let old =
+                            self.transform(table, rule, old.as_ref().expect("old image"), true);
+                        send(rule, ChangeKind::Delete { old }, p)
+                    }
+                    _ => (None, Verdict::Blocked, None),
+                }
+            }
+            ChangeKind::Delete { old } => match self.decide(table, source, destination, old) {
+                Decision::Send(rule) => {
+                    let p = project(rule);
+                    let old = self.transform(table, rule, old, true);
+                    send(rule, ChangeKind::Delete { old }, p)
+                }
+                Decision::Block => (None, Verdict::Blocked, None),
+            },
+        }
+    }
+
+    fn is_global(&self, table: &Table) -> bool {
+        self.global
+            .iter()
+            .any(|g| g.split_once('.') == Some((table.schema.as_str(), table.name.as_str())))
+    }
+
+    /// Applies `rule`'s column actions to `row`, keeping only the columns it
+    /// lets cross. With `key_only`, non-key columns become NULL.
+    fn transform(&self, table: &Table, rule: &Rule, row: &Row, key_only: bool) -> Row {
+        table
+            .columns
+            .iter()
+            .zip(row)
+            .filter_map(|(c, v)| {
+                let action = rule.columns.get(&c.name)?;
+                if key_only && !c.key {
+                    return (*action != Action::Drop).then_some(Value::Null);
+                }
+                match (action, v) {
+                    (Action::Drop, _) => None,
+                    (Action::Keep, v) => Some(v.clone()),
+                    (Action::Null, _) => Some(Value::Null),
+                    (Action::Redact(_), Value::Null) => Some(Value::Null),
+                    (Action::Redact(text), _) => Some(Value::Text(text.clone())),
+                    (Action::Hash, Value::Text(s)) => Some(Value::Text(self.hash(s))),
+                    (Action::Hash, other) => Some(other.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// HMAC-SHA256 of a value's text, as hex. Without a key (refused by
+    /// validation whenever a rule hashes) the value is withheld instead.
+    fn hash(&self, value: &str) -> String {
+        let Some(key) = &self.hash_key else {
+            return String::new();
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(value.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut out = String::with_capacity(64);
+        for b in digest {
+            out.push(char::from_digit((b >> 4) as u32, 16).expect("hex"));
+            out.push(char::from_digit((b & 15) as u32, 16).expect("hex"));
+        }
+        out
+    }
+
+    /// The receiver's check: every change in `transactions`, sent by
+    /// `source` to `me`, must be one this policy lets reach `me` in the form
+    /// it arrived. The first violation is returned.
+    pub fn check(
+        &self,
+        source: &str,
+        me: &str,
+        transactions: &[Transaction],
+    ) -> Result<(), Violation> {
+        for change in transactions.iter().flat_map(|t| &t.changes) {
+            let table = &change.table;
+            let name = format!("{}.{}", table.schema, table.name);
+            if self.is_global(table) {
+                return Err(Violation(format!(
+                    "{name} is global and never replicated by agents"
+                )));
+            }
+            let Some((_, rules)) = self.entry(table) else {
+                return Err(Violation(format!("{name} is not a replicated table here")));
+            };
+            let rules: Vec<&Rule> = rules
+                .iter()
+                .map(|&i| &self.policy.rules[i])
+                .filter(|r| r.to.iter().any(|t| t == me))
+                .collect();
+            let (row, key_only) = match &change.kind {
+                ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => (new, false),
+                ChangeKind::Delete { old } => (old, true),
+            };
+            let allowed = rules.iter().any(|rule| {
+                let fits =
+                    |row: &Row, key_only: bool| {
+                        table.columns.iter().zip(row).all(|(c, v)| {
+                            match rule.columns.get(&c.name) {
+                                None | Some(Action::Drop) => false,
+                                Some(_) if key_only && !c.key => *v == Value::Null,
+                                Some(Action::Keep) => true,
+                                Some(Action::Null) => *v == Value::Null,
+                                Some(Action::Redact(t)) => {
+                                    matches!(v, Value::Null | Value::Unchanged)
+                                        || *v == Value::Text(t.clone())
+                                }
+                                Some(Action::Hash) => match v {
+                                    Value::Text(h) => {
+                                        h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+                                    }
+                                    _ => true,
+                                },
+                            }
+                        })
+                    };
+                let old_fits = match &change.kind {
+                    ChangeKind::Update { old: Some(old), .. } => fits(old, true),
+                    _ => true,
+                };
+                fits(row, key_only)
+                    && old_fits
+                    && (key_only || self.admits(rule, table, source, row))
+            });
+            if !allowed {
+                return Err(Violation(format!(
+                    "a change to {name} from {source} is not allowed to reach {me} in the form it arrived (columns: {}); nothing of the batch was applied",
+                    table
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `rule` admits a received row: home region and the conditions
+    /// on columns that crossed unchanged (others were checked by the sender).
+    fn admits(&self, rule: &Rule, table: &Table, source: &str, row: &Row) -> bool {
+        let home_column = self
+            .entry(table)
+            .map(|(h, _)| h.as_str())
+            .unwrap_or_default();
+        let home = table
+            .columns
+            .iter()
+            .position(|c| c.name == home_column)
+            .and_then(|i| match &row[i] {
+                Value::Text(h) => Some(h.as_str()),
+                _ => None,
+            })
+            .unwrap_or(source);
+        rule.from.iter().any(|f| f == home)
+            && rule.when.iter().all(|c| {
+                rule.columns.get(c.column()) != Some(&Action::Keep)
+                    || !table.columns.iter().any(|col| col.name == c.column())
+                    || holds(c, table, row, false)
+            })
+    }
+}
+
+/// The table as a destination sees it under `rule`: only the columns that
+/// cross.
+fn projected(table: &Table, rule: &Rule) -> Table {
+    Table {
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+        columns: table
+            .columns
+            .iter()
+            .filter(|c| matches!(rule.columns.get(&c.name), Some(a) if *a != Action::Drop))
+            .cloned()
+            .collect(),
+    }
+}
+
+fn holds(condition: &Condition, table: &Table, row: &Row, partial: bool) -> bool {
+    let Some(i) = table
+        .columns
+        .iter()
+        .position(|c| c.name == condition.column())
+    else {
+        return false;
+    };
+    if partial && !table.columns[i].key {
+        return false;
+    }
+    match (condition, &row[i]) {
+        (_, Value::Unchanged) => false,
+        (Condition::Equals { value, .. }, Value::Text(v)) => v == value,
+        (Condition::In { values, .. }, Value::Text(v)) => values.iter().any(|x| x == v),
+        (Condition::IsNull { null, .. }, v) => (*v == Value::Null) == *null,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
