@@ -1,6 +1,7 @@
 //! `meridian`: the command line of the Meridian replication service.
 
 mod demo;
+mod policy;
 
 use std::path::PathBuf;
 
@@ -36,9 +37,56 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Residency policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file against a topology; every problem is reported
+    /// as file:line:column. Hash rules need MERIDIAN_POLICY_HASH_KEY set.
+    Check {
+        file: PathBuf,
+        /// Topology file (regions and replicated tables).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show what of one row would cross to a destination, column by column,
+    /// and which rule decided.
+    Explain {
+        file: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        /// schema.table
+        #[arg(long)]
+        table: String,
+        /// The row as a JSON object of column values (PostgreSQL text forms).
+        #[arg(long)]
+        row: String,
+        /// Region the change is captured in (used as home when the row has no home value).
+        #[arg(long)]
+        from: String,
+        /// Destination region.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // the rendered report: every cause, no backtrace
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -65,6 +113,20 @@ fn main() -> anyhow::Result<()> {
                 meridian_agent::run(topology, &region, shutdown).await
             }
             Command::Demo { duration } => demo::run(duration).await,
+            Command::Policy {
+                command: PolicyCommand::Check { file, config },
+            } => policy::check(&file, &config),
+            Command::Policy {
+                command:
+                    PolicyCommand::Explain {
+                        file,
+                        config,
+                        table,
+                        row,
+                        from,
+                        to,
+                    },
+            } => policy::explain(&file, &config, &table, &row, &from, &to),
         }
     })
 }

@@ -10,6 +10,7 @@
 
 pub mod link;
 pub mod receiver;
+pub mod residency;
 
 use std::path::Path;
 
@@ -31,6 +32,10 @@ pub fn load_topology(path: &Path) -> anyhow::Result<Topology> {
         .with_context(|| format!("cannot read topology file {}", path.display()))?;
     let mut topology = Topology::parse(&text, &path.display().to_string())?;
     topology.override_stores(|k| std::env::var(k).ok());
+    if let Some(policy) = &topology.policy {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        topology.policy = Some(dir.join(policy).display().to_string());
+    }
     Ok(topology)
 }
 
@@ -43,6 +48,17 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let me = topology.region(region).map_err(anyhow::Error::msg)?.clone();
+    let policy = residency::load(&topology)?;
+    match &policy {
+        Some(p) => tracing::info!(region, version = p.version(), "residency policy loaded"),
+        None => tracing::warn!(
+            region,
+            "no residency policy in the topology: every replicated row crosses to every peer"
+        ),
+    }
+    let policy: residency::SharedPolicy =
+        std::sync::Arc::new(std::sync::RwLock::new(policy.map(std::sync::Arc::new)));
+    residency::reload_on_hangup(topology.clone(), policy.clone());
     let store = me.store.expose().to_owned();
     let pool = PgPoolOptions::new()
         .max_connections(2)
@@ -73,8 +89,12 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {} (regions.{region}.listen)", me.listen))?;
     tracing::info!(region, listen = %me.listen, "agent started");
-    let service =
-        receiver::ReplicationService::new(region, &store, topology.regions.keys().cloned());
+    let service = receiver::ReplicationService::new(
+        region,
+        &store,
+        topology.regions.keys().cloned(),
+        policy.clone(),
+    );
     let server = ReplicationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -98,6 +118,7 @@ pub async fn run(
                 publication: publication.clone(),
                 batch_max_changes: topology.replication.batch_max_changes,
                 window: topology.replication.window,
+                policy: policy.clone(),
             };
             tokio::spawn(link.run(shutdown.clone()))
         })

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::MAX_MESSAGE_BYTES;
+use crate::residency::{self, SharedPolicy};
 
 /// Why a link session ended.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +44,7 @@ pub enum LinkError {
 }
 
 /// One link's configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Link {
     pub source: String,
     pub destination: String,
@@ -54,6 +55,8 @@ pub struct Link {
     pub publication: String,
     pub batch_max_changes: usize,
     pub window: usize,
+    /// Residency policy: applied to every batch before it is encoded.
+    pub policy: SharedPolicy,
 }
 
 impl Link {
@@ -166,13 +169,23 @@ impl Link {
                     }
                 }
                 seq += 1;
+                let end_lsn = batch.last().map_or(0, |t| t.end_lsn.0);
+                // nothing the policy forbids for this destination is encoded
+                let (batch, policy_version) = match residency::current(&self.policy) {
+                    Some(policy) => (
+                        policy.filter(&self.source, &self.destination, &batch).0,
+                        policy.version(),
+                    ),
+                    None => (batch, 0),
+                };
                 let payload = codec::encode(&batch);
                 let message = SourceMessage {
                     kind: Some(source_message::Kind::Batch(Batch {
                         seq,
-                        end_lsn: batch.last().map_or(0, |t| t.end_lsn.0),
+                        end_lsn,
                         crc32: codec::checksum(&payload),
                         payload,
+                        policy_version,
                     })),
                 };
                 outbound

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use meridian_apply::{Applier, ApplyError};
 use meridian_capture::origin_name;
-use meridian_core::{Lsn, codec};
+use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
     Ack, Batch, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
     replication_server::Replication, source_message,
@@ -22,6 +22,8 @@ use meridian_proto::replication::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::residency::{self, SharedPolicy};
 
 type Session = Arc<tokio::sync::Mutex<Option<Applier>>>;
 
@@ -31,15 +33,22 @@ pub struct ReplicationService {
     store: String,
     regions: HashSet<String>,
     sessions: Mutex<HashMap<String, Session>>,
+    policy: SharedPolicy,
 }
 
 impl ReplicationService {
-    pub fn new(region: &str, store: &str, regions: impl IntoIterator<Item = String>) -> Self {
+    pub fn new(
+        region: &str,
+        store: &str,
+        regions: impl IntoIterator<Item = String>,
+        policy: SharedPolicy,
+    ) -> Self {
         ReplicationService {
             region: region.to_owned(),
             store: store.to_owned(),
             regions: regions.into_iter().collect(),
             sessions: Mutex::new(HashMap::new()),
+            policy,
         }
     }
 
@@ -93,8 +102,12 @@ impl Replication for ReplicationService {
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         let source = hello.source_region;
+        let me = Receiver {
+            region: self.region.clone(),
+            policy: self.policy.clone(),
+        };
         tokio::spawn(async move {
-            if let Err(e) = serve(session, &store, &source, inbound, &tx).await {
+            if let Err(e) = serve(&me, session, &store, &source, inbound, &tx).await {
                 tracing::warn!(source = %source, error = %e.message(), "inbound stream ended");
                 let _ = tx.send(Err(e)).await;
             }
@@ -103,7 +116,14 @@ impl Replication for ReplicationService {
     }
 }
 
+/// What a stream needs to know about the receiving region.
+struct Receiver {
+    region: String,
+    policy: SharedPolicy,
+}
+
 async fn serve(
+    me: &Receiver,
     session: Session,
     store: &str,
     source: &str,
@@ -117,7 +137,14 @@ async fn serve(
             .map_err(|e| Status::unavailable(format!("destination store unavailable: {e}")))?;
         *guard = Some(applier);
     }
-    let result = apply_stream(guard.as_mut().expect("set above"), source, &mut inbound, tx).await;
+    let result = apply_stream(
+        me,
+        guard.as_mut().expect("set above"),
+        source,
+        &mut inbound,
+        tx,
+    )
+    .await;
     if result
         .as_ref()
         .is_err_and(|e| e.code() == tonic::Code::Unavailable)
@@ -128,6 +155,7 @@ async fn serve(
 }
 
 async fn apply_stream(
+    me: &Receiver,
     applier: &mut Applier,
     source: &str,
     inbound: &mut Streaming<SourceMessage>,
@@ -172,7 +200,29 @@ async fn apply_stream(
             .await;
             return Ok(());
         }
-        watermark = apply_batch(applier, source, &batch).await?.max(watermark);
+        let applied = match codec::decode(&batch.payload) {
+            Ok(transactions) => {
+                if let Some(reason) =
+                    refused_by_policy(me, applier, source, &batch, &transactions).await?
+                {
+                    reply(
+                        tx,
+                        destination_message::Kind::Nack(Nack {
+                            seq: batch.seq,
+                            reason,
+                        }),
+                    )
+                    .await;
+                    return Ok(());
+                }
+                apply_batch(applier, source, &transactions).await?
+            }
+            Err(e) => {
+                let reason = format!("undecodable batch: {e}");
+                dead_letter(applier, source, Lsn(batch.end_lsn), reason, &batch.payload).await?
+            }
+        };
+        watermark = watermark.max(applied);
         let ack = Ack {
             seq: batch.seq,
             applied_lsn: watermark.0,
@@ -209,21 +259,49 @@ async fn dead_letter(
     Ok(end)
 }
 
-/// Applies one batch; returns the watermark after it.
-async fn apply_batch(applier: &mut Applier, source: &str, batch: &Batch) -> Result<Lsn, Status> {
-    let transactions = match codec::decode(&batch.payload) {
-        Ok(t) => t,
-        Err(e) => {
-            let reason = format!("undecodable batch: {e}");
-            return dead_letter(applier, source, Lsn(batch.end_lsn), reason, &batch.payload).await;
-        }
+/// Re-checks a batch against this region's residency policy. A batch with
+/// anything forbidden is refused whole and recorded (without values); the
+/// source keeps it and retries, so nothing is lost while the policies disagree.
+async fn refused_by_policy(
+    me: &Receiver,
+    applier: &mut Applier,
+    source: &str,
+    batch: &Batch,
+    transactions: &[Transaction],
+) -> Result<Option<String>, Status> {
+    let Some(policy) = residency::current(&me.policy) else {
+        return Ok(None);
     };
-    match applier.apply(&transactions).await {
+    let Err(violation) = policy.check(source, &me.region, transactions) else {
+        return Ok(None);
+    };
+    let reason = format!("residency policy violation: {violation}");
+    tracing::error!(source, end_lsn = %Lsn(batch.end_lsn), sender_policy = batch.policy_version,
+        receiver_policy = policy.version(), %reason, "refused batch");
+    applier
+        .record_violation(
+            Lsn(batch.end_lsn),
+            batch.policy_version,
+            policy.version(),
+            &reason,
+        )
+        .await
+        .map_err(|e| status(&e.into()))?;
+    Ok(Some(reason))
+}
+
+/// Applies one decoded batch; returns the watermark after it.
+async fn apply_batch(
+    applier: &mut Applier,
+    source: &str,
+    transactions: &[Transaction],
+) -> Result<Lsn, Status> {
+    match applier.apply(transactions).await {
         Ok(applied) => Ok(applied.watermark),
         Err(ApplyError::Rejected(_)) => {
             // find the offending transactions; apply the others
             let mut watermark = Lsn(0);
-            for t in &transactions {
+            for t in transactions {
                 match applier.apply(std::slice::from_ref(t)).await {
                     Ok(applied) => watermark = applied.watermark,
                     Err(ApplyError::Rejected(reason)) => {

@@ -188,6 +188,31 @@ impl Applier {
         Box::pin(self.dead_letter_inner(end_lsn, reason, payload))
     }
 
+    /// Records a batch refused by the residency policy (no values kept).
+    pub fn record_violation<'a>(
+        &'a mut self,
+        end_lsn: Lsn,
+        sender_version: u64,
+        receiver_version: u64,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO meridian.policy_violations
+                   (source_region, end_lsn, sender_policy_version, receiver_policy_version, reason)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&self.source)
+            .bind(end_lsn.0 as i64)
+            .bind(sender_version as i64)
+            .bind(receiver_version as i64)
+            .bind(reason)
+            .execute(&mut self.conn)
+            .await
+            .map(|_| ())
+        })
+    }
+
     async fn dead_letter_inner(
         &mut self,
         end_lsn: Lsn,

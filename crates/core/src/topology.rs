@@ -32,6 +32,9 @@ pub struct Topology {
     /// Tuning of the replication links.
     #[serde(default)]
     pub replication: Tuning,
+    /// Residency policy file, relative to the topology file. Without one,
+    /// every replicated row crosses to every peer.
+    pub policy: Option<String>,
 }
 
 /// One region: its store and its agent.

@@ -30,6 +30,18 @@ pub enum Verdict {
     Blocked,
 }
 
+/// What [`Enforcer::explain`] found.
+#[derive(Debug)]
+pub struct Explanation<'a> {
+    /// The deciding rule; `None` means the row does not cross.
+    pub rule: Option<&'a Rule>,
+    /// The table is global (never replicated by agents).
+    pub global: bool,
+    /// Per column: name, action, and the value that would be sent (`None`:
+    /// not sent).
+    pub columns: Vec<(String, String, Option<Value>)>,
+}
+
 /// The rule that decided, if any.
 #[derive(Debug)]
 pub enum Decision<'a> {
@@ -299,6 +311,54 @@ impl Enforcer {
             out.push(char::from_digit((b & 15) as u32, 16).expect("hex"));
         }
         out
+    }
+
+    /// Says, column by column, what of `row` would reach `destination` and
+    /// which rule decided.
+    pub fn explain(
+        &self,
+        table: &Table,
+        source: &str,
+        destination: &str,
+        row: &Row,
+    ) -> Explanation<'_> {
+        let rule = match self.decide(table, source, destination, row) {
+            Decision::Send(rule) if !self.is_global(table) => Some(rule),
+            _ => None,
+        };
+        let columns = table
+            .columns
+            .iter()
+            .zip(row)
+            .map(|(c, v)| {
+                let Some(rule) = rule else {
+                    return (c.name.clone(), "blocked".to_owned(), None);
+                };
+                let action = match rule.columns.get(&c.name) {
+                    None => "not named: closed by default".to_owned(),
+                    Some(Action::Redact(_)) => "redact".to_owned(),
+                    Some(a) => format!("{a:?}").to_lowercase(),
+                };
+                let sent = rule
+                    .columns
+                    .get(&c.name)
+                    .filter(|a| **a != Action::Drop)
+                    .map(|_| {
+                        let single = Table {
+                            columns: vec![c.clone()],
+                            ..table.clone()
+                        };
+                        self.transform(&single, rule, &vec![v.clone()], false)
+                            .remove(0)
+                    });
+                (c.name.clone(), action, sent)
+            })
+            .collect();
+        Explanation {
+            rule,
+            global: self.is_global(table),
+            columns,
+        }
     }
 
     /// The receiver's check: every change in `transactions`, sent by

@@ -16,5 +16,5 @@
 pub mod evaluate;
 pub mod file;
 
-pub use evaluate::{Decision, Enforcer, Verdict, Violation};
+pub use evaluate::{Decision, Enforcer, Explanation, Verdict, Violation};
 pub use file::{Action, Condition, Diagnostic, Policy, Rule};
