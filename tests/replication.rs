@@ -86,6 +86,8 @@ async fn every_type_replicates_between_three_regions() -> anyhow::Result<()> {
             tables: &[("public.typed", "id", "home")],
             proxied: &[],
             extra_topology: "",
+            policy: None,
+            agent_env: &[],
         },
     )
     .await?;
@@ -123,6 +125,8 @@ async fn toasted_values_survive_updates_of_other_columns() -> anyhow::Result<()>
             tables: &[("public.docs", "id", "home")],
             proxied: &[],
             extra_topology: "",
+            policy: None,
+            agent_env: &[],
         },
     )
     .await?;
@@ -229,6 +233,8 @@ async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice() -> anyhow
             tables: &[("public.counters", "id", "home")],
             proxied: &[],
             extra_topology: "[replication]\nbatch_max_changes = 500\nwindow = 4\n",
+            policy: None,
+            agent_env: &[],
         },
     )
     .await?;
@@ -298,6 +304,8 @@ async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
             tables: &[("public.blobs", "id", "home")],
             proxied: &["eu"],
             extra_topology: "",
+            policy: None,
+            agent_env: &[],
         },
     )
     .await?;
@@ -344,6 +352,8 @@ async fn a_dropped_link_reconnects_and_resumes_without_a_gap() -> anyhow::Result
             tables: &[("public.counters", "id", "home")],
             proxied: &["eu"],
             extra_topology: "[replication]\nbatch_max_changes = 200\nwindow = 2\n",
+            policy: None,
+            agent_env: &[],
         },
     )
     .await?;

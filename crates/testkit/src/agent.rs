@@ -10,6 +10,7 @@ pub struct AgentProcess {
     log: PathBuf,
     binary: PathBuf,
     config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl AgentProcess {
@@ -21,18 +22,40 @@ impl AgentProcess {
         region: &str,
         log_dir: &Path,
     ) -> anyhow::Result<AgentProcess> {
+        Self::spawn_with_env(binary, config, region, log_dir, &[])
+    }
+
+    /// [`AgentProcess::spawn`] with extra environment variables (secrets).
+    pub fn spawn_with_env(
+        binary: &Path,
+        config: &Path,
+        region: &str,
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<AgentProcess> {
         let log = log_dir.join(format!("agent-{region}.log"));
-        let child = Self::start(binary, config, region, &log)?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::start(binary, config, region, &log, &env)?;
         Ok(AgentProcess {
             child,
             region: region.to_owned(),
             log,
             binary: binary.to_owned(),
             config: config.to_owned(),
+            env,
         })
     }
 
-    fn start(binary: &Path, config: &Path, region: &str, log: &Path) -> anyhow::Result<Child> {
+    fn start(
+        binary: &Path,
+        config: &Path,
+        region: &str,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Child> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -45,6 +68,7 @@ impl AgentProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -60,7 +84,22 @@ impl AgentProcess {
     /// Starts the agent again (after [`AgentProcess::kill9`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
-        self.child = Self::start(&self.binary, &self.config, &self.region, &self.log)?;
+        self.child = Self::start(
+            &self.binary,
+            &self.config,
+            &self.region,
+            &self.log,
+            &self.env,
+        )?;
+        Ok(())
+    }
+
+    /// Sends SIGHUP (the agent reloads its residency policy).
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {} failed", self.pid());
         Ok(())
     }
 

@@ -22,6 +22,10 @@ pub struct Spec<'a> {
     pub proxied: &'a [&'a str],
     /// Extra topology lines (e.g. a `[replication]` section).
     pub extra_topology: &'a str,
+    /// A residency policy, written beside the topology as `policy.toml`.
+    pub policy: Option<&'a str>,
+    /// Environment for the agents (secrets such as the policy hash key).
+    pub agent_env: &'a [(&'a str, &'a str)],
 }
 
 /// A running deployment. Dropping it kills the agents and removes the clusters.
@@ -55,6 +59,10 @@ impl Deployment {
             pools.push(pool);
         }
         let mut topology = String::new();
+        if let Some(policy) = spec.policy {
+            std::fs::write(clusters[0].dir().join("policy.toml"), policy)?;
+            topology.push_str("policy = \"policy.toml\"\n\n");
+        }
         let mut proxies = Vec::new();
         for (region, cluster) in spec.regions.iter().zip(&clusters) {
             let listen = format!("127.0.0.1:{}", free_port());
@@ -81,7 +89,7 @@ impl Deployment {
         let agents = spec
             .regions
             .iter()
-            .map(|r| AgentProcess::spawn(binary, &config, r, &log_dir))
+            .map(|r| AgentProcess::spawn_with_env(binary, &config, r, &log_dir, spec.agent_env))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let deployment = Deployment {
             regions: spec.regions.iter().map(|r| r.to_string()).collect(),
@@ -128,6 +136,14 @@ impl Deployment {
             .find(|(r, _)| r == region)
             .expect("region is proxied")
             .1
+    }
+
+    /// Replaces the policy file (agents pick it up on SIGHUP).
+    pub fn write_policy(&self, policy: &str) -> anyhow::Result<()> {
+        Ok(std::fs::write(
+            self.clusters[0].dir().join("policy.toml"),
+            policy,
+        )?)
     }
 
     /// The cluster of `region`.

@@ -1,8 +1,8 @@
 //! A TCP proxy that stands in for the WAN between two agents: it can cut all
 //! connections, refuse new ones, and corrupt bytes in flight.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +21,9 @@ struct State {
     /// Number of upcoming large client->server chunks to corrupt.
     corrupt: AtomicUsize,
     corrupted: AtomicUsize,
+    /// Every byte sent from client to server (up to `CAPTURE_LIMIT`), so
+    /// tests can scan what crossed the "WAN".
+    captured: Mutex<Vec<u8>>,
     /// Bumped to close every open connection.
     cut: watch::Sender<u64>,
 }
@@ -28,6 +31,8 @@ struct State {
 /// Chunks at least this large are payload-heavy: flipping a byte in their
 /// middle hits a batch's payload rather than HTTP/2 framing.
 const CORRUPTIBLE_CHUNK: usize = 2048;
+
+const CAPTURE_LIMIT: usize = 256 * 1024 * 1024;
 
 impl TcpProxy {
     /// Starts a proxy on a free port of 127.0.0.1.
@@ -40,6 +45,7 @@ impl TcpProxy {
             paused: AtomicBool::new(false),
             corrupt: AtomicUsize::new(0),
             corrupted: AtomicUsize::new(0),
+            captured: Mutex::new(Vec::new()),
             cut: watch::channel(0).0,
         });
         let s = state.clone();
@@ -87,6 +93,11 @@ impl TcpProxy {
         self.state.corrupt.store(n, Ordering::SeqCst);
     }
 
+    /// Every byte that went from client to server so far.
+    pub fn captured(&self) -> Vec<u8> {
+        self.state.captured.lock().expect("capture lock").clone()
+    }
+
     /// How many chunks were corrupted so far.
     pub fn corrupted(&self) -> usize {
         self.state.corrupted.load(Ordering::SeqCst)
@@ -125,6 +136,12 @@ async fn forward(state: Arc<State>, client: TcpStream) {
             {
                 buf[n / 2] ^= 0xFF;
                 up_state.corrupted.fetch_add(1, Ordering::SeqCst);
+            }
+            {
+                let mut captured = up_state.captured.lock().expect("capture lock");
+                if captured.len() + n <= CAPTURE_LIMIT {
+                    captured.extend_from_slice(&buf[..n]);
+                }
             }
             sw.write_all(&buf[..n]).await?;
         }

@@ -1,0 +1,252 @@
+//! Residency end to end: what the policy forbids never lands outside its home
+//! region, neither in any table of any store nor in the bytes sent between
+//! agents; what it allows arrives, transformed as the policy says.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use meridian_testkit::{Deployment, Spec};
+use sqlx::PgPool;
+
+const REGIONS: [&str; 3] = ["na", "eu", "apac"];
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id bigint PRIMARY KEY, region text NOT NULL, name text, email text);
+CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, customer_email text, amount numeric(12,2), note text);";
+
+const POLICY: &str = r#"
+version = 1
+
+# eu customers (personal data) never leave eu: no rule sends them
+[[rules]]
+name = "customers-outside-eu"
+table = "public.customers"
+from = ["na", "apac"]
+to = ["na", "eu", "apac"]
+columns = { id = "keep", region = "keep", name = "keep", email = "keep" }
+
+# eu orders may leave with the customer's email hashed and without the note
+[[rules]]
+name = "eu-orders-abroad"
+table = "public.orders"
+from = ["eu"]
+to = ["na", "apac"]
+columns = { id = "keep", region = "keep", amount = "keep", customer_email = "hash" }
+
+[[rules]]
+name = "orders-outside-eu"
+table = "public.orders"
+from = ["na", "apac"]
+to = ["na", "eu", "apac"]
+columns = { id = "keep", region = "keep", amount = "keep", customer_email = "keep", note = "keep" }
+"#;
+
+/// Values that must never be seen outside eu.
+const EU_ONLY: [&str; 5] = [
+    "canary-eu-customer-name",
+    "canary-eu-customer@mail.example",
+    "canary-eu-order-email@mail.example",
+    "canary-eu-order-note",
+    "987654321001", // an eu customer's key
+];
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meridian"))
+}
+
+async fn start() -> anyhow::Result<Deployment> {
+    Deployment::start(
+        binary(),
+        &Spec {
+            regions: &REGIONS,
+            schema: SCHEMA,
+            tables: &[
+                ("public.customers", "id", "region"),
+                ("public.orders", "id", "region"),
+            ],
+            proxied: &REGIONS,
+            extra_topology: "",
+            policy: Some(POLICY),
+            agent_env: &[("MERIDIAN_POLICY_HASH_KEY", "test-only-key")],
+        },
+    )
+    .await
+}
+
+/// Every row of every table of a store (application and `meridian` schemas), as text.
+async fn dump(pool: &PgPool) -> anyhow::Result<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname IN ('public', 'meridian')",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = String::new();
+    for t in tables {
+        let rows: Option<String> =
+            sqlx::query_scalar(&format!("SELECT string_agg(x::text, E'\\n') FROM {t} x"))
+                .fetch_one(pool)
+                .await?;
+        out.push_str(&rows.unwrap_or_default());
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+async fn wait_for_row(pool: &PgPool, sql: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await? == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for: {sql}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn write_canaries(d: &Deployment) -> anyhow::Result<()> {
+    sqlx::raw_sql(
+        "INSERT INTO customers VALUES (987654321001, 'eu', 'canary-eu-customer-name', 'canary-eu-customer@mail.example');
+         INSERT INTO orders VALUES (2001, 'eu', 'canary-eu-order-email@mail.example', 42.50, 'canary-eu-order-note');
+         UPDATE customers SET name = name || '!' WHERE id = 987654321001;
+         UPDATE orders SET amount = 43.00 WHERE id = 2001;",
+    )
+    .execute(d.pool("eu"))
+    .await?;
+    sqlx::raw_sql(
+        "INSERT INTO customers VALUES (1001, 'na', 'na-customer', 'na@mail.example');
+         INSERT INTO orders VALUES (1002, 'na', 'na@mail.example', 7.00, 'na-note');",
+    )
+    .execute(d.pool("na"))
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_forbidden_leaves_its_home_region() -> anyhow::Result<()> {
+    let d = start().await?;
+    write_canaries(&d).await?;
+    sqlx::raw_sql("DELETE FROM customers WHERE id = 987654321001")
+        .execute(d.pool("eu"))
+        .await?;
+    // allowed rows arrive, transformed as the policy says
+    for region in ["na", "apac"] {
+        let pool = d.pool(region);
+        wait_for_row(
+            pool,
+            "SELECT count(*) FROM orders WHERE id = 2001 AND amount = 43.00",
+        )
+        .await?;
+        wait_for_row(pool, "SELECT count(*) FROM orders WHERE id = 1002").await?;
+        wait_for_row(pool, "SELECT count(*) FROM customers WHERE id = 1001").await?;
+        let (email, note): (String, Option<String>) =
+            sqlx::query_as("SELECT customer_email, note FROM orders WHERE id = 2001")
+                .fetch_one(pool)
+                .await?;
+        assert_eq!(
+            email.len(),
+            64,
+            "{region}: the email arrives as an HMAC-SHA256: {email}"
+        );
+        assert!(email.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(
+            note, None,
+            "{region}: a column the rule does not name does not cross"
+        );
+    }
+    wait_for_row(
+        d.pool("eu"),
+        "SELECT count(*) FROM customers WHERE id = 1001",
+    )
+    .await?;
+    wait_for_row(
+        d.pool("eu"),
+        "SELECT count(*) FROM orders WHERE id = 1002 AND note = 'na-note'",
+    )
+    .await?;
+    // a marker written last in eu, allowed everywhere: once it is in, every
+    // earlier eu change has been processed by every link
+    sqlx::raw_sql("INSERT INTO orders VALUES (2999, 'eu', NULL, 1.00, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    for region in ["na", "apac"] {
+        wait_for_row(
+            d.pool(region),
+            "SELECT count(*) FROM orders WHERE id = 2999",
+        )
+        .await?;
+    }
+    for region in ["na", "apac"] {
+        let stored = dump(d.pool(region)).await?;
+        for canary in EU_ONLY {
+            assert!(!stored.contains(canary), "{region}'s store holds {canary}");
+        }
+        let sent = String::from_utf8_lossy(&d.proxy(region).captured()).into_owned();
+        assert!(sent.len() > 100, "the proxy saw the traffic to {region}");
+        for canary in EU_ONLY {
+            assert!(!sent.contains(canary), "{canary} was sent to {region}");
+        }
+    }
+    let eu = dump(d.pool("eu")).await?;
+    assert!(eu.contains("canary-eu-order-note"), "eu keeps its own data");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_sender_is_refused_by_the_receiver() -> anyhow::Result<()> {
+    let mut d = start().await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (1, 'eu', NULL, 1.00, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    wait_for_row(d.pool("na"), "SELECT count(*) FROM orders WHERE id = 1").await?;
+    // eu's agent reloads a policy that lets eu customers out; na's does not
+    let leaky = POLICY
+        .replace(
+            r#"from = ["na", "apac"]
+to = ["na", "eu", "apac"]
+columns = { id = "keep", region = "keep", name = "keep", email = "keep" }"#,
+            r#"from = ["na", "apac", "eu"]
+to = ["na", "eu", "apac"]
+columns = { id = "keep", region = "keep", name = "keep", email = "keep" }"#,
+        )
+        .replace("version = 1", "version = 2");
+    assert_ne!(leaky, POLICY);
+    d.write_policy(&leaky)?;
+    d.agent("eu").hangup()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.agent_log("eu").contains("residency policy reloaded") {
+        anyhow::ensure!(Instant::now() < deadline, "eu did not reload its policy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::raw_sql(
+        "INSERT INTO customers VALUES (987654321001, 'eu', 'canary-eu-customer-name', 'canary-eu-customer@mail.example')",
+    )
+    .execute(d.pool("eu"))
+    .await?;
+    // the receiver refuses the batch and records why, without values
+    wait_for_row(
+        d.pool("na"),
+        "SELECT count(*) FROM meridian.policy_violations WHERE source_region = 'eu'",
+    )
+    .await?;
+    let (sender, receiver, reason): (i64, i64, String) = sqlx::query_as(
+        "SELECT sender_policy_version, receiver_policy_version, reason FROM meridian.policy_violations LIMIT 1",
+    )
+    .fetch_one(d.pool("na"))
+    .await?;
+    assert_eq!((sender, receiver), (2, 1));
+    assert!(reason.contains("public.customers"), "{reason}");
+    let stored = dump(d.pool("na")).await?;
+    for canary in EU_ONLY {
+        assert!(!stored.contains(canary), "na's store holds {canary}");
+    }
+    // fixing the sender's policy lets the link move on; nothing was lost
+    d.write_policy(POLICY)?;
+    d.agent("eu").hangup()?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (2, 'eu', NULL, 2.00, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    wait_for_row(d.pool("na"), "SELECT count(*) FROM orders WHERE id = 2").await?;
+    let stored = dump(d.pool("na")).await?;
+    for canary in EU_ONLY {
+        assert!(!stored.contains(canary), "na's store holds {canary}");
+    }
+    Ok(())
+}
