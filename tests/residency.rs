@@ -186,6 +186,34 @@ async fn nothing_forbidden_leaves_its_home_region() -> anyhow::Result<()> {
     }
     let eu = dump(d.pool("eu")).await?;
     assert!(eu.contains("canary-eu-order-note"), "eu keeps its own data");
+    // the audit counts what crossed and what did not (flushed every 2 s)
+    let audit = "SELECT coalesce(sum(changes), 0)::bigint FROM meridian.residency_audit WHERE table_name = $1 AND source_region = 'eu' AND destination_region = 'na' AND verdict = $2";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let count = |table: &'static str, verdict: &'static str| {
+            sqlx::query_scalar::<_, i64>(audit)
+                .bind(table)
+                .bind(verdict)
+                .fetch_one(d.pool("eu"))
+        };
+        let blocked = count("public.customers", "blocked").await?;
+        let transformed = count("public.orders", "transformed").await?;
+        if blocked == 3 && transformed == 3 {
+            break; // insert, update, delete of the eu customer; two orders and an update
+        }
+        if Instant::now() > deadline {
+            let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
+                "SELECT table_name, rule, source_region, destination_region, verdict, changes FROM meridian.residency_audit",
+            )
+            .fetch_all(d.pool("eu"))
+            .await?;
+            anyhow::bail!(
+                "audit counts: blocked {blocked}, transformed {transformed}; all: {rows:?}\n{}",
+                d.agent_log("eu")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 

@@ -83,7 +83,13 @@ pub async fn run(
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
     }
-    pool.close().await;
+    let audit = std::sync::Arc::new(residency::Audit::default());
+    let audit_task = tokio::spawn(audit.clone().run(
+        pool.clone(),
+        region.to_owned(),
+        std::time::Duration::from_secs(2),
+        shutdown.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(&me.listen)
         .await
@@ -119,6 +125,7 @@ pub async fn run(
                 batch_max_changes: topology.replication.batch_max_changes,
                 window: topology.replication.window,
                 policy: policy.clone(),
+                audit: audit.clone(),
             };
             tokio::spawn(link.run(shutdown.clone()))
         })
@@ -127,6 +134,8 @@ pub async fn run(
     for l in links {
         let _ = l.await;
     }
+    let _ = audit_task.await;
+    pool.close().await;
     server.await?.context("gRPC server failed")?;
     tracing::info!(region, "agent stopped");
     Ok(())

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::MAX_MESSAGE_BYTES;
-use crate::residency::{self, SharedPolicy};
+use crate::residency::{self, Audit, SharedPolicy};
+use std::sync::Arc;
 
 /// Why a link session ended.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,8 @@ pub struct Link {
     pub window: usize,
     /// Residency policy: applied to every batch before it is encoded.
     pub policy: SharedPolicy,
+    /// Where the policy's verdicts are counted.
+    pub audit: Arc<Audit>,
 }
 
 impl Link {
@@ -172,10 +175,12 @@ impl Link {
                 let end_lsn = batch.last().map_or(0, |t| t.end_lsn.0);
                 // nothing the policy forbids for this destination is encoded
                 let (batch, policy_version) = match residency::current(&self.policy) {
-                    Some(policy) => (
-                        policy.filter(&self.source, &self.destination, &batch).0,
-                        policy.version(),
-                    ),
+                    Some(policy) => {
+                        let (filtered, counts) =
+                            policy.filter(&self.source, &self.destination, &batch);
+                        self.audit.record(&self.destination, counts);
+                        (filtered, policy.version())
+                    }
                     None => (batch, 0),
                 };
                 let payload = codec::encode(&batch);

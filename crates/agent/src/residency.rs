@@ -1,12 +1,15 @@
 //! Loading the residency policy named by the topology, and swapping it on
 //! reload. Links and the receiver read the current policy per batch.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 use meridian_core::topology::Topology;
+use meridian_policy::evaluate::Counts;
 use meridian_policy::file::Context;
-use meridian_policy::{Enforcer, Policy};
+use meridian_policy::{Enforcer, Policy, Verdict};
+use sqlx::PgPool;
 
 /// Environment variable holding the HMAC key for `hash` actions.
 pub const HASH_KEY_ENV: &str = "MERIDIAN_POLICY_HASH_KEY";
@@ -86,4 +89,79 @@ pub fn reload_on_hangup(topology: Topology, shared: SharedPolicy) {
             }
         }
     });
+}
+
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Passed => "passed",
+        Verdict::Transformed => "transformed",
+        Verdict::Blocked => "blocked",
+    }
+}
+
+/// Audit counts of what the policy passed, transformed and blocked, per
+/// (table, rule, destination, verdict), accumulated by the links and written
+/// to `meridian.residency_audit` in this region's store by [`Audit::run`].
+#[derive(Default)]
+pub struct Audit {
+    pending: std::sync::Mutex<HashMap<(String, String, String, Verdict), u64>>,
+}
+
+impl Audit {
+    /// Adds one filtering's counts for `destination`.
+    pub fn record(&self, destination: &str, counts: Counts) {
+        let mut pending = self.pending.lock().expect("audit lock");
+        for ((table, rule, verdict), n) in counts {
+            *pending
+                .entry((table, rule, destination.to_owned(), verdict))
+                .or_default() += n;
+        }
+    }
+
+    /// Flushes the counts every `every` until shutdown (and once more then).
+    pub async fn run(
+        self: Arc<Self>,
+        pool: PgPool,
+        source: String,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(every) => false,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            let batch: Vec<_> = self.pending.lock().expect("audit lock").drain().collect();
+            for (key, n) in batch {
+                let (table, rule, destination, verdict) = &key;
+                let written = sqlx::query(
+                    "INSERT INTO meridian.residency_audit
+                       (table_name, rule, source_region, destination_region, verdict, changes)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (table_name, rule, source_region, destination_region, verdict)
+                     DO UPDATE SET changes = meridian.residency_audit.changes + EXCLUDED.changes, updated_at = now()",
+                )
+                .bind(table)
+                .bind(rule)
+                .bind(&source)
+                .bind(destination)
+                .bind(verdict_name(*verdict))
+                .bind(n as i64)
+                .execute(&pool)
+                .await;
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "cannot write residency audit counts; keeping them for the next flush");
+                    *self
+                        .pending
+                        .lock()
+                        .expect("audit lock")
+                        .entry(key)
+                        .or_default() += n;
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
 }
