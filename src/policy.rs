@@ -90,6 +90,9 @@ pub(crate) fn explain(
     });
     let explanation = enforcer.explain(&table, from, to, &values);
     match (&explanation.rule, explanation.global) {
+        (_, false) if explanation.home => {
+            println!("row crosses {from} -> {to}: {to} is its home region")
+        }
         (_, true) => println!(
             "{table_name}: global table, never replicated by agents",
             table_name = spec.name

@@ -12,7 +12,10 @@ const REGIONS: [&str; 3] = ["na", "eu", "apac"];
 
 const SCHEMA: &str = "
 CREATE TABLE customers (id bigint PRIMARY KEY, region text NOT NULL, name text, email text);
-CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, customer_email text, amount numeric(12,2), note text);";
+CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, customer_email text, amount numeric(12,2), note text);
+-- FULL: deletes and updates carry the old row, so a home change is routed exactly
+CREATE TABLE accounts (id bigint PRIMARY KEY, region text NOT NULL, plan text);
+ALTER TABLE accounts REPLICA IDENTITY FULL;";
 
 const POLICY: &str = r#"
 version = 1
@@ -32,6 +35,13 @@ table = "public.orders"
 from = ["eu"]
 to = ["na", "apac"]
 columns = { id = "keep", region = "keep", amount = "keep", customer_email = "hash" }
+
+[[rules]]
+name = "na-accounts"
+table = "public.accounts"
+from = ["na"]
+to = ["eu", "apac"]
+columns = { id = "keep", region = "keep", plan = "keep" }
 
 [[rules]]
 name = "orders-outside-eu"
@@ -63,6 +73,7 @@ async fn start() -> anyhow::Result<Deployment> {
             tables: &[
                 ("public.customers", "id", "region"),
                 ("public.orders", "id", "region"),
+                ("public.accounts", "id", "region"),
             ],
             proxied: &REGIONS,
             extra_topology: "",
@@ -276,5 +287,37 @@ columns = { id = "keep", region = "keep", name = "keep", email = "keep" }"#,
     for canary in EU_ONLY {
         assert!(!stored.contains(canary), "na's store holds {canary}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_home_changes_leaves_regions_that_may_no_longer_hold_it() -> anyhow::Result<()>
+{
+    let d = start().await?;
+    sqlx::raw_sql("INSERT INTO accounts VALUES (5001, 'na', 'gold')")
+        .execute(d.pool("na"))
+        .await?;
+    for region in ["eu", "apac"] {
+        wait_for_row(
+            d.pool(region),
+            "SELECT count(*) FROM accounts WHERE id = 5001",
+        )
+        .await?;
+    }
+    // the account moves to eu: eu (its new home) keeps it, apac may no longer hold it
+    sqlx::raw_sql("UPDATE accounts SET region = 'eu', plan = 'gold-eu' WHERE id = 5001")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for_row(
+        d.pool("eu"),
+        "SELECT count(*) FROM accounts WHERE id = 5001 AND region = 'eu' AND plan = 'gold-eu'",
+    )
+    .await?;
+    wait_for_row(d.pool("apac"), "SELECT count(*) FROM (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM accounts WHERE id = 5001)) gone").await?;
+    let stored = dump(d.pool("apac")).await?;
+    assert!(
+        !stored.contains("gold-eu"),
+        "the moved row's new values never reached apac"
+    );
     Ok(())
 }

@@ -126,6 +126,14 @@ pub async fn run(
                 window: topology.replication.window,
                 policy: policy.clone(),
                 audit: audit.clone(),
+                keys: topology
+                    .tables
+                    .iter()
+                    .map(|t| {
+                        let (schema, name) = t.split_name();
+                        ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
+                    })
+                    .collect(),
             };
             tokio::spawn(link.run(shutdown.clone()))
         })

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use meridian_capture::{CaptureError, ReplicationStream};
+use meridian_core::pgoutput::Keys;
 use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
     Batch, Hello, SourceMessage, destination_message, replication_client::ReplicationClient,
@@ -60,6 +61,8 @@ pub struct Link {
     pub policy: SharedPolicy,
     /// Where the policy's verdicts are counted.
     pub audit: Arc<Audit>,
+    /// Primary key columns per table, from the topology.
+    pub keys: Keys,
 }
 
 impl Link {
@@ -115,8 +118,14 @@ impl Link {
                 )));
             }
         };
-        let stream =
-            ReplicationStream::start(&self.store, &self.slot, &self.publication, applied).await?;
+        let stream = ReplicationStream::start(
+            &self.store,
+            &self.slot,
+            &self.publication,
+            applied,
+            self.keys.clone(),
+        )
+        .await?;
         let confirmed = stream.confirmed();
         confirmed.fetch_max(applied.0, Ordering::AcqRel);
         tracing::info!(source = %self.source, destination = %self.destination,

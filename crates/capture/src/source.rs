@@ -97,9 +97,9 @@ async fn check_table(pool: &PgPool, t: &TableSpec) -> Result<(), CaptureError> {
             t.name, t.primary_key, pk
         )));
     }
-    if identity != "d" {
+    if identity != "d" && identity != "f" {
         return Err(CaptureError::Config(format!(
-            "table {}: REPLICA IDENTITY must be DEFAULT (the primary key); run ALTER TABLE {} REPLICA IDENTITY DEFAULT",
+            "table {}: REPLICA IDENTITY must be DEFAULT (the primary key) or FULL; run ALTER TABLE {} REPLICA IDENTITY DEFAULT",
             t.name, t.name
         )));
     }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
-use meridian_core::pgoutput::{DecodeError, Decoded, Decoder};
+use meridian_core::pgoutput::{DecodeError, Decoded, Decoder, Keys};
 use meridian_core::{Lsn, Transaction};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
@@ -94,6 +94,7 @@ impl ReplicationStream {
         slot: &str,
         publication: &str,
         start: Lsn,
+        keys: Keys,
     ) -> Result<ReplicationStream, CaptureError> {
         let info = ConnInfo::parse(url).map_err(CaptureError::Config)?;
         let socket = TcpStream::connect((info.host.as_str(), info.port)).await?;
@@ -101,7 +102,7 @@ impl ReplicationStream {
         let mut stream = ReplicationStream {
             socket,
             read: BytesMut::with_capacity(64 * 1024),
-            decoder: Decoder::new(),
+            decoder: Decoder::with_keys(keys),
             confirmed: Arc::new(AtomicU64::new(start.0)),
             received: start,
             last_status: Instant::now(),

@@ -53,11 +53,15 @@ pub enum Decoded {
     },
 }
 
+/// Primary key columns by `(schema, table)`.
+pub type Keys = HashMap<(String, String), Vec<String>>;
+
 /// Stateful pgoutput decoder for one replication stream.
 #[derive(Default)]
 pub struct Decoder {
     relations: HashMap<u32, Arc<Table>>,
     current: Option<Open>,
+    keys: Keys,
 }
 
 struct Open {
@@ -69,6 +73,16 @@ struct Open {
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that marks `keys` as each table's key columns, whatever the
+    /// replica identity (with `REPLICA IDENTITY FULL` the server flags every
+    /// column).
+    pub fn with_keys(keys: Keys) -> Self {
+        Decoder {
+            keys,
+            ..Self::default()
+        }
     }
 
     /// Decodes one message (the data of one `XLogData`).
@@ -107,6 +121,11 @@ impl Decoder {
                         type_oid,
                         key: flags & 1 == 1,
                     });
+                }
+                if let Some(keys) = self.keys.get(&(schema.clone(), name.clone())) {
+                    for c in &mut columns {
+                        c.key = keys.contains(&c.name);
+                    }
                 }
                 let table = Table {
                     schema,

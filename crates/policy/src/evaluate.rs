@@ -35,6 +35,8 @@ pub enum Verdict {
 pub struct Explanation<'a> {
     /// The deciding rule; `None` means the row does not cross.
     pub rule: Option<&'a Rule>,
+    /// The destination is the row's home region: it crosses whole.
+    pub home: bool,
     /// The table is global (never replicated by agents).
     pub global: bool,
     /// Per column: name, action, and the value that would be sent (`None`:
@@ -46,6 +48,9 @@ pub struct Explanation<'a> {
 #[derive(Debug)]
 pub enum Decision<'a> {
     Send(&'a Rule),
+    /// The destination is the row's home region: a row may always go home,
+    /// whole.
+    Home,
     Block,
 }
 
@@ -134,6 +139,9 @@ impl Enforcer {
             Some(Value::Text(h)) => (h.as_str(), false),
             _ => (source, true),
         };
+        if !partial && home == destination {
+            return Decision::Home;
+        }
         for &i in rules {
             let rule = &self.policy.rules[i];
             if rule.from.iter().any(|f| f == home)
@@ -223,8 +231,29 @@ impl Enforcer {
                 Some(rule.name.as_str()),
             )
         };
+        const HOME: Option<&str> = Some("(home region)");
+        let home_column = self
+            .entry(table)
+            .map(|(h, _)| h.as_str())
+            .unwrap_or_default();
+        // a key image that still says where the row lives
+        let home_key = |row: &Row| -> Row {
+            table
+                .columns
+                .iter()
+                .zip(row)
+                .map(|(c, v)| {
+                    if c.key || c.name == home_column {
+                        v.clone()
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        };
         match &change.kind {
             ChangeKind::Insert { new } => match self.decide(table, source, destination, new) {
+                Decision::Home => (Some(change.clone()), Verdict::Passed, HOME),
                 Decision::Send(rule) => {
                     let p = project(rule);
                     let new = self.transform(table, rule, new, false);
@@ -238,6 +267,33 @@ impl Enforcer {
                     .as_ref()
                     .map(|o| self.decide(table, source, destination, o));
                 match (now, before) {
+                    (Decision::Home, _) => {
+                        let kind = ChangeKind::Update {
+                            old: old.as_ref().map(home_key),
+                            new: new.clone(),
+                        };
+                        (
+                            Some(Change {
+                                table: table.clone(),
+                                kind,
+                            }),
+                            Verdict::Passed,
+                            HOME,
+                        )
+                    }
+                    (Decision::Block, Some(Decision::Home)) => {
+                        let kind = ChangeKind::Delete {
+                            old: home_key(old.as_ref().expect("old image")),
+                        };
+                        (
+                            Some(Change {
+                                table: table.clone(),
+                                kind,
+                            }),
+                            Verdict::Passed,
+                            HOME,
+                        )
+                    }
                     (Decision::Send(rule), _) => {
                         let p = project(rule);
                         let old = old.as_ref().map(|o| self.transform(table, rule, o, true));
@@ -255,6 +311,17 @@ impl Enforcer {
                 }
             }
             ChangeKind::Delete { old } => match self.decide(table, source, destination, old) {
+                Decision::Home => {
+                    let kind = ChangeKind::Delete { old: home_key(old) };
+                    (
+                        Some(Change {
+                            table: table.clone(),
+                            kind,
+                        }),
+                        Verdict::Passed,
+                        HOME,
+                    )
+                }
                 Decision::Send(rule) => {
                     let p = project(rule);
                     let old = self.transform(table, rule, old, true);
@@ -322,15 +389,23 @@ impl Enforcer {
         destination: &str,
         row: &Row,
     ) -> Explanation<'_> {
-        let rule = match self.decide(table, source, destination, row) {
-            Decision::Send(rule) if !self.is_global(table) => Some(rule),
-            _ => None,
+        let (rule, home) = match self.decide(table, source, destination, row) {
+            Decision::Send(rule) if !self.is_global(table) => (Some(rule), false),
+            Decision::Home if !self.is_global(table) => (None, true),
+            _ => (None, false),
         };
         let columns = table
             .columns
             .iter()
             .zip(row)
             .map(|(c, v)| {
+                if home {
+                    return (
+                        c.name.clone(),
+                        "keep (row goes home)".to_owned(),
+                        Some(v.clone()),
+                    );
+                }
                 let Some(rule) = rule else {
                     return (c.name.clone(), "blocked".to_owned(), None);
                 };
@@ -356,6 +431,7 @@ impl Enforcer {
             .collect();
         Explanation {
             rule,
+            home,
             global: self.is_global(table),
             columns,
         }
@@ -390,6 +466,9 @@ impl Enforcer {
                 ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => (new, false),
                 ChangeKind::Delete { old } => (old, true),
             };
+            if self.home_of(table, row) == Some(me) {
+                continue; // a row may always come home
+            }
             let allowed = rules.iter().any(|rule| {
                 let fits =
                     |row: &Row, key_only: bool| {
@@ -433,6 +512,16 @@ impl Enforcer {
             }
         }
         Ok(())
+    }
+
+    /// The home region a row image names, if it has one.
+    fn home_of<'r>(&self, table: &Table, row: &'r Row) -> Option<&'r str> {
+        let (home_column, _) = self.entry(table)?;
+        let i = table.columns.iter().position(|c| c.name == *home_column)?;
+        match &row[i] {
+            Value::Text(h) => Some(h.as_str()),
+            _ => None,
+        }
     }
 
     /// Whether `rule` admits a received row: home region and the conditions
