@@ -53,6 +53,9 @@ enum PolicyCommand {
         /// Topology file (regions and replicated tables).
         #[arg(long)]
         config: PathBuf,
+        /// Also check tables and columns against a live store (postgres:// URL).
+        #[arg(long)]
+        against: Option<String>,
     },
     /// Show what of one row would cross to a destination, column by column,
     /// and which rule decided.
@@ -114,8 +117,13 @@ fn run() -> anyhow::Result<()> {
             }
             Command::Demo { duration } => demo::run(duration).await,
             Command::Policy {
-                command: PolicyCommand::Check { file, config },
-            } => policy::check(&file, &config),
+                command:
+                    PolicyCommand::Check {
+                        file,
+                        config,
+                        against,
+                    },
+            } => policy::check(&file, &config, against.as_deref()).await,
             Command::Policy {
                 command:
                     PolicyCommand::Explain {

@@ -10,7 +10,7 @@ use meridian_policy::Enforcer;
 
 /// Validates a policy file against the topology's regions and tables;
 /// prints every problem as file:line:column and fails if there is one.
-pub(crate) fn check(file: &Path, config: &Path) -> anyhow::Result<()> {
+pub(crate) async fn check(file: &Path, config: &Path, against: Option<&str>) -> anyhow::Result<()> {
     let topology = meridian_agent::load_topology(config)?;
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read policy file {}", file.display()))?;
@@ -31,6 +31,79 @@ pub(crate) fn check(file: &Path, config: &Path) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(url) = against {
+        check_against_store(&policy, &topology, url).await?;
+    }
+    Ok(())
+}
+
+/// Compares the policy with a live store: every table and column a rule
+/// names must exist; columns no rule names are listed (they never cross).
+async fn check_against_store(
+    policy: &meridian_policy::Policy,
+    topology: &meridian_core::topology::Topology,
+    url: &str,
+) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(url)
+        .await
+        .context("cannot connect to the store given with --against")?;
+    let mut problems = 0;
+    for t in &topology.tables {
+        let (schema, name) = t.split_name();
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+        )
+        .bind(schema)
+        .bind(name)
+        .fetch_all(&pool)
+        .await?;
+        if columns.is_empty() {
+            println!("error: table {} is not in the store", t.name);
+            problems += 1;
+            continue;
+        }
+        let rules: Vec<_> = policy.rules.iter().filter(|r| r.table == t.name).collect();
+        for rule in &rules {
+            for column in rule.columns.keys() {
+                if !columns.contains(column) {
+                    println!(
+                        "error: rule {} names column {}.{column}, which the store does not have",
+                        rule.name, t.name
+                    );
+                    problems += 1;
+                }
+            }
+            for condition in &rule.when {
+                if !columns.iter().any(|c| c == condition.column()) {
+                    println!(
+                        "error: rule {} has a condition on column {}.{}, which the store does not have",
+                        rule.name,
+                        t.name,
+                        condition.column()
+                    );
+                    problems += 1;
+                }
+            }
+        }
+        if !rules.is_empty() {
+            for c in &columns {
+                if !rules.iter().any(|r| r.columns.contains_key(c)) {
+                    println!(
+                        "note: column {}.{c} is not named by any rule: it never leaves its home region",
+                        t.name
+                    );
+                }
+            }
+        }
+    }
+    pool.close().await;
+    if problems > 0 {
+        anyhow::bail!("{problems} problem(s) between the policy and the store");
+    }
+    println!("the store has every table and column the policy names");
     Ok(())
 }
 

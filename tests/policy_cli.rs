@@ -1,0 +1,192 @@
+//! `meridian policy check` and `meridian policy explain` as an operator runs them.
+
+use std::path::Path;
+use std::process::Command;
+
+use meridian_testkit::PgCluster;
+
+const TOPOLOGY: &str = r#"
+[regions.na]
+store = "postgres://meridian@127.0.0.1:5432/app"
+listen = "127.0.0.1:7401"
+[regions.eu]
+store = "postgres://meridian@127.0.0.1:5433/app"
+listen = "127.0.0.1:7402"
+[[tables]]
+name = "public.orders"
+primary_key = ["id"]
+home_column = "region"
+"#;
+
+const POLICY: &str = r#"version = 4
+[[rules]]
+name = "eu-orders"
+table = "public.orders"
+from = ["eu"]
+to = ["na"]
+when = [{ column = "status", equals = "paid" }]
+columns = { id = "keep", region = "keep", status = "keep", email = "hash", note = "null" }
+"#;
+
+fn meridian(dir: &Path, args: &[&str], hash_key: bool) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env_remove("MERIDIAN_POLICY_HASH_KEY");
+    if hash_key {
+        cmd.env("MERIDIAN_POLICY_HASH_KEY", "k");
+    }
+    let out = cmd.output().expect("run meridian");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn workdir(policy: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("meridian-policy-cli-{}", std::process::id()));
+    let dir = dir.join(format!("{:x}", policy.len() ^ (policy.as_ptr() as usize)));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("topology.toml"), TOPOLOGY).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    dir
+}
+
+#[test]
+fn check_accepts_a_valid_policy_and_points_at_every_problem() {
+    let dir = workdir(POLICY);
+    let (ok, out) = meridian(
+        &dir,
+        &[
+            "policy",
+            "check",
+            "policy.toml",
+            "--config",
+            "topology.toml",
+        ],
+        true,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("policy version 4 is valid"), "{out}");
+
+    let (ok, out) = meridian(
+        &dir,
+        &[
+            "policy",
+            "check",
+            "policy.toml",
+            "--config",
+            "topology.toml",
+        ],
+        false,
+    );
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "policy.toml:8:68: rule eu-orders: column email is hashed but no hash key is set"
+        ),
+        "{out}"
+    );
+
+    let bad = POLICY
+        .replace(r#"to = ["na"]"#, r#"to = ["mars"]"#)
+        .replace(r#""null""#, r#""shred""#);
+    let dir = workdir(&bad);
+    let (ok, out) = meridian(
+        &dir,
+        &[
+            "policy",
+            "check",
+            "policy.toml",
+            "--config",
+            "topology.toml",
+        ],
+        true,
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("policy.toml:6:7: rule eu-orders: unknown region \"mars\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("policy.toml:8:83: rule eu-orders: unknown action \"shred\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_says_what_crosses_column_by_column() {
+    let dir = workdir(POLICY);
+    let row = r#"{"id": 9, "region": "eu", "status": "paid", "email": "x@y.eu", "note": "hi", "extra": 1}"#;
+    let args = [
+        "policy",
+        "explain",
+        "policy.toml",
+        "--config",
+        "topology.toml",
+        "--table",
+        "public.orders",
+    ];
+    let (ok, out) = meridian(
+        &dir,
+        &[&args[..], &["--row", row, "--from", "eu", "--to", "na"]].concat(),
+        true,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("under rule \"eu-orders\""), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("note") && l.ends_with("NULL")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("extra") && l.contains("closed by default")),
+        "{out}"
+    );
+    assert!(!out.contains("x@y.eu"), "the email is hashed: {out}");
+    let unpaid = row.replace("paid", "open");
+    let (ok, out) = meridian(
+        &dir,
+        &[&args[..], &["--row", &unpaid, "--from", "eu", "--to", "na"]].concat(),
+        true,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("does not cross eu -> na"), "{out}");
+}
+
+#[test]
+fn check_against_a_live_store_finds_missing_and_unmentioned_columns() {
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.url("postgres");
+    let status = Command::new(meridian_testkit::postgres::find_bindir().unwrap().join("psql"))
+        .args([&url, "-qc", "CREATE TABLE orders (id bigint PRIMARY KEY, region text, status text, email text, added_later text)"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dir = workdir(POLICY);
+    let (ok, out) = meridian(
+        &dir,
+        &[
+            "policy",
+            "check",
+            "policy.toml",
+            "--config",
+            "topology.toml",
+            "--against",
+            &url,
+        ],
+        true,
+    );
+    assert!(!ok, "the store lacks a column the policy names: {out}");
+    assert!(
+        out.contains("names column public.orders.note, which the store does not have"),
+        "{out}"
+    );
+    assert!(
+        out.contains("column public.orders.added_later is not named by any rule"),
+        "{out}"
+    );
+}
