@@ -57,6 +57,15 @@ enum PolicyCommand {
         #[arg(long)]
         against: Option<String>,
     },
+    /// Make the agents re-read the residency policy file (as SIGHUP does).
+    /// An invalid file is refused by each agent and its policy stays.
+    Reload {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this region's agent (default: every region).
+        #[arg(long)]
+        region: Option<String>,
+    },
     /// Show what of one row would cross to a destination, column by column,
     /// and which rule decided.
     Explain {
@@ -116,6 +125,9 @@ fn run() -> anyhow::Result<()> {
                 meridian_agent::run(topology, &region, shutdown).await
             }
             Command::Demo { duration } => demo::run(duration).await,
+            Command::Policy {
+                command: PolicyCommand::Reload { config, region },
+            } => policy::reload(&config, region.as_deref()).await,
             Command::Policy {
                 command:
                     PolicyCommand::Check {

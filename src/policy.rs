@@ -187,3 +187,43 @@ pub(crate) fn explain(
     }
     Ok(())
 }
+
+/// Asks each region's agent (or one) to reload its residency policy.
+pub(crate) async fn reload(config: &Path, only: Option<&str>) -> anyhow::Result<()> {
+    use meridian_proto::admin::{ReloadPolicyRequest, admin_client::AdminClient};
+    let topology = meridian_agent::load_topology(config)?;
+    if let Some(region) = only {
+        topology.region(region).map_err(anyhow::Error::msg)?;
+    }
+    let mut failed = 0;
+    for (name, region) in &topology.regions {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", region.connect_addr()))?
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .timeout(std::time::Duration::from_secs(10));
+        let result = async {
+            let mut client = AdminClient::new(endpoint.connect().await?);
+            anyhow::Ok(
+                client
+                    .reload_policy(ReloadPolicyRequest {})
+                    .await?
+                    .into_inner(),
+            )
+        }
+        .await;
+        match result {
+            Ok(reply) => println!("{name}: policy version {} in force", reply.version),
+            Err(e) => {
+                failed += 1;
+                println!("{name}: not reloaded: {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} region(s) did not reload their policy");
+    }
+    Ok(())
+}

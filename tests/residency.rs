@@ -112,6 +112,22 @@ async fn wait_for_row(pool: &PgPool, sql: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meridian policy reload` as an operator runs it.
+fn reload(d: &Deployment, region: Option<&str>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(binary());
+    cmd.args(["policy", "reload", "--config"]).arg(&d.config);
+    if let Some(r) = region {
+        cmd.args(["--region", r]);
+    }
+    let out = cmd.output().expect("run meridian policy reload");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 async fn write_canaries(d: &Deployment) -> anyhow::Result<()> {
     sqlx::raw_sql(
         "INSERT INTO customers VALUES (987654321001, 'eu', 'canary-eu-customer-name', 'canary-eu-customer@mail.example');
@@ -276,9 +292,15 @@ columns = { id = "keep", region = "keep", name = "keep", email = "keep" }"#,
     for canary in EU_ONLY {
         assert!(!stored.contains(canary), "na's store holds {canary}");
     }
+    // an invalid file is refused by every agent; the policy in force stays
+    d.write_policy("version = 3\n[[rules]]\ntable = 42\n")?;
+    let (ok, out) = reload(&d, None);
+    assert!(!ok, "{out}");
+    assert_eq!(out.matches("not reloaded").count(), 3, "{out}");
     // fixing the sender's policy lets the link move on; nothing was lost
     d.write_policy(POLICY)?;
-    d.agent("eu").hangup()?;
+    let (ok, out) = reload(&d, Some("eu"));
+    assert!(ok && out.contains("eu: policy version 1 in force"), "{out}");
     sqlx::raw_sql("INSERT INTO orders VALUES (2, 'eu', NULL, 2.00, NULL)")
         .execute(d.pool("eu"))
         .await?;

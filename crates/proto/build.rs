@@ -2,7 +2,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../proto");
-    let files = [format!("{root}/replication.proto")];
+    let files = [
+        format!("{root}/replication.proto"),
+        format!("{root}/admin.proto"),
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

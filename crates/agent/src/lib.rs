@@ -8,6 +8,7 @@
 //!   batches into this region's store through [`meridian_apply::Applier`].
 //! - [`run`] wires both for one region and runs until shutdown.
 
+pub mod admin;
 pub mod link;
 pub mod receiver;
 pub mod residency;
@@ -17,6 +18,7 @@ use std::path::Path;
 use anyhow::Context;
 use meridian_capture::{ensure_publication, ensure_slot, publication_name, slot_name};
 use meridian_core::topology::Topology;
+use meridian_proto::admin::admin_server::AdminServer;
 use meridian_proto::replication::replication_server::ReplicationServer;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
@@ -108,6 +110,11 @@ pub async fn run(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(server)
+            .add_service(AdminServer::new(admin::AdminService {
+                region: region.to_owned(),
+                topology: topology.clone(),
+                policy: policy.clone(),
+            }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = server_shutdown.wait_for(|s| *s).await;
             }),

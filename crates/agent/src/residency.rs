@@ -68,8 +68,24 @@ pub fn parse(
     })
 }
 
-/// Reloads the policy on SIGHUP. An invalid file is reported and the policy
-/// in force stays.
+/// Re-reads the policy file and puts it in force; returns its version (0:
+/// no policy). An invalid file is refused and the policy in force stays.
+pub fn reload(topology: &Topology, shared: &SharedPolicy) -> anyhow::Result<u64> {
+    match load(topology) {
+        Ok(policy) => {
+            let version = policy.as_ref().map_or(0, |p| p.version());
+            *shared.write().expect("policy lock") = policy.map(Arc::new);
+            tracing::info!(version, "residency policy reloaded");
+            Ok(version)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "policy reload refused; the previous policy stays in force");
+            Err(e)
+        }
+    }
+}
+
+/// Reloads the policy on SIGHUP.
 pub fn reload_on_hangup(topology: Topology, shared: SharedPolicy) {
     tokio::spawn(async move {
         let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -77,16 +93,7 @@ pub fn reload_on_hangup(topology: Topology, shared: SharedPolicy) {
             return;
         };
         while hangup.recv().await.is_some() {
-            match load(&topology) {
-                Ok(policy) => {
-                    let version = policy.as_ref().map(|p| p.version());
-                    *shared.write().expect("policy lock") = policy.map(Arc::new);
-                    tracing::info!(?version, "residency policy reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "policy reload refused; the previous policy stays in force")
-                }
-            }
+            let _ = reload(&topology, &shared);
         }
     });
 }

@@ -5,6 +5,11 @@
 
 #![allow(unreachable_pub, clippy::all)]
 
+/// `meridian.admin.v1`: operator calls to an agent.
+pub mod admin {
+    tonic::include_proto!("meridian.admin.v1");
+}
+
 /// `meridian.replication.v1`: the replication stream between agents.
 pub mod replication {
     tonic::include_proto!("meridian.replication.v1");
