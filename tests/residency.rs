@@ -241,6 +241,19 @@ async fn nothing_forbidden_leaves_its_home_region() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // the same counts are exported as metrics, without any value
+    let metrics = d.metrics("eu").await?;
+    assert!(
+        metrics.contains(r#"meridian_policy_changes_total{table="public.customers",rule="-",source="eu",destination="na",verdict="blocked"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"meridian_policy_version{region="eu"} 1"#),
+        "{metrics}"
+    );
+    for canary in EU_ONLY {
+        assert!(!metrics.contains(canary), "metrics quote {canary}");
+    }
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod link;
+pub mod metrics;
 pub mod receiver;
 pub mod residency;
 
@@ -119,6 +120,17 @@ pub async fn run(
                 let _ = server_shutdown.wait_for(|s| *s).await;
             }),
     );
+    if let Some(addr) = &me.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (regions.{region}.metrics)"))?;
+        let sources = metrics::Sources {
+            region: region.to_owned(),
+            audit: audit.clone(),
+            policy: policy.clone(),
+        };
+        tokio::spawn(metrics::serve(listener, sources, shutdown.clone()));
+    }
     let links: Vec<_> = peers
         .iter()
         .map(|peer| {

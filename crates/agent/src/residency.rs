@@ -98,7 +98,8 @@ pub fn reload_on_hangup(topology: Topology, shared: SharedPolicy) {
     });
 }
 
-fn verdict_name(verdict: Verdict) -> &'static str {
+/// The verdict as stored and exported.
+pub fn verdict_name(verdict: Verdict) -> &'static str {
     match verdict {
         Verdict::Passed => "passed",
         Verdict::Transformed => "transformed",
@@ -111,18 +112,41 @@ fn verdict_name(verdict: Verdict) -> &'static str {
 /// to `meridian.residency_audit` in this region's store by [`Audit::run`].
 #[derive(Default)]
 pub struct Audit {
-    pending: std::sync::Mutex<HashMap<(String, String, String, Verdict), u64>>,
+    pending: std::sync::Mutex<HashMap<AuditKey, u64>>,
+    totals: std::sync::Mutex<HashMap<AuditKey, u64>>,
 }
+
+/// (table, rule, destination, verdict).
+type AuditKey = (String, String, String, Verdict);
 
 impl Audit {
     /// Adds one filtering's counts for `destination`.
     pub fn record(&self, destination: &str, counts: Counts) {
         let mut pending = self.pending.lock().expect("audit lock");
+        let mut totals = self.totals.lock().expect("audit lock");
         for ((table, rule, verdict), n) in counts {
-            *pending
-                .entry((table, rule, destination.to_owned(), verdict))
-                .or_default() += n;
+            let key = (table, rule, destination.to_owned(), verdict);
+            *totals.entry(key.clone()).or_default() += n;
+            *pending.entry(key).or_default() += n;
         }
+    }
+
+    /// Counts since the agent started, for metrics.
+    pub fn totals(&self) -> Vec<(AuditKey, u64)> {
+        let mut all: Vec<_> = self
+            .totals
+            .lock()
+            .expect("audit lock")
+            .clone()
+            .into_iter()
+            .collect();
+        all.sort_by(|a, b| {
+            a.0.0
+                .cmp(&b.0.0)
+                .then(a.0.1.cmp(&b.0.1))
+                .then(a.0.2.cmp(&b.0.2))
+        });
+        all
     }
 
     /// Flushes the counts every `every` until shutdown (and once more then).

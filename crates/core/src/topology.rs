@@ -47,6 +47,8 @@ pub struct Region {
     pub listen: String,
     /// Address peers dial to reach the agent; defaults to `listen`.
     pub connect: Option<String>,
+    /// Address of the agent's Prometheus endpoint (`GET /metrics`); none if unset.
+    pub metrics: Option<String>,
 }
 
 impl Region {

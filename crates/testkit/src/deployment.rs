@@ -34,6 +34,7 @@ pub struct Deployment {
     pub pools: Vec<PgPool>,
     agents: Vec<AgentProcess>,
     proxies: Vec<(String, TcpProxy)>,
+    metrics: Vec<String>,
     clusters: Vec<PgCluster>,
     pub config: PathBuf,
 }
@@ -64,12 +65,15 @@ impl Deployment {
             topology.push_str("policy = \"policy.toml\"\n\n");
         }
         let mut proxies = Vec::new();
+        let mut metrics = Vec::new();
         for (region, cluster) in spec.regions.iter().zip(&clusters) {
             let listen = format!("127.0.0.1:{}", free_port());
+            let metrics_addr = format!("127.0.0.1:{}", free_port());
             topology.push_str(&format!(
-                "[regions.{region}]\nstore = \"{}\"\nlisten = \"{listen}\"\n",
-                cluster.url("postgres")
+                "[regions.{region}]\nstore = \"{}\"\nlisten = \"{listen}\"\nmetrics = \"{metrics_addr}\"\n",
+                cluster.url("postgres"),
             ));
+            metrics.push(metrics_addr);
             if spec.proxied.contains(region) {
                 let proxy = TcpProxy::start(&listen).await?;
                 topology.push_str(&format!("connect = \"{}\"\n", proxy.addr()));
@@ -96,6 +100,7 @@ impl Deployment {
             pools,
             agents,
             proxies,
+            metrics,
             clusters,
             config,
         };
@@ -121,6 +126,25 @@ impl Deployment {
     pub fn agent(&mut self, region: &str) -> &mut AgentProcess {
         let i = self.index(region);
         &mut self.agents[i]
+    }
+
+    /// The text `region`'s agent serves at `GET /metrics`.
+    pub async fn metrics(&self, region: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut socket = tokio::net::TcpStream::connect(&self.metrics[self.index(region)]).await?;
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        socket.read_to_string(&mut response).await?;
+        anyhow::ensure!(
+            response.starts_with("HTTP/1.1 200"),
+            "metrics endpoint answered: {response}"
+        );
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default())
     }
 
     /// Everything `region`'s agent logged so far.
