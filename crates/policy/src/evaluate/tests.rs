@@ -166,6 +166,43 @@ fn a_row_may_always_go_home() {
 }
 
 #[test]
+fn global_tables_never_cross_and_are_refused_on_arrival() {
+    let rules = vec![rule(
+        "r",
+        &["na"],
+        &["eu"],
+        vec![],
+        &[("id", Action::Keep), ("home", Action::Keep)],
+    )];
+    let policy = Policy {
+        version: 1,
+        global: vec!["public.t".into()],
+        rules,
+    };
+    let e = Enforcer::new(policy, None, &[("public.t".into(), "home".into())]);
+    let change = tx(vec![ChangeKind::Insert {
+        new: vec![t("1"), t("na"), t("x"), t("y"), t("z")],
+    }]);
+    let (out, counts) = e.filter("na", "eu", &change);
+    assert!(out[0].changes.is_empty());
+    assert_eq!(
+        counts[&("public.t".into(), "-".into(), Verdict::Blocked)],
+        1
+    );
+    // not even a row going home
+    let home = tx(vec![ChangeKind::Insert {
+        new: vec![t("1"), t("eu"), t("x"), t("y"), t("z")],
+    }]);
+    assert!(e.filter("na", "eu", &home).0[0].changes.is_empty());
+    assert!(
+        e.check("na", "eu", &change)
+            .unwrap_err()
+            .0
+            .contains("global")
+    );
+}
+
+#[test]
 fn unnamed_columns_do_not_cross() {
     let e = enforcer(vec![rule(
         "r",
