@@ -91,7 +91,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            batch_max_changes: 2000,
+            batch_max_changes: 10_000,
             window: 8,
         }
     }
