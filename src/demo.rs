@@ -21,9 +21,36 @@ CREATE TABLE orders (
     tenant_id bigint NOT NULL,
     home_region text NOT NULL,
     amount numeric(12,2) NOT NULL,
-    items jsonb NOT NULL,
+    items jsonb,
     created_at timestamptz NOT NULL DEFAULT now()
 );";
+
+/// The demo's residency policy: tenants go everywhere; eu orders leave eu
+/// without their line items.
+const POLICY: &str = r#"
+version = 1
+
+[[rules]]
+name = "tenants-everywhere"
+table = "public.tenants"
+from = ["na", "eu", "apac"]
+to = ["na", "eu", "apac"]
+columns = { id = "keep", name = "keep", home_region = "keep" }
+
+[[rules]]
+name = "eu-orders-abroad"
+table = "public.orders"
+from = ["eu"]
+to = ["na", "apac"]
+columns = { id = "keep", tenant_id = "keep", home_region = "keep", amount = "keep", items = "null", created_at = "keep" }
+
+[[rules]]
+name = "orders-elsewhere"
+table = "public.orders"
+from = ["na", "apac"]
+to = ["na", "eu", "apac"]
+columns = { id = "keep", tenant_id = "keep", home_region = "keep", amount = "keep", items = "keep", created_at = "keep" }
+"#;
 
 pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
     let mut signal = crate::shutdown_on_signal();
@@ -49,13 +76,16 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
             meridian_testkit::free_port()
         ));
     }
+    topology.insert_str(0, "policy = \"residency.toml\"\n\n");
     topology.push_str(
         "[[tables]]\nname = \"public.tenants\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n\n\
          [[tables]]\nname = \"public.orders\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n",
     );
     let config = clusters[0].dir().join("topology.toml");
     std::fs::write(&config, &topology)?;
+    std::fs::write(clusters[0].dir().join("residency.toml"), POLICY)?;
     println!("topology: {}\n{topology}", config.display());
+    println!("residency policy:{POLICY}");
 
     let topology = meridian_agent::load_topology(&config)?;
     let agents: Vec<_> = REGIONS
@@ -128,6 +158,22 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
             }
         }
         println!("{line}");
+        if REGIONS[home] == "eu" {
+            let mut seen = Vec::new();
+            for (region, pool) in REGIONS.iter().zip(&pools) {
+                let items: Option<String> =
+                    sqlx::query_scalar("SELECT items::text FROM orders WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(pool)
+                        .await?
+                        .flatten();
+                seen.push(format!(
+                    "{region}: items = {}",
+                    items.as_deref().unwrap_or("NULL")
+                ));
+            }
+            println!("          residency: {}", seen.join(" | "));
+        }
     }
     print_counts(&pools).await?;
     println!("stopping agents and removing the temporary clusters...");

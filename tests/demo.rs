@@ -16,6 +16,16 @@ fn the_demo_replicates_between_three_regions_and_cleans_up() {
         "{stdout}"
     );
     assert!(!stdout.contains("NOT visible"), "{stdout}");
+    // eu orders reach the other regions without their line items
+    let residency = stdout
+        .lines()
+        .find(|l| l.contains("residency:"))
+        .expect("an eu order was written");
+    assert!(residency.contains("eu: items = [{"), "{residency}");
+    assert!(
+        residency.contains("na: items = NULL") && residency.contains("apac: items = NULL"),
+        "{residency}"
+    );
     // every region ends with every tenant: 2 homed in each
     let tenant_cells = stdout
         .lines()
