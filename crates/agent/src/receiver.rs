@@ -218,8 +218,18 @@ async fn apply_stream(
                 apply_batch(applier, source, &transactions).await?
             }
             Err(e) => {
-                let reason = format!("undecodable batch: {e}");
-                dead_letter(applier, source, Lsn(batch.end_lsn), reason, &batch.payload).await?
+                // bytes that cannot be decoded cannot be checked against the
+                // residency policy either: under a policy they are not kept
+                let (reason, payload) = match residency::current(&me.policy) {
+                    Some(_) => (
+                        format!(
+                            "undecodable batch: {e}; payload not kept (it cannot be checked against the residency policy)"
+                        ),
+                        &[][..],
+                    ),
+                    None => (format!("undecodable batch: {e}"), &batch.payload[..]),
+                };
+                dead_letter(applier, source, Lsn(batch.end_lsn), reason, payload).await?
             }
         };
         watermark = watermark.max(applied);
