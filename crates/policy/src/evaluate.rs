@@ -65,6 +65,9 @@ impl fmt::Display for Violation {
     }
 }
 
+/// The table each (rule, source table) pair projects to, built once per filtering.
+type Projections = HashMap<(*const Rule, *const Table), Arc<Table>>;
+
 /// Audit counts of one filtering: (table, rule name or "-", verdict) -> changes.
 pub type Counts = HashMap<(String, String, Verdict), u64>;
 
@@ -164,8 +167,10 @@ impl Enforcer {
         destination: &str,
         transactions: &[Transaction],
     ) -> (Vec<Transaction>, Counts) {
-        let mut counts = Counts::new();
-        let mut projections: HashMap<(usize, *const Table), Arc<Table>> = HashMap::new();
+        // counted by table identity while filtering, named once at the end
+        let mut tally: HashMap<(*const Table, Option<&str>, Verdict), (&Table, u64)> =
+            HashMap::new();
+        let mut projections = Projections::new();
         let out = transactions
             .iter()
             .map(|t| {
@@ -173,18 +178,25 @@ impl Enforcer {
                 for change in &t.changes {
                     let (sent, verdict, rule) =
                         self.filter_change(source, destination, change, &mut projections);
-                    let table = format!("{}.{}", change.table.schema, change.table.name);
-                    *counts
-                        .entry((table, rule.unwrap_or("-").to_owned(), verdict))
-                        .or_default() += 1;
+                    let key = (Arc::as_ptr(&change.table), rule, verdict);
+                    tally.entry(key).or_insert((&change.table, 0)).1 += 1;
                     changes.extend(sent);
                 }
                 Transaction {
+                    commit_lsn: t.commit_lsn,
+                    end_lsn: t.end_lsn,
+                    commit_time: t.commit_time,
                     changes,
-                    ..t.clone()
                 }
             })
             .collect();
+        let mut counts = Counts::new();
+        for ((_, rule, verdict), (table, n)) in tally {
+            let name = format!("{}.{}", table.schema, table.name);
+            *counts
+                .entry((name, rule.unwrap_or("-").to_owned(), verdict))
+                .or_default() += n;
+        }
         (out, counts)
     }
 
@@ -193,21 +205,15 @@ impl Enforcer {
         source: &str,
         destination: &str,
         change: &Change,
-        projections: &mut HashMap<(usize, *const Table), Arc<Table>>,
+        projections: &mut Projections,
     ) -> (Option<Change>, Verdict, Option<&'a str>) {
         let table = &change.table;
         if self.is_global(table) {
             return (None, Verdict::Blocked, None);
         }
         let mut project = |rule: &Rule| -> Arc<Table> {
-            let idx = self
-                .policy
-                .rules
-                .iter()
-                .position(|r| std::ptr::eq(r, rule))
-                .unwrap_or(0);
             projections
-                .entry((idx, Arc::as_ptr(table)))
+                .entry((rule as *const Rule, Arc::as_ptr(table)))
                 .or_insert_with(|| Arc::new(projected(table, rule)))
                 .clone()
         };
@@ -448,20 +454,23 @@ impl Enforcer {
     ) -> Result<(), Violation> {
         for change in transactions.iter().flat_map(|t| &t.changes) {
             let table = &change.table;
-            let name = format!("{}.{}", table.schema, table.name);
+            let name = || format!("{}.{}", table.schema, table.name);
             if self.is_global(table) {
                 return Err(Violation(format!(
-                    "{name} is global and never replicated by agents"
+                    "{} is global and never replicated by agents",
+                    name()
                 )));
             }
             let Some((_, rules)) = self.entry(table) else {
-                return Err(Violation(format!("{name} is not a replicated table here")));
+                return Err(Violation(format!(
+                    "{} is not a replicated table here",
+                    name()
+                )));
             };
-            let rules: Vec<&Rule> = rules
+            let mut rules = rules
                 .iter()
                 .map(|&i| &self.policy.rules[i])
-                .filter(|r| r.to.iter().any(|t| t == me))
-                .collect();
+                .filter(|r| r.to.iter().any(|t| t == me));
             let (row, key_only) = match &change.kind {
                 ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => (new, false),
                 ChangeKind::Delete { old } => (old, true),
@@ -469,7 +478,7 @@ impl Enforcer {
             if self.home_of(table, row) == Some(me) {
                 continue; // a row may always come home
             }
-            let allowed = rules.iter().any(|rule| {
+            let allowed = rules.any(|rule| {
                 let fits =
                     |row: &Row, key_only: bool| {
                         table.columns.iter().zip(row).all(|(c, v)| {
@@ -480,7 +489,7 @@ impl Enforcer {
                                 Some(Action::Null) => *v == Value::Null,
                                 Some(Action::Redact(t)) => {
                                     matches!(v, Value::Null | Value::Unchanged)
-                                        || *v == Value::Text(t.clone())
+                                        || matches!(v, Value::Text(s) if s == t)
                                 }
                                 Some(Action::Hash) => match v {
                                     Value::Text(h) => {
@@ -501,7 +510,8 @@ impl Enforcer {
             });
             if !allowed {
                 return Err(Violation(format!(
-                    "a change to {name} from {source} is not allowed to reach {me} in the form it arrived (columns: {}); nothing of the batch was applied",
+                    "a change to {} from {source} is not allowed to reach {me} in the form it arrived (columns: {}); nothing of the batch was applied",
+                    name(),
                     table
                         .columns
                         .iter()
