@@ -12,10 +12,32 @@ pub use deployment::{Deployment, Spec};
 pub use postgres::PgCluster;
 pub use proxy::TcpProxy;
 
-/// A TCP port that was free a moment ago on 127.0.0.1.
+/// A TCP port on 127.0.0.1 that was free a moment ago and that this process
+/// has not handed out before.
+///
+/// Ports come from 20000..32000, below Linux's default ephemeral range
+/// (32768..60999), so the kernel does not give them to outgoing connections
+/// between the check and the moment a server binds them. Tests run in
+/// parallel; a collision is still possible, so servers retry on
+/// "address in use" (see [`PgCluster`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let seed = RandomState::new();
+    for attempt in 0u64..10_000 {
+        let port = 20_000 + (seed.hash_one((std::process::id(), attempt)) % 12_000) as u16;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        let given = given.get_or_insert_with(HashSet::new);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 in 20000..32000")
 }

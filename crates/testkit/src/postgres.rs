@@ -72,7 +72,7 @@ impl PgCluster {
         let dir =
             std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
-        let cluster = PgCluster {
+        let mut cluster = PgCluster {
             dir,
             bindir,
             port: crate::free_port(),
@@ -123,19 +123,39 @@ impl PgCluster {
         text.push('\n');
         std::fs::write(&conf_path, text)?;
         let log = cluster.dir.join("server.log");
-        cluster.run(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        )?;
+        for attempt in 1.. {
+            let started = cluster.run(
+                "pg_ctl",
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+            );
+            let Err(e) = started else { break };
+            let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+            if attempt < 5 && server_log.contains("could not bind") {
+                // Another test took the port between the check and the bind:
+                // take a new one (a later `port` line wins).
+                cluster.port = crate::free_port();
+                let mut text = std::fs::read_to_string(&conf_path)?;
+                text.push_str(&format!("port = {}\n", cluster.port));
+                std::fs::write(&conf_path, text)?;
+                continue;
+            }
+            let tail: Vec<&str> = server_log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(e.context(format!(
+                "server log {}:\n{}",
+                log.display(),
+                tail.join("\n")
+            )));
+        }
         Ok(cluster)
     }
 
