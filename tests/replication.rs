@@ -88,6 +88,7 @@ async fn every_type_replicates_between_three_regions() -> anyhow::Result<()> {
             extra_topology: "",
             policy: None,
             agent_env: &[],
+            global_schema: None,
         },
     )
     .await?;
@@ -127,6 +128,7 @@ async fn toasted_values_survive_updates_of_other_columns() -> anyhow::Result<()>
             extra_topology: "",
             policy: None,
             agent_env: &[],
+            global_schema: None,
         },
     )
     .await?;
@@ -235,6 +237,7 @@ async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice() -> anyhow
             extra_topology: "[replication]\nbatch_max_changes = 500\nwindow = 4\n",
             policy: None,
             agent_env: &[],
+            global_schema: None,
         },
     )
     .await?;
@@ -306,6 +309,7 @@ async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
             extra_topology: "",
             policy: None,
             agent_env: &[],
+            global_schema: None,
         },
     )
     .await?;
@@ -354,6 +358,7 @@ async fn a_dropped_link_reconnects_and_resumes_without_a_gap() -> anyhow::Result
             extra_topology: "[replication]\nbatch_max_changes = 200\nwindow = 2\n",
             policy: None,
             agent_env: &[],
+            global_schema: None,
         },
     )
     .await?;

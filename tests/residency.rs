@@ -79,6 +79,7 @@ async fn start() -> anyhow::Result<Deployment> {
             extra_topology: "",
             policy: Some(POLICY),
             agent_env: &[("MERIDIAN_POLICY_HASH_KEY", "test-only-key")],
+            global_schema: None,
         },
     )
     .await

@@ -9,6 +9,8 @@
 //! - [`run`] wires both for one region and runs until shutdown.
 
 pub mod admin;
+pub mod guards;
+pub mod heartbeat;
 pub mod link;
 pub mod metrics;
 pub mod receiver;
@@ -31,15 +33,7 @@ pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
 /// Reads a topology file and applies environment overrides.
 pub fn load_topology(path: &Path) -> anyhow::Result<Topology> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read topology file {}", path.display()))?;
-    let mut topology = Topology::parse(&text, &path.display().to_string())?;
-    topology.override_stores(|k| std::env::var(k).ok());
-    if let Some(policy) = &topology.policy {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        topology.policy = Some(dir.join(policy).display().to_string());
-    }
-    Ok(topology)
+    Ok(Topology::load(path)?)
 }
 
 /// Runs `region`'s agent until `shutdown` turns true: prepares the store
@@ -86,6 +80,17 @@ pub async fn run(
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
     }
+    let global_tables = residency::current(&policy)
+        .map(|p| p.policy().global.clone())
+        .unwrap_or_default();
+    guards::install(&pool, &topology.tables, &global_tables)
+        .await
+        .with_context(|| format!("attaching routed-write guards in region {region}'s store"))?;
+    let heartbeats = tokio::spawn(heartbeat::run(
+        pool.clone(),
+        std::time::Duration::from_millis(topology.replication.heartbeat_ms),
+        shutdown.clone(),
+    ));
     let audit = std::sync::Arc::new(residency::Audit::default());
     let audit_task = tokio::spawn(audit.clone().run(
         pool.clone(),
@@ -162,6 +167,7 @@ pub async fn run(
         let _ = l.await;
     }
     let _ = audit_task.await;
+    let _ = heartbeats.await;
     pool.close().await;
     server.await?.context("gRPC server failed")?;
     tracing::info!(region, "agent stopped");

@@ -109,7 +109,7 @@ impl ReplicationStream {
         };
         stream.login(&info).await?;
         let command = format!(
-            "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '1', publication_names '\"{publication}\"')"
+            "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '1', publication_names '\"{publication}\"', messages 'true')"
         );
         let mut buf = BytesMut::new();
         frontend::query(&command, &mut buf)?;

@@ -165,7 +165,8 @@ impl Decoder {
                 self.push(table, ChangeKind::Delete { old })?;
             }
             b'T' => {} // truncate is not published (publish = 'insert, update, delete')
-            b'M' => {} // logical decoding message: not requested
+            // logical decoding message (heartbeats): its transaction still commits, empty
+            b'M' => {}
             b'C' => {
                 let _flags = r.u8("commit flags")?;
                 let commit_lsn = Lsn(r.u64("commit lsn")?);

@@ -11,6 +11,9 @@
 //! name = "public.orders"
 //! primary_key = ["id"]
 //! home_column = "region"
+//!
+//! [global]                                       # optional: the multi-region database
+//! store = "postgres://meridian@global-db:26257/app"  # or MERIDIAN_GLOBAL_STORE
 //! ```
 //!
 //! Unknown keys are errors, so a typo never silently falls back to a default.
@@ -35,6 +38,18 @@ pub struct Topology {
     /// Residency policy file, relative to the topology file. Without one,
     /// every replicated row crosses to every peer.
     pub policy: Option<String>,
+    /// The managed multi-region database (PostgreSQL wire protocol) that holds
+    /// tenant placements and globally consistent tables. Agents never use it;
+    /// the client library and `meridian placement` do.
+    pub global: Option<Global>,
+}
+
+/// The multi-region database.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Global {
+    /// Its connection URL.
+    pub store: Dsn,
 }
 
 /// One region: its store and its agent.
@@ -86,6 +101,11 @@ pub struct Tuning {
     pub batch_max_changes: usize,
     /// Most batches in flight (sent, not yet acknowledged) per link.
     pub window: usize,
+    /// Interval of the heartbeat each agent writes into its own store's WAL,
+    /// in milliseconds. Heartbeats move every peer's watermark even when the
+    /// store is idle: lag stays measurable, commit tokens resolve, and idle
+    /// slots release WAL.
+    pub heartbeat_ms: u64,
 }
 
 impl Default for Tuning {
@@ -93,7 +113,20 @@ impl Default for Tuning {
         Tuning {
             batch_max_changes: 10_000,
             window: 8,
+            heartbeat_ms: 1_000,
         }
+    }
+}
+
+fn check_url(key: &str, store: &Dsn) -> Result<(), String> {
+    let url = store.expose();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key}: found {:?}; expected a URL like postgres://user@host:5432/db",
+            store.to_string()
+        ))
     }
 }
 
@@ -168,13 +201,7 @@ impl Topology {
                     "regions.{name}: region names must be lowercase letters, digits and '_' (they name slots and origins)"
                 )));
             }
-            let store = region.store.expose();
-            if !(store.starts_with("postgres://") || store.starts_with("postgresql://")) {
-                return Err(err(format!(
-                    "regions.{name}.store: found {:?}; expected a URL like postgres://user@host:5432/db",
-                    region.store.to_string()
-                )));
-            }
+            check_url(&format!("regions.{name}.store"), &region.store).map_err(err)?;
             for (key, addr) in [
                 ("listen", Some(&region.listen)),
                 ("connect", region.connect.as_ref()),
@@ -216,21 +243,49 @@ impl Topology {
                 )));
             }
         }
-        if topology.replication.batch_max_changes == 0 || topology.replication.window == 0 {
+        if topology.replication.batch_max_changes == 0
+            || topology.replication.window == 0
+            || topology.replication.heartbeat_ms == 0
+        {
             return Err(err(
-                "replication: batch_max_changes and window must be at least 1".to_owned(),
+                "replication: batch_max_changes, window and heartbeat_ms must be at least 1"
+                    .to_owned(),
             ));
+        }
+        if let Some(global) = &topology.global {
+            check_url("global.store", &global.store).map_err(err)?;
         }
         Ok(topology)
     }
 
-    /// Applies `MERIDIAN_<REGION>_STORE` overrides (for secrets kept out of the
-    /// file). `lookup` reads the environment.
+    /// Reads and parses a topology file, applies the environment's store
+    /// overrides ([`Topology::override_stores`]) and resolves the policy path
+    /// against the file's folder. The one function of this crate that does I/O.
+    pub fn load(path: &std::path::Path) -> Result<Topology, TopologyError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            file: file.clone(),
+            message: format!("cannot read the topology file: {e}"),
+        })?;
+        let mut topology = Topology::parse(&text, &file)?;
+        topology.override_stores(|k| std::env::var(k).ok());
+        if let Some(policy) = &topology.policy {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            topology.policy = Some(dir.join(policy).display().to_string());
+        }
+        Ok(topology)
+    }
+
+    /// Applies `MERIDIAN_<REGION>_STORE` and `MERIDIAN_GLOBAL_STORE` overrides
+    /// (for secrets kept out of the file). `lookup` reads the environment.
     pub fn override_stores(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         for (name, region) in &mut self.regions {
             if let Some(url) = lookup(&format!("MERIDIAN_{}_STORE", name.to_uppercase())) {
                 region.store = Dsn(url);
             }
+        }
+        if let Some(url) = lookup("MERIDIAN_GLOBAL_STORE") {
+            self.global = Some(Global { store: Dsn(url) });
         }
     }
 

@@ -165,12 +165,19 @@ impl Policy {
         let known_table = |name: &str| context.tables.iter().find(|(t, _, _)| t == name);
         let mut global = Vec::new();
         for g in &raw.global {
-            if known_table(g.get_ref()).is_none() && !context.tables.is_empty() {
+            let name = g.get_ref();
+            if name.split('.').count() != 2 || name.split('.').any(str::is_empty) {
+                problems.push(at(
+                    g.span().start,
+                    format!("global table {name:?}: expected schema.table, like public.plans"),
+                ));
+            } else if known_table(name).is_some() {
                 problems.push(at(
                     g.span().start,
                     format!(
-                        "global table {:?} is not a replicated table of the topology",
-                        g.get_ref()
+                        "global table {name:?} is also a replicated table of the topology; \
+                         global tables live in the multi-region database: remove it from the \
+                         topology's [[tables]] or from `global`"
                     ),
                 ));
             }
@@ -398,11 +405,7 @@ mod tests {
         let table = |t: &str| (t.to_owned(), vec!["id".to_owned()], "region".to_owned());
         (
             vec!["na".into(), "eu".into(), "apac".into()],
-            vec![
-                table("public.orders"),
-                table("public.customers"),
-                table("public.plans"),
-            ],
+            vec![table("public.orders"), table("public.customers")],
         )
     }
 
@@ -495,6 +498,17 @@ columns = { id = "keep", region = "keep", email = "hash", note = "null", name = 
             (
                 GOOD.replace(r#"region = "keep""#, r#"region = "hash""#),
                 "home column region must be `keep`",
+            ),
+            (
+                GOOD.replace(
+                    r#"global = ["public.plans"]"#,
+                    r#"global = ["public.orders"]"#,
+                ),
+                "also a replicated table",
+            ),
+            (
+                GOOD.replace(r#"global = ["public.plans"]"#, r#"global = ["plans"]"#),
+                "expected schema.table",
             ),
         ];
         for (text, expected) in cases {

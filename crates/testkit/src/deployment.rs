@@ -26,6 +26,9 @@ pub struct Spec<'a> {
     pub policy: Option<&'a str>,
     /// Environment for the agents (secrets such as the policy hash key).
     pub agent_env: &'a [(&'a str, &'a str)],
+    /// With `Some(schema)`, one more cluster plays the multi-region database
+    /// (`[global]` in the topology), with this schema applied.
+    pub global_schema: Option<&'a str>,
 }
 
 /// A running deployment. Dropping it kills the agents and removes the clusters.
@@ -36,6 +39,7 @@ pub struct Deployment {
     proxies: Vec<(String, TcpProxy)>,
     metrics: Vec<String>,
     clusters: Vec<PgCluster>,
+    global: Option<(PgCluster, PgPool)>,
     pub config: PathBuf,
 }
 
@@ -60,6 +64,21 @@ impl Deployment {
             pools.push(pool);
         }
         let mut topology = String::new();
+        let global = match spec.global_schema {
+            Some(schema) => {
+                let cluster = PgCluster::start()?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect(&cluster.url("postgres"))
+                    .await?;
+                sqlx::raw_sql(schema)
+                    .execute(&pool)
+                    .await
+                    .context("applying the global schema")?;
+                Some((cluster, pool))
+            }
+            None => None,
+        };
         if let Some(policy) = spec.policy {
             std::fs::write(clusters[0].dir().join("policy.toml"), policy)?;
             topology.push_str("policy = \"policy.toml\"\n\n");
@@ -87,6 +106,12 @@ impl Deployment {
             ));
         }
         topology.push_str(spec.extra_topology);
+        if let Some((cluster, _)) = &global {
+            topology.push_str(&format!(
+                "\n[global]\nstore = \"{}\"\n",
+                cluster.url("postgres")
+            ));
+        }
         let config = clusters[0].dir().join("topology.toml");
         std::fs::write(&config, topology)?;
         let log_dir = clusters[0].dir().to_owned();
@@ -102,6 +127,7 @@ impl Deployment {
             proxies,
             metrics,
             clusters,
+            global,
             config,
         };
         for i in 0..deployment.regions.len() {
@@ -120,6 +146,15 @@ impl Deployment {
     /// The store of `region`.
     pub fn pool(&self, region: &str) -> &PgPool {
         &self.pools[self.index(region)]
+    }
+
+    /// The multi-region database (with [`Spec::global_schema`]).
+    pub fn global_pool(&self) -> &PgPool {
+        &self
+            .global
+            .as_ref()
+            .expect("deployment has a global database")
+            .1
     }
 
     /// The agent of `region`.

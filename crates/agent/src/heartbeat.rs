@@ -1,0 +1,45 @@
+//! Heartbeats: at a fixed interval the agent writes a transactional logical
+//! decoding message (prefix [`PREFIX`], no content) into its own store's WAL.
+//!
+//! Each heartbeat reaches every peer as an empty transaction, so every peer's
+//! watermark for this region moves even when nothing else is written: lag is
+//! measured end to end on idle stores, commit tokens resolve, and the slots
+//! are confirmed forward, so an idle store keeps no WAL back.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+/// Prefix of the heartbeat messages (`pg_logical_emit_message`).
+pub const PREFIX: &str = "meridian.heartbeat";
+
+/// Writes a heartbeat every `every` until shutdown. A failed write is logged
+/// and retried at the next tick; it never stops the agent.
+pub async fn run(pool: PgPool, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let written = sqlx::query("SELECT pg_logical_emit_message(true, $1, '')")
+            .bind(PREFIX)
+            .execute(&pool)
+            .await;
+        match written {
+            Ok(_) if failing => {
+                tracing::info!("heartbeats written again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot write a heartbeat; lag will read high until the store answers");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
