@@ -1,6 +1,7 @@
 //! `meridian`: the command line of the Meridian replication service.
 
 mod demo;
+mod placement;
 mod policy;
 
 use std::path::PathBuf;
@@ -41,6 +42,39 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Tenants' home regions, kept in the multi-region database (`[global]`).
+    Placement {
+        #[command(subcommand)]
+        command: PlacementCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlacementCommand {
+    /// Make REGION the tenant's home: a new epoch in the global database, then
+    /// pushed to every region's store (the old home first). Exits non-zero if
+    /// a region could not be told; rerun to repair. Existing rows do not move.
+    Set {
+        #[arg(long)]
+        config: PathBuf,
+        tenant: String,
+        region: String,
+    },
+    /// Print a tenant's home region and epoch.
+    Get {
+        #[arg(long)]
+        config: PathBuf,
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every placement.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -147,6 +181,19 @@ fn run() -> anyhow::Result<()> {
                         to,
                     },
             } => policy::explain(&file, &config, &table, &row, &from, &to),
+            Command::Placement { command } => match command {
+                PlacementCommand::Set {
+                    config,
+                    tenant,
+                    region,
+                } => placement::set(&config, &tenant, &region).await,
+                PlacementCommand::Get {
+                    config,
+                    tenant,
+                    json,
+                } => placement::get(&config, &tenant, json).await,
+                PlacementCommand::List { config, json } => placement::list(&config, json).await,
+            },
         }
     })
 }

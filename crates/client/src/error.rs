@@ -1,0 +1,169 @@
+//! The client's errors. Each says what happened and what to do.
+
+use std::time::Duration;
+
+use meridian_core::Lsn;
+
+/// What went wrong. Database errors that carry a meaning for routing are
+/// turned into their own variants; everything else stays [`Error::Database`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The topology or policy could not be read.
+    #[error("{0}")]
+    Config(String),
+    #[error("unknown region {region:?}; the topology defines {known}")]
+    UnknownRegion { region: String, known: String },
+    #[error(
+        "the topology has no [global] database; add `[global] store = \"postgres://...\"` \
+         (or set MERIDIAN_GLOBAL_STORE) to use placements and the global path"
+    )]
+    NoGlobalDatabase,
+    #[error(
+        "tenant {tenant:?} has no placement; create one with \
+         `meridian placement set --config FILE {tenant} REGION`"
+    )]
+    NoPlacement { tenant: String },
+    /// The home store does not know the tenant (a placement push failed).
+    #[error(
+        "region {region} has not been told tenant {tenant:?}'s placement; rerun \
+         `meridian placement set --config FILE {tenant} REGION` to push it"
+    )]
+    PlacementNotPushed { tenant: String, region: String },
+    /// The placement changed again while this write was being routed.
+    #[error("tenant {tenant:?} is moving between regions; retry the write")]
+    PlacementMoving { tenant: String },
+    /// A routed write touched a row of another home region.
+    #[error("write refused: {detail}")]
+    WrongHome {
+        tenant: String,
+        tenant_home: String,
+        /// The store's words: table, the row's home, the tenant's home.
+        detail: String,
+    },
+    /// A routed write touched a global table.
+    #[error(
+        "write refused: {table} is a global table (it lives in the multi-region database); \
+         write it with client.global().transaction(...)"
+    )]
+    GlobalTable { table: String },
+    /// A read waited for a commit token's position and gave up.
+    #[error(
+        "not yet replicated: region {region} has applied {source_region} up to {applied}, \
+         the token needs {wanted}; gave up after {waited:?} (the link {source_region} -> \
+         {region} may be down or lagging; `meridian status` shows it)"
+    )]
+    NotYetReplicated {
+        region: String,
+        source_region: String,
+        wanted: Lsn,
+        applied: Lsn,
+        waited: Duration,
+    },
+    /// The global path kept failing with serialization errors.
+    #[error("global transaction failed {attempts} times with serialization errors; last: {last}")]
+    RetriesExhausted { attempts: u32, last: sqlx::Error },
+    #[error("bad commit token {token:?}: {problem}")]
+    BadToken { token: String, problem: String },
+    /// The caller's closure gave up for its own reasons.
+    #[error("{0}")]
+    Aborted(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// Wraps an application error, to abort a transaction from a closure.
+    pub fn aborted(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::Aborted(error.into())
+    }
+
+    /// The SQLSTATE of a database error.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Error::Database(e) => sqlstate(e),
+            Error::RetriesExhausted { last, .. } => sqlstate(last),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Turns a store error inside a routed write into what it means.
+pub(crate) fn routed(error: Error, tenant: &str, home: &str, global: &[String]) -> Error {
+    let Error::Database(sqlx::Error::Database(db)) = &error else {
+        return error;
+    };
+    let message = db.message();
+    match db.code().as_deref() {
+        Some("MR001") => Error::WrongHome {
+            tenant: tenant.to_owned(),
+            tenant_home: home.to_owned(),
+            detail: message.to_owned(),
+        },
+        Some("MR002") => Error::GlobalTable {
+            table: message
+                .split_once(" is a global table")
+                .map_or(message, |(t, _)| t)
+                .replace('"', ""),
+        },
+        Some("MR004") => Error::PlacementNotPushed {
+            tenant: tenant.to_owned(),
+            region: home.to_owned(),
+        },
+        // relation "x" does not exist: a global table has no copy here
+        Some("42P01") => match undefined_relation(message).and_then(|r| global_match(r, global)) {
+            Some(table) => Error::GlobalTable { table },
+            None => error,
+        },
+        _ => error,
+    }
+}
+
+fn undefined_relation(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("relation \"")?;
+    rest.split_once('"').map(|(name, _)| name)
+}
+
+/// The global table `relation` names, given as `table` or `schema.table`.
+fn global_match(relation: &str, global: &[String]) -> Option<String> {
+    global
+        .iter()
+        .find(|g| {
+            *g == relation
+                || g.split_once('.')
+                    .is_some_and(|(schema, table)| table == relation && schema == "public")
+        })
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_global_tables_from_unknown_relation_messages() {
+        let global = vec!["public.plans".to_owned(), "billing.rates".to_owned()];
+        let relation = undefined_relation(r#"relation "plans" does not exist"#).unwrap();
+        assert_eq!(
+            global_match(relation, &global).as_deref(),
+            Some("public.plans")
+        );
+        assert_eq!(
+            global_match("billing.rates", &global).as_deref(),
+            Some("billing.rates")
+        );
+        assert_eq!(
+            global_match("rates", &global),
+            None,
+            "rates is not on the search path"
+        );
+        assert_eq!(global_match("orders", &global), None);
+        assert_eq!(undefined_relation("syntax error"), None);
+    }
+}
