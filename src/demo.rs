@@ -17,7 +17,7 @@ CREATE TABLE tenants (
     home_region text NOT NULL
 );
 CREATE TABLE orders (
-    id bigint PRIMARY KEY,
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     tenant_id bigint NOT NULL,
     home_region text NOT NULL,
     amount numeric(12,2) NOT NULL,
@@ -25,10 +25,16 @@ CREATE TABLE orders (
     created_at timestamptz NOT NULL DEFAULT now()
 );";
 
+/// The multi-region database's schema: globally consistent data.
+pub(crate) const GLOBAL_SCHEMA: &str = "
+CREATE TABLE plans (name text PRIMARY KEY, price numeric(10,2) NOT NULL);
+INSERT INTO plans VALUES ('starter', 9), ('pro', 49), ('enterprise', 499);";
+
 /// The demo's residency policy: tenants go everywhere; eu orders leave eu
-/// without their line items.
+/// without their line items; plans are global (never replicated by agents).
 const POLICY: &str = r#"
 version = 1
+global = ["public.plans"]
 
 [[rules]]
 name = "tenants-everywhere"
@@ -55,15 +61,17 @@ columns = { id = "keep", tenant_id = "keep", home_region = "keep", amount = "kee
 pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
     let mut signal = crate::shutdown_on_signal();
     let (stop_agents, agents_shutdown) = tokio::sync::watch::channel(false);
-    println!("starting three PostgreSQL clusters (wal_level=logical)...");
-    let clusters: Vec<PgCluster> = REGIONS
-        .iter()
+    println!(
+        "starting four PostgreSQL clusters: na, eu, apac (wal_level=logical) and the multi-region database..."
+    );
+    let clusters: Vec<PgCluster> = (0..REGIONS.len() + 1)
         .map(|_| PgCluster::start())
         .collect::<anyhow::Result<_>>()
         .context("the demo needs PostgreSQL server binaries")?;
+    let (global, clusters) = clusters.split_last().expect("four clusters");
     let mut pools = Vec::new();
-    let mut topology = String::new();
-    for (region, cluster) in REGIONS.iter().zip(&clusters) {
+    let mut topology = String::from("policy = \"residency.toml\"\n\n");
+    for (region, cluster) in REGIONS.iter().zip(clusters) {
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .connect(&cluster.url("postgres"))
@@ -76,7 +84,15 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
             meridian_testkit::free_port()
         ));
     }
-    topology.insert_str(0, "policy = \"residency.toml\"\n\n");
+    let global_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&global.url("postgres"))
+        .await?;
+    sqlx::raw_sql(GLOBAL_SCHEMA).execute(&global_pool).await?;
+    topology.push_str(&format!(
+        "[global]\nstore = \"{}\"\n\n",
+        global.url("postgres")
+    ));
     topology.push_str(
         "[[tables]]\nname = \"public.tenants\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n\n\
          [[tables]]\nname = \"public.orders\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n",
@@ -98,27 +114,72 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
             ))
         })
         .collect();
-
     for pool in &pools {
         wait_for_slots(pool, REGIONS.len() - 1).await?;
     }
+
+    // the application's side: a service in na, writing through the client library
+    let client = meridian_client::Client::open(&config, "na")?;
     let started = Instant::now();
-    let mut next_id = 1i64;
-    println!("writing tenants in each region...");
-    for (i, region) in REGIONS.iter().enumerate() {
+    println!(
+        "placing tenants in the multi-region database and writing them in their home regions..."
+    );
+    let mut tenants = Vec::new();
+    for region in REGIONS {
         for name in ["acme", "globex"] {
-            sqlx::query("INSERT INTO tenants VALUES ($1, $2, $3)")
-                .bind(next_id)
-                .bind(format!("{name}-{region}"))
-                .bind(region)
-                .execute(&pools[i])
+            let id = tenants.len() as i64 + 1;
+            let tenant = format!("{name}-{region}");
+            let change = client.placements().set(&tenant, region).await?;
+            anyhow::ensure!(
+                change.complete(),
+                "placement of {tenant} not pushed: {change:?}"
+            );
+            let row = tenant.clone();
+            client
+                .tenant(&tenant)
+                .write(move |tx| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO tenants VALUES ($1, $2, $3)")
+                            .bind(id)
+                            .bind(row)
+                            .bind(region)
+                            .execute(&mut **tx)
+                            .await?;
+                        Ok(())
+                    })
+                })
                 .await?;
-            next_id += 1;
+            tenants.push((id, tenant, region));
         }
     }
-    wait_visible(&pools, "tenants", next_id - 1, Duration::from_secs(30)).await?;
+    wait_visible(
+        &pools,
+        "tenants",
+        tenants.len() as i64,
+        Duration::from_secs(30),
+    )
+    .await?;
     print_counts(&pools).await?;
-    println!("\nwriting one order a second in a rotating region; Ctrl-C to stop\n");
+
+    let price: String = client
+        .global()
+        .transaction(|tx| {
+            Box::pin(async move {
+                Ok(sqlx::query_scalar(
+                    "UPDATE plans SET price = round(price * 1.1, 2) WHERE name = 'pro' RETURNING price::text",
+                )
+                .fetch_one(&mut **tx)
+                .await?)
+            })
+        })
+        .await?;
+    println!(
+        "\nglobal path: plan 'pro' now costs {price} (SERIALIZABLE on the multi-region database)"
+    );
+
+    println!(
+        "\nwriting one order a second for a tenant of a rotating region, from the service in na; Ctrl-C to stop\n"
+    );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0usize;
     loop {
@@ -129,27 +190,37 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
         if duration.is_some_and(|d| started.elapsed() >= Duration::from_secs(d)) {
             break;
         }
-        let home = n % REGIONS.len();
+        let (tenant_id, tenant, home) = tenants[(n * 2) % tenants.len()].clone();
         n += 1;
-        let id = next_id;
-        next_id += 1;
         let written = Instant::now();
-        sqlx::query(
-            "INSERT INTO orders (id, tenant_id, home_region, amount, items) VALUES ($1, $2, $3, $4::numeric, $5::jsonb)",
-        )
-        .bind(id)
-        .bind(1 + 2 * home as i64)
-        .bind(REGIONS[home])
-        .bind(format!("{}.{:02}", 10 + n, n % 100))
-        .bind(format!(r#"[{{"sku": "demo-{n}", "qty": {}}}]"#, 1 + n % 3))
-        .execute(&pools[home])
-        .await?;
-        let mut line = format!("order {id:>3} written in {:<4}", REGIONS[home]);
-        for (i, region) in REGIONS.iter().enumerate() {
-            if i == home {
+        let (amount, items) = (
+            format!("{}.{:02}", 10 + n, n % 100),
+            format!(r#"[{{"sku": "demo-{n}", "qty": {}}}]"#, 1 + n % 3),
+        );
+        let committed = client
+            .tenant(&tenant)
+            .write(move |tx| {
+                Box::pin(async move {
+                    Ok(sqlx::query_scalar(
+                        "INSERT INTO orders (tenant_id, home_region, amount, items) \
+                         VALUES ($1, $2, $3::numeric, $4::jsonb) RETURNING id::text",
+                    )
+                    .bind(tenant_id)
+                    .bind(home)
+                    .bind(amount)
+                    .bind(items)
+                    .fetch_one(&mut **tx)
+                    .await?)
+                })
+            })
+            .await?;
+        let id: String = committed.value;
+        let mut line = format!("order {n:>3} for {tenant:<12} written in {home:<4}");
+        for (region, pool) in REGIONS.iter().zip(&pools) {
+            if *region == home {
                 continue;
             }
-            match wait_row(&pools[i], "orders", id, Duration::from_secs(10)).await {
+            match wait_row(pool, "orders", &id, Duration::from_secs(10)).await {
                 Ok(()) => line.push_str(&format!(
                     " | visible in {region:<4} after {:>4} ms",
                     written.elapsed().as_millis()
@@ -158,12 +229,13 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
             }
         }
         println!("{line}");
-        if REGIONS[home] == "eu" {
+        println!("          commit token: {}", committed.token);
+        if home == "eu" {
             let mut seen = Vec::new();
             for (region, pool) in REGIONS.iter().zip(&pools) {
                 let items: Option<String> =
-                    sqlx::query_scalar("SELECT items::text FROM orders WHERE id = $1")
-                        .bind(id)
+                    sqlx::query_scalar("SELECT items::text FROM orders WHERE id = $1::uuid")
+                        .bind(&id)
                         .fetch_optional(pool)
                         .await?
                         .flatten();
@@ -205,11 +277,11 @@ pub(crate) async fn wait_for_slots(pool: &PgPool, n: usize) -> anyhow::Result<()
     }
 }
 
-async fn wait_row(pool: &PgPool, table: &str, id: i64, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_row(pool: &PgPool, table: &str, id: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let found: bool = sqlx::query_scalar(&format!(
-            "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1::uuid)"
         ))
         .bind(id)
         .fetch_one(pool)

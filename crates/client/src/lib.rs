@@ -139,6 +139,8 @@ pub(crate) struct Stores {
     regions: BTreeMap<String, PgPool>,
     global: Option<PgPool>,
     placements: RwLock<HashMap<String, Placement>>,
+    /// The global database's migrations ran (once per process is enough).
+    global_migrated: std::sync::atomic::AtomicBool,
 }
 
 impl Stores {
@@ -165,6 +167,7 @@ impl Stores {
             regions,
             global,
             placements: RwLock::default(),
+            global_migrated: Default::default(),
         })
     }
 

@@ -63,12 +63,19 @@ impl Placements {
         self.stores.global.as_ref().ok_or(Error::NoGlobalDatabase)
     }
 
-    /// Creates or upgrades the global database's `meridian` schema.
+    /// Creates or upgrades the global database's `meridian` schema (once
+    /// per process; later calls return at once).
     pub async fn migrate(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if self.stores.global_migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
         GLOBAL_MIGRATOR
             .run(self.global()?)
             .await
-            .map_err(|e| Error::Config(format!("migrating the global database: {e}")))
+            .map_err(|e| Error::Config(format!("migrating the global database: {e}")))?;
+        self.stores.global_migrated.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The tenant's placement, from the global database.
