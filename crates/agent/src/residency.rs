@@ -7,7 +7,6 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context as _;
 use meridian_core::topology::Topology;
 use meridian_policy::evaluate::Counts;
-use meridian_policy::file::Context;
 use meridian_policy::{Enforcer, Policy, Verdict};
 use sqlx::PgPool;
 
@@ -51,18 +50,7 @@ pub fn parse(
     file: &str,
     has_hash_key: bool,
 ) -> anyhow::Result<Policy> {
-    let regions: Vec<String> = topology.regions.keys().cloned().collect();
-    let tables: Vec<(String, Vec<String>, String)> = topology
-        .tables
-        .iter()
-        .map(|t| (t.name.clone(), t.primary_key.clone(), t.home_column.clone()))
-        .collect();
-    let context = Context {
-        regions: &regions,
-        tables: &tables,
-        has_hash_key,
-    };
-    Policy::parse(text, file, &context).map_err(|problems| {
+    Policy::parse_for(topology, text, file, has_hash_key).map_err(|problems| {
         let lines: Vec<String> = problems.iter().map(|d| d.to_string()).collect();
         anyhow::anyhow!("invalid residency policy:\n{}", lines.join("\n"))
     })

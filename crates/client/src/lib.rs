@@ -92,7 +92,6 @@ use std::time::{Duration, Instant, SystemTime};
 use meridian_core::Lsn;
 use meridian_core::topology::Topology;
 use meridian_policy::Policy;
-use meridian_policy::file::Context;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -298,19 +297,8 @@ impl Client {
 fn read_policy(topology: &Topology, path: &str) -> Result<Policy, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("cannot read policy file {path}: {e}")))?;
-    let regions: Vec<String> = topology.regions.keys().cloned().collect();
-    let tables: Vec<(String, Vec<String>, String)> = topology
-        .tables
-        .iter()
-        .map(|t| (t.name.clone(), t.primary_key.clone(), t.home_column.clone()))
-        .collect();
-    let context = Context {
-        regions: &regions,
-        tables: &tables,
-        // the client never hashes; the agents hold the key and check it
-        has_hash_key: true,
-    };
-    Policy::parse(&text, path, &context).map_err(|problems| {
+    // the client never hashes; the agents hold the key and check it
+    Policy::parse_for(topology, &text, path, true).map_err(|problems| {
         let lines: Vec<String> = problems.iter().map(|d| d.to_string()).collect();
         Error::Config(format!("invalid residency policy:\n{}", lines.join("\n")))
     })

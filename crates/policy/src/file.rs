@@ -143,6 +143,28 @@ pub struct Context<'a> {
 }
 
 impl Policy {
+    /// Parses and validates a policy against a topology's regions and
+    /// replicated tables.
+    pub fn parse_for(
+        topology: &meridian_core::topology::Topology,
+        text: &str,
+        file: &str,
+        has_hash_key: bool,
+    ) -> Result<Policy, Vec<Diagnostic>> {
+        let regions: Vec<String> = topology.regions.keys().cloned().collect();
+        let tables: Vec<(String, Vec<String>, String)> = topology
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.primary_key.clone(), t.home_column.clone()))
+            .collect();
+        let context = Context {
+            regions: &regions,
+            tables: &tables,
+            has_hash_key,
+        };
+        Policy::parse(text, file, &context)
+    }
+
     /// Parses and validates a policy. Returns every problem found, each with
     /// its line and column.
     pub fn parse(text: &str, file: &str, context: &Context<'_>) -> Result<Policy, Vec<Diagnostic>> {
