@@ -1,8 +1,10 @@
 //! `meridian`: the command line of the Meridian replication service.
 
+mod dashboard;
 mod demo;
 mod placement;
 mod policy;
+mod status;
 
 use std::path::PathBuf;
 
@@ -48,6 +50,51 @@ enum Command {
         #[command(subcommand)]
         command: PlacementCommand,
     },
+    /// Ask every region's agent for its links, lag and slots, and print one
+    /// table. Exits non-zero when a link is not connected, lags at or above
+    /// --critical-seconds, or a region does not answer.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
+    /// Serve a live page for every region: lag matrix, lag over the last
+    /// hour, throughput and slot retention.
+    Dashboard {
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to serve the page.
+        #[arg(long, default_value = "127.0.0.1:8470")]
+        listen: std::net::SocketAddr,
+        /// How often to ask the agents, milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        interval_ms: u64,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ThresholdArgs {
+    /// Lag (seconds) from which a link shows amber.
+    #[arg(long, default_value_t = 5.0)]
+    warn_seconds: f64,
+    /// Lag (seconds) from which a link is unhealthy (red).
+    #[arg(long, default_value_t = 30.0)]
+    critical_seconds: f64,
+}
+
+impl ThresholdArgs {
+    fn get(&self) -> status::Thresholds {
+        status::Thresholds {
+            warn_seconds: self.warn_seconds,
+            critical_seconds: self.critical_seconds,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -195,6 +242,25 @@ fn run() -> anyhow::Result<()> {
                 } => placement::get(&config, &tenant, json).await,
                 PlacementCommand::List { config, json } => placement::list(&config, json).await,
             },
+            Command::Status {
+                config,
+                json,
+                thresholds,
+            } => status::run(&config, thresholds.get(), json).await,
+            Command::Dashboard {
+                config,
+                listen,
+                interval_ms,
+                thresholds,
+            } => {
+                dashboard::run(
+                    &config,
+                    listen,
+                    thresholds.get(),
+                    std::time::Duration::from_millis(interval_ms.max(100)),
+                )
+                .await
+            }
         }
     })
 }

@@ -1,16 +1,24 @@
 //! The `Admin` gRPC service: operator calls to this region's agent.
 
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use meridian_core::topology::Topology;
-use meridian_proto::admin::{ReloadPolicyReply, ReloadPolicyRequest, admin_server::Admin};
+use meridian_proto::admin::{
+    InboundStatus, LinkStatus, ReloadPolicyReply, ReloadPolicyRequest, SlotStatus, StatusReply,
+    StatusRequest, admin_server::Admin,
+};
 use tonic::{Request, Response, Status};
 
 use crate::residency::{self, SharedPolicy};
+use crate::telemetry::Telemetry;
 
 /// Serves operator calls for one region.
 pub struct AdminService {
     pub region: String,
     pub topology: Topology,
     pub policy: SharedPolicy,
+    pub telemetry: Arc<Telemetry>,
 }
 
 #[tonic::async_trait]
@@ -24,6 +32,60 @@ impl Admin for AdminService {
         Ok(Response::new(ReloadPolicyReply {
             region: self.region.clone(),
             version,
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let t = &self.telemetry;
+        let now = SystemTime::now();
+        Ok(Response::new(StatusReply {
+            region: self.region.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: t.started.elapsed().as_secs_f64(),
+            policy_version: residency::current(&self.policy).map_or(0, |p| p.version()),
+            slots: t
+                .slots()
+                .into_iter()
+                .map(|s| SlotStatus {
+                    name: s.name,
+                    destination: s.destination,
+                    active: s.active,
+                    wal_status: s.wal_status,
+                    retained_bytes: s.retained_bytes,
+                })
+                .collect(),
+            links: t
+                .links()
+                .into_iter()
+                .map(|(destination, l)| LinkStatus {
+                    destination,
+                    state: l.state.name().to_owned(),
+                    state_seconds: l.since.elapsed().as_secs_f64(),
+                    lag_seconds: l.lag_seconds,
+                    lag_bytes: l.lag_bytes,
+                    last_error_age_seconds: l
+                        .last_error
+                        .as_ref()
+                        .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64()),
+                    last_error: l.last_error.map(|(e, _)| e).unwrap_or_default(),
+                    acked_lsn: l.acked_lsn,
+                    changes_shipped: l.changes_shipped,
+                    bytes_shipped: l.bytes_shipped,
+                })
+                .collect(),
+            inbound: t
+                .inbound()
+                .into_iter()
+                .map(|(source, i)| InboundStatus {
+                    source,
+                    applied_lsn: i.applied_lsn,
+                    seconds_since_apply: i.last_applied.map_or(-1.0, |at| {
+                        now.duration_since(at).unwrap_or_default().as_secs_f64()
+                    }),
+                    changes_applied: i.changes_applied,
+                    dead_letters: i.dead_letters,
+                })
+                .collect(),
         }))
     }
 }

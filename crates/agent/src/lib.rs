@@ -11,12 +11,17 @@
 pub mod admin;
 pub mod guards;
 pub mod heartbeat;
+pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod monitor;
 pub mod receiver;
 pub mod residency;
+pub mod telemetry;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
 use meridian_capture::{ensure_publication, ensure_slot, publication_name, slot_name};
@@ -53,12 +58,11 @@ pub async fn run(
             "no residency policy in the topology: every replicated row crosses to every peer"
         ),
     }
-    let policy: residency::SharedPolicy =
-        std::sync::Arc::new(std::sync::RwLock::new(policy.map(std::sync::Arc::new)));
+    let policy: residency::SharedPolicy = Arc::new(std::sync::RwLock::new(policy.map(Arc::new)));
     residency::reload_on_hangup(topology.clone(), policy.clone());
     let store = me.store.expose().to_owned();
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(3)
         .connect(&store)
         .await
         .with_context(|| format!("cannot connect to region {region}'s store {}", me.store))?;
@@ -86,12 +90,31 @@ pub async fn run(
     guards::install(&pool, &topology.tables, &global_tables)
         .await
         .with_context(|| format!("attaching routed-write guards in region {region}'s store"))?;
+    let telemetry = Arc::new(telemetry::Telemetry::new(region, &peers));
     let heartbeats = tokio::spawn(heartbeat::run(
         pool.clone(),
         std::time::Duration::from_millis(topology.replication.heartbeat_ms),
+        telemetry.clone(),
         shutdown.clone(),
     ));
-    let audit = std::sync::Arc::new(residency::Audit::default());
+    let acked: Vec<Arc<AtomicU64>> = peers.iter().map(|_| Arc::default()).collect();
+    let monitor = tokio::spawn(monitor::run(
+        pool.clone(),
+        peers
+            .iter()
+            .zip(&acked)
+            .map(|(peer, acked)| monitor::Watched {
+                destination: peer.clone(),
+                slot: slot_name(region, peer),
+                acked: acked.clone(),
+            })
+            .collect(),
+        telemetry.clone(),
+        policy.clone(),
+        std::time::Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    let audit = Arc::new(residency::Audit::new(telemetry.clone()));
     let audit_task = tokio::spawn(audit.clone().run(
         pool.clone(),
         region.to_owned(),
@@ -108,6 +131,7 @@ pub async fn run(
         &store,
         topology.regions.keys().cloned(),
         policy.clone(),
+        telemetry.clone(),
     );
     let server = ReplicationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -120,6 +144,7 @@ pub async fn run(
                 region: region.to_owned(),
                 topology: topology.clone(),
                 policy: policy.clone(),
+                telemetry: telemetry.clone(),
             }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = server_shutdown.wait_for(|s| *s).await;
@@ -129,16 +154,16 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (regions.{region}.metrics)"))?;
-        let sources = metrics::Sources {
-            region: region.to_owned(),
-            audit: audit.clone(),
-            policy: policy.clone(),
-        };
-        tokio::spawn(metrics::serve(listener, sources, shutdown.clone()));
+        tokio::spawn(metrics::serve(
+            listener,
+            telemetry.clone(),
+            shutdown.clone(),
+        ));
     }
     let links: Vec<_> = peers
         .iter()
-        .map(|peer| {
+        .zip(acked)
+        .map(|(peer, acked)| {
             let link = link::Link {
                 source: region.to_owned(),
                 destination: peer.clone(),
@@ -150,6 +175,8 @@ pub async fn run(
                 window: topology.replication.window,
                 policy: policy.clone(),
                 audit: audit.clone(),
+                telemetry: telemetry.clone(),
+                acked,
                 keys: topology
                     .tables
                     .iter()
@@ -168,6 +195,7 @@ pub async fn run(
     }
     let _ = audit_task.await;
     let _ = heartbeats.await;
+    let _ = monitor.await;
     pool.close().await;
     server.await?.context("gRPC server failed")?;
     tracing::info!(region, "agent stopped");

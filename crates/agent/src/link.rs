@@ -10,7 +10,7 @@
 //! exponential backoff, so there is never a gap.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::MAX_MESSAGE_BYTES;
 use crate::residency::{self, Audit, SharedPolicy};
+use crate::telemetry::{self, LinkState, Telemetry};
 use std::sync::Arc;
 
 /// Why a link session ended.
@@ -33,7 +34,7 @@ use std::sync::Arc;
 pub enum LinkError {
     #[error("cannot reach peer agent: {0}")]
     Connect(#[from] tonic::transport::Error),
-    #[error("peer agent: {0}")]
+    #[error("peer agent: {} ({:?})", .0.message(), .0.code())]
     Peer(#[from] tonic::Status),
     #[error("peer refused batch {seq}: {reason}")]
     Refused { seq: u64, reason: String },
@@ -63,6 +64,24 @@ pub struct Link {
     pub audit: Arc<Audit>,
     /// Primary key columns per table, from the topology.
     pub keys: Keys,
+    /// Where the link's state, shipping and errors are counted.
+    pub telemetry: Arc<Telemetry>,
+    /// Highest position the peer acknowledged as applied, across sessions.
+    pub acked: Arc<AtomicU64>,
+}
+
+impl LinkError {
+    /// The error's kind, as the `meridian_errors_total` metric labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Connect(_) => "connect",
+            LinkError::Peer(_) => "peer",
+            LinkError::Refused { .. } => "refused",
+            LinkError::Closed => "closed",
+            LinkError::Protocol(_) => "protocol",
+            LinkError::Capture(_) => "capture",
+        }
+    }
 }
 
 impl Link {
@@ -73,9 +92,19 @@ impl Link {
             let started = std::time::Instant::now();
             let result = tokio::select! {
                 r = self.session() => r,
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = shutdown.wait_for(|s| *s) => {
+                    self.telemetry.set_link_state(&self.destination, LinkState::Stopped, None);
+                    return;
+                }
             };
             if let Err(e) = result {
+                self.telemetry
+                    .error(&self.source, &self.destination, e.kind());
+                self.telemetry.set_link_state(
+                    &self.destination,
+                    LinkState::Retrying,
+                    Some(with_causes(&e)),
+                );
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = Duration::from_millis(100);
                 }
@@ -128,6 +157,9 @@ impl Link {
         .await?;
         let confirmed = stream.confirmed();
         confirmed.fetch_max(applied.0, Ordering::AcqRel);
+        self.acked.fetch_max(applied.0, Ordering::AcqRel);
+        self.telemetry
+            .set_link_state(&self.destination, LinkState::Connected, None);
         tracing::info!(source = %self.source, destination = %self.destination,
             resume_from = %applied, "link connected");
 
@@ -150,6 +182,7 @@ impl Link {
                                 in_flight.pop_front();
                             }
                             confirmed.fetch_max(ack.applied_lsn, Ordering::AcqRel);
+                            self.acked.fetch_max(ack.applied_lsn, Ordering::AcqRel);
                         }
                         Some(destination_message::Kind::Nack(n)) => {
                             return Err(LinkError::Refused { seq: n.seq, reason: n.reason });
@@ -193,6 +226,11 @@ impl Link {
                     None => (batch, 0),
                 };
                 let payload = codec::encode(&batch);
+                self.telemetry.shipped(
+                    &self.destination,
+                    &telemetry::changes_per_table(&batch),
+                    payload.len(),
+                );
                 let message = SourceMessage {
                     kind: Some(source_message::Kind::Batch(Batch {
                         seq,
@@ -229,6 +267,22 @@ async fn capture(
         };
         permit.send(transaction);
     }
+}
+
+/// The error and its causes, `: `-separated (tonic's transport errors say
+/// little without their causes).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use meridian_apply::{Applier, ApplyError};
 use meridian_capture::origin_name;
@@ -24,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::residency::{self, SharedPolicy};
+use crate::telemetry::{self, Telemetry};
 
 type Session = Arc<tokio::sync::Mutex<Option<Applier>>>;
 
@@ -34,6 +36,7 @@ pub struct ReplicationService {
     regions: HashSet<String>,
     sessions: Mutex<HashMap<String, Session>>,
     policy: SharedPolicy,
+    telemetry: Arc<Telemetry>,
 }
 
 impl ReplicationService {
@@ -42,6 +45,7 @@ impl ReplicationService {
         store: &str,
         regions: impl IntoIterator<Item = String>,
         policy: SharedPolicy,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         ReplicationService {
             region: region.to_owned(),
@@ -49,6 +53,7 @@ impl ReplicationService {
             regions: regions.into_iter().collect(),
             sessions: Mutex::new(HashMap::new()),
             policy,
+            telemetry,
         }
     }
 
@@ -105,6 +110,7 @@ impl Replication for ReplicationService {
         let me = Receiver {
             region: self.region.clone(),
             policy: self.policy.clone(),
+            telemetry: self.telemetry.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = serve(&me, session, &store, &source, inbound, &tx).await {
@@ -120,6 +126,7 @@ impl Replication for ReplicationService {
 struct Receiver {
     region: String,
     policy: SharedPolicy,
+    telemetry: Arc<Telemetry>,
 }
 
 async fn serve(
@@ -149,6 +156,7 @@ async fn serve(
         .as_ref()
         .is_err_and(|e| e.code() == tonic::Code::Unavailable)
     {
+        me.telemetry.error(source, &me.region, "store_unavailable");
         *guard = None; // reconnect next time
     }
     result
@@ -190,6 +198,7 @@ async fn apply_stream(
         if codec::checksum(&batch.payload) != batch.crc32 {
             tracing::warn!(source, seq = batch.seq, end_lsn = %Lsn(batch.end_lsn),
                 "rejected batch: crc32 mismatch (corrupted in transit); the source will resend it");
+            me.telemetry.error(source, &me.region, "crc_mismatch");
             reply(
                 tx,
                 destination_message::Kind::Nack(Nack {
@@ -213,9 +222,19 @@ async fn apply_stream(
                         }),
                     )
                     .await;
+                    me.telemetry.error(source, &me.region, "policy_violation");
                     return Ok(());
                 }
-                apply_batch(applier, source, &transactions).await?
+                let started = Instant::now();
+                let watermark = apply_batch(me, applier, source, &transactions).await?;
+                me.telemetry.applied(
+                    source,
+                    &telemetry::changes_per_table(&transactions),
+                    batch.payload.len(),
+                    started.elapsed(),
+                    watermark.0,
+                );
+                watermark
             }
             Err(e) => {
                 // bytes that cannot be decoded cannot be checked against the
@@ -229,7 +248,8 @@ async fn apply_stream(
                     ),
                     None => (format!("undecodable batch: {e}"), &batch.payload[..]),
                 };
-                dead_letter(applier, source, Lsn(batch.end_lsn), reason, payload).await?
+                me.telemetry.error(source, &me.region, "undecodable");
+                dead_letter(me, applier, source, Lsn(batch.end_lsn), reason, payload).await?
             }
         };
         watermark = watermark.max(applied);
@@ -255,6 +275,7 @@ async fn reply(
 }
 
 async fn dead_letter(
+    me: &Receiver,
     applier: &mut Applier,
     source: &str,
     end: Lsn,
@@ -266,6 +287,7 @@ async fn dead_letter(
         .dead_letter(end, &reason, payload)
         .await
         .map_err(|e| status(&e.into()))?;
+    me.telemetry.dead_letter(source);
     Ok(end)
 }
 
@@ -302,6 +324,7 @@ async fn refused_by_policy(
 
 /// Applies one decoded batch; returns the watermark after it.
 async fn apply_batch(
+    me: &Receiver,
     applier: &mut Applier,
     source: &str,
     transactions: &[Transaction],
@@ -317,7 +340,7 @@ async fn apply_batch(
                     Err(ApplyError::Rejected(reason)) => {
                         let payload = codec::encode(std::slice::from_ref(t));
                         watermark =
-                            dead_letter(applier, source, t.end_lsn, reason, &payload).await?;
+                            dead_letter(me, applier, source, t.end_lsn, reason, &payload).await?;
                     }
                     Err(e) => return Err(status(&e)),
                 }

@@ -10,6 +10,8 @@ use meridian_policy::evaluate::Counts;
 use meridian_policy::{Enforcer, Policy, Verdict};
 use sqlx::PgPool;
 
+use crate::telemetry::{PolicyLabels, Telemetry};
+
 /// Environment variable holding the HMAC key for `hash` actions.
 pub const HASH_KEY_ENV: &str = "MERIDIAN_POLICY_HASH_KEY";
 
@@ -98,43 +100,42 @@ pub fn verdict_name(verdict: Verdict) -> &'static str {
 /// Audit counts of what the policy passed, transformed and blocked, per
 /// (table, rule, destination, verdict), accumulated by the links and written
 /// to `meridian.residency_audit` in this region's store by [`Audit::run`].
-#[derive(Default)]
 pub struct Audit {
     pending: std::sync::Mutex<HashMap<AuditKey, u64>>,
-    totals: std::sync::Mutex<HashMap<AuditKey, u64>>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// (table, rule, destination, verdict).
 type AuditKey = (String, String, String, Verdict);
 
 impl Audit {
-    /// Adds one filtering's counts for `destination`.
-    pub fn record(&self, destination: &str, counts: Counts) {
-        let mut pending = self.pending.lock().expect("audit lock");
-        let mut totals = self.totals.lock().expect("audit lock");
-        for ((table, rule, verdict), n) in counts {
-            let key = (table, rule, destination.to_owned(), verdict);
-            *totals.entry(key.clone()).or_default() += n;
-            *pending.entry(key).or_default() += n;
+    /// Counts go to the store (flushed by [`Audit::run`]) and to metrics.
+    pub fn new(telemetry: Arc<Telemetry>) -> Audit {
+        Audit {
+            pending: Default::default(),
+            telemetry,
         }
     }
 
-    /// Counts since the agent started, for metrics.
-    pub fn totals(&self) -> Vec<(AuditKey, u64)> {
-        let mut all: Vec<_> = self
-            .totals
-            .lock()
-            .expect("audit lock")
-            .clone()
-            .into_iter()
-            .collect();
-        all.sort_by(|a, b| {
-            a.0.0
-                .cmp(&b.0.0)
-                .then(a.0.1.cmp(&b.0.1))
-                .then(a.0.2.cmp(&b.0.2))
-        });
-        all
+    /// Adds one filtering's counts for `destination`.
+    pub fn record(&self, destination: &str, counts: Counts) {
+        let mut pending = self.pending.lock().expect("audit lock");
+        for ((table, rule, verdict), n) in counts {
+            self.telemetry
+                .metrics
+                .policy_changes
+                .get_or_create(&PolicyLabels {
+                    table: table.clone(),
+                    rule: rule.clone(),
+                    source: self.telemetry.region.clone(),
+                    destination: destination.to_owned(),
+                    verdict: verdict_name(verdict).to_owned(),
+                })
+                .inc_by(n);
+            *pending
+                .entry((table, rule, destination.to_owned(), verdict))
+                .or_default() += n;
+        }
     }
 
     /// Flushes the counts every `every` until shutdown (and once more then).

@@ -255,10 +255,12 @@ impl ReplicationStream {
                     if let Decoded::Committed {
                         transaction,
                         origin,
+                        message,
                     } = self.decoder.decode(&body)?
                     {
                         let replicated = origin.is_some_and(|o| o.starts_with("meridian_"));
-                        if !replicated && !transaction.changes.is_empty() {
+                        // empty transactions travel only as heartbeats
+                        if !replicated && (message || !transaction.changes.is_empty()) {
                             return Ok(transaction);
                         }
                     }

@@ -50,6 +50,9 @@ pub enum Decoded {
     Committed {
         transaction: Transaction,
         origin: Option<String>,
+        /// The transaction carried a logical decoding message (heartbeats do),
+        /// so it is worth delivering even without row changes.
+        message: bool,
     },
 }
 
@@ -68,6 +71,7 @@ struct Open {
     commit_time: i64,
     origin: Option<String>,
     changes: Vec<Change>,
+    message: bool,
 }
 
 impl Decoder {
@@ -97,6 +101,7 @@ impl Decoder {
                     commit_time,
                     origin: None,
                     changes: Vec::new(),
+                    message: false,
                 });
             }
             b'O' => {
@@ -165,8 +170,13 @@ impl Decoder {
                 self.push(table, ChangeKind::Delete { old })?;
             }
             b'T' => {} // truncate is not published (publish = 'insert, update, delete')
-            // logical decoding message (heartbeats): its transaction still commits, empty
-            b'M' => {}
+            // logical decoding message (heartbeats); content not needed
+            b'M' => {
+                let transactional = r.u8("message flags")? & 1 == 1;
+                if transactional {
+                    self.open()?.message = true;
+                }
+            }
             b'C' => {
                 let _flags = r.u8("commit flags")?;
                 let commit_lsn = Lsn(r.u64("commit lsn")?);
@@ -181,6 +191,7 @@ impl Decoder {
                         changes: open.changes,
                     },
                     origin: open.origin,
+                    message: open.message,
                 });
             }
             other => return Err(DecodeError::UnknownMessage(other as char)),
@@ -387,6 +398,7 @@ mod tests {
         let Decoded::Committed {
             transaction,
             origin,
+            message: false,
         } = d.decode(&commit(0x200)).unwrap()
         else {
             panic!("commit must complete the transaction");
@@ -425,6 +437,29 @@ mod tests {
             panic!("expected commit");
         };
         assert_eq!(origin.as_deref(), Some("meridian_eu"));
+    }
+
+    #[test]
+    fn marks_transactions_that_carry_a_message() {
+        let mut d = Decoder::new();
+        d.decode(&begin()).unwrap();
+        let message = Msg::new(b'M')
+            .u8(1)
+            .u64(0x250)
+            .cstr("meridian.heartbeat")
+            .u32(0)
+            .0;
+        d.decode(&message).unwrap();
+        let Decoded::Committed {
+            transaction,
+            message,
+            ..
+        } = d.decode(&commit(0x300)).unwrap()
+        else {
+            panic!("expected commit");
+        };
+        assert!(message && transaction.changes.is_empty());
+        assert_eq!(transaction.end_lsn, Lsn(0x300));
     }
 
     #[test]

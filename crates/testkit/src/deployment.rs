@@ -165,21 +165,18 @@ impl Deployment {
 
     /// The text `region`'s agent serves at `GET /metrics`.
     pub async fn metrics(&self, region: &str) -> anyhow::Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut socket = tokio::net::TcpStream::connect(&self.metrics[self.index(region)]).await?;
-        socket
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            .await?;
-        let mut response = String::new();
-        socket.read_to_string(&mut response).await?;
-        anyhow::ensure!(
-            response.starts_with("HTTP/1.1 200"),
-            "metrics endpoint answered: {response}"
-        );
-        Ok(response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default())
+        crate::http_get(&self.metrics[self.index(region)], "/metrics").await
+    }
+
+    /// The value of one sample of `region`'s metrics: the line that starts
+    /// with `series` (name and labels, as exported). None if absent.
+    pub async fn metric(&self, region: &str, series: &str) -> anyhow::Result<Option<f64>> {
+        let text = self.metrics(region).await?;
+        Ok(text
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok()))
     }
 
     /// Everything `region`'s agent logged so far.

@@ -41,3 +41,22 @@ pub fn free_port() -> u16 {
     }
     panic!("no free TCP port on 127.0.0.1 in 20000..32000")
 }
+
+/// `GET path` from `addr` (`host:port`); the body of a 200 answer.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await?;
+    anyhow::ensure!(
+        response.starts_with("HTTP/1.1 200"),
+        "GET {path} from {addr} answered: {response}"
+    );
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}

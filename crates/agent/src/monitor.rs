@@ -1,0 +1,92 @@
+//! A periodic look at this region's store from the links' side: slot
+//! retention and activity, the WAL end, and each link's lag (see
+//! [`crate::telemetry`] for how lag is measured).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::residency::{self, SharedPolicy};
+use crate::telemetry::{RegionLabels, SlotStatus, Telemetry};
+
+/// slot, active, wal_status, retained bytes, confirmed position, WAL end.
+type SlotRow = (String, bool, String, i64, i64, i64);
+
+/// One outbound link as the monitor sees it.
+pub struct Watched {
+    pub destination: String,
+    pub slot: String,
+    /// Highest position the destination acknowledged (shared with the link).
+    pub acked: Arc<AtomicU64>,
+}
+
+/// Updates lag, slot and policy metrics every `every` until shutdown.
+pub async fn run(
+    pool: PgPool,
+    links: Vec<Watched>,
+    telemetry: Arc<Telemetry>,
+    policy: SharedPolicy,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slot_names: Vec<String> = links.iter().map(|l| l.slot.clone()).collect();
+    for link in &links {
+        telemetry.watch_link(&link.destination, link.acked.clone());
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let version = residency::current(&policy).map_or(0, |p| p.version());
+        telemetry
+            .metrics
+            .policy_version
+            .get_or_create(&RegionLabels {
+                region: telemetry.region.clone(),
+            })
+            .set(version as i64);
+        let rows: Result<Vec<SlotRow>, _> = sqlx::query_as(
+            "SELECT slot_name::text, active, coalesce(wal_status, 'lost'),
+                    coalesce((pg_current_wal_lsn() - restart_lsn)::bigint, 0),
+                    coalesce((confirmed_flush_lsn - '0/0')::bigint, 0),
+                    (pg_current_wal_lsn() - '0/0')::bigint
+               FROM pg_replication_slots WHERE slot_name = ANY($1)",
+        )
+        .bind(&slot_names)
+        .fetch_all(&pool)
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read slot state");
+                telemetry.error(&telemetry.region, "", "monitor");
+                continue;
+            }
+        };
+        let mut slots = Vec::new();
+        for link in &links {
+            let Some((name, active, wal_status, retained, confirmed, current)) =
+                rows.iter().find(|r| r.0 == link.slot)
+            else {
+                continue;
+            };
+            // the slot's confirmed position survives agent restarts
+            link.acked.fetch_max(*confirmed as u64, Ordering::AcqRel);
+            telemetry.update_link(&link.destination, *current as u64);
+            slots.push(SlotStatus {
+                name: name.clone(),
+                destination: link.destination.clone(),
+                active: *active,
+                wal_status: wal_status.clone(),
+                retained_bytes: (*retained).max(0) as u64,
+            });
+        }
+        telemetry.set_slots(slots);
+    }
+}

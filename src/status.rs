@@ -1,0 +1,321 @@
+//! `meridian status`: every region's agent, asked over its admin service,
+//! in one table (or JSON). A region that does not answer is shown as
+//! unreachable; the others are still shown.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meridian_core::topology::Topology;
+use meridian_proto::admin::{StatusReply, StatusRequest, admin_client::AdminClient};
+use serde::Serialize;
+
+/// When a link counts as lagging or unhealthy.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Thresholds {
+    /// Lag at or above this is a warning (amber).
+    pub warn_seconds: f64,
+    /// Lag at or above this is unhealthy (red), as is any link not connected.
+    pub critical_seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Report {
+    /// Unix time of the report, seconds.
+    pub at: f64,
+    pub healthy: bool,
+    pub thresholds: Thresholds,
+    pub regions: Vec<RegionReport>,
+    pub links: Vec<LinkReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct RegionReport {
+    pub region: String,
+    pub reachable: bool,
+    /// Why the agent did not answer.
+    pub error: Option<String>,
+    pub version: Option<String>,
+    pub uptime_seconds: Option<f64>,
+    pub policy_version: Option<u64>,
+    pub slots: Vec<SlotReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct SlotReport {
+    pub name: String,
+    pub destination: String,
+    pub active: bool,
+    pub wal_status: String,
+    pub retained_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct LinkReport {
+    pub source: String,
+    pub destination: String,
+    /// connected, retrying, stopped, or unknown (the source did not answer).
+    pub state: String,
+    pub state_seconds: Option<f64>,
+    pub lag_seconds: Option<f64>,
+    pub lag_bytes: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_age_seconds: Option<f64>,
+    pub bytes_shipped: Option<u64>,
+    pub changes_shipped: Option<u64>,
+    /// ok, warn or critical.
+    pub health: &'static str,
+}
+
+/// Asks every region's agent at once, each with `timeout`.
+pub(crate) async fn gather(
+    topology: &Topology,
+    thresholds: Thresholds,
+    timeout: Duration,
+) -> Report {
+    let asks = topology.regions.iter().map(|(name, region)| {
+        let addr = format!("http://{}", region.connect_addr());
+        async move { (name.clone(), ask(addr, timeout).await) }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let mut regions = Vec::new();
+    let mut links = Vec::new();
+    for (region, answer) in answers {
+        let peers = topology.regions.keys().filter(|r| **r != region);
+        match answer {
+            Ok(reply) => {
+                for peer in peers {
+                    let link = reply.links.iter().find(|l| &l.destination == peer);
+                    links.push(match link {
+                        Some(l) => LinkReport {
+                            source: region.clone(),
+                            destination: peer.clone(),
+                            state: l.state.clone(),
+                            state_seconds: Some(l.state_seconds),
+                            lag_seconds: Some(l.lag_seconds),
+                            lag_bytes: Some(l.lag_bytes),
+                            last_error: (!l.last_error.is_empty()).then(|| l.last_error.clone()),
+                            last_error_age_seconds: (!l.last_error.is_empty())
+                                .then_some(l.last_error_age_seconds),
+                            bytes_shipped: Some(l.bytes_shipped),
+                            changes_shipped: Some(l.changes_shipped),
+                            health: health(&l.state, l.lag_seconds, thresholds),
+                        },
+                        None => unknown_link(&region, peer, "the agent has no such link"),
+                    });
+                }
+                regions.push(RegionReport {
+                    region,
+                    reachable: true,
+                    error: None,
+                    version: Some(reply.version),
+                    uptime_seconds: Some(reply.uptime_seconds),
+                    policy_version: Some(reply.policy_version),
+                    slots: reply
+                        .slots
+                        .into_iter()
+                        .map(|s| SlotReport {
+                            name: s.name,
+                            destination: s.destination,
+                            active: s.active,
+                            wal_status: s.wal_status,
+                            retained_bytes: s.retained_bytes,
+                        })
+                        .collect(),
+                });
+            }
+            Err(error) => {
+                for peer in peers {
+                    links.push(unknown_link(
+                        &region,
+                        peer,
+                        "the source agent is unreachable",
+                    ));
+                }
+                regions.push(RegionReport {
+                    region,
+                    reachable: false,
+                    error: Some(error),
+                    version: None,
+                    uptime_seconds: None,
+                    policy_version: None,
+                    slots: Vec::new(),
+                });
+            }
+        }
+    }
+    let healthy =
+        regions.iter().all(|r| r.reachable) && links.iter().all(|l| l.health != "critical");
+    Report {
+        at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        healthy,
+        thresholds,
+        regions,
+        links,
+    }
+}
+
+fn unknown_link(source: &str, destination: &str, why: &str) -> LinkReport {
+    LinkReport {
+        source: source.to_owned(),
+        destination: destination.to_owned(),
+        state: "unknown".to_owned(),
+        state_seconds: None,
+        lag_seconds: None,
+        lag_bytes: None,
+        last_error: Some(why.to_owned()),
+        last_error_age_seconds: None,
+        bytes_shipped: None,
+        changes_shipped: None,
+        health: "critical",
+    }
+}
+
+fn health(state: &str, lag_seconds: f64, t: Thresholds) -> &'static str {
+    if state != "connected" || lag_seconds >= t.critical_seconds {
+        "critical"
+    } else if lag_seconds >= t.warn_seconds {
+        "warn"
+    } else {
+        "ok"
+    }
+}
+
+async fn ask(addr: String, timeout: Duration) -> Result<StatusReply, String> {
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        AdminClient::new(channel)
+            .status(StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| format!("{addr}: {}", e.message()))
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(format!("{addr}: no answer within {timeout:?}")))
+}
+
+/// `meridian status`: prints the report; fails when anything is unhealthy.
+pub(crate) async fn run(
+    config: &Path,
+    thresholds: Thresholds,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let topology = meridian_agent::load_topology(config)?;
+    let report = gather(&topology, thresholds, Duration::from_secs(3)).await;
+    let text = if as_json {
+        serde_json::to_string_pretty(&report)? + "\n"
+    } else {
+        render(&report)
+    };
+    // a closed pipe (`| head`) is not an error worth a panic
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    if !report.healthy {
+        let bad = report
+            .links
+            .iter()
+            .filter(|l| l.health == "critical")
+            .count();
+        let unreachable = report.regions.iter().filter(|r| !r.reachable).count();
+        anyhow::bail!("unhealthy: {bad} link(s) critical, {unreachable} region(s) unreachable");
+    }
+    Ok(())
+}
+
+/// The report as text tables.
+pub(crate) fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(format!(
+        "{:<8} {:<12} {:<9} {:>10} {:>7}",
+        "REGION", "AGENT", "VERSION", "UPTIME", "POLICY"
+    ));
+    for r in &report.regions {
+        match &r.error {
+            None => line(format!(
+                "{:<8} {:<12} {:<9} {:>10} {:>7}",
+                r.region,
+                "up",
+                r.version.as_deref().unwrap_or("-"),
+                duration(r.uptime_seconds.unwrap_or(0.0)),
+                format!("v{}", r.policy_version.unwrap_or(0)),
+            )),
+            Some(e) => line(format!("{:<8} {:<12} {e}", r.region, "UNREACHABLE")),
+        }
+    }
+    line(String::new());
+    line(format!(
+        "{:<28} {:<7} {:<11} {:>12}",
+        "SLOT", "ACTIVE", "WAL", "RETAINED"
+    ));
+    for r in report.regions.iter().filter(|r| r.reachable) {
+        for s in &r.slots {
+            line(format!(
+                "{:<28} {:<7} {:<11} {:>12}",
+                s.name,
+                if s.active { "yes" } else { "no" },
+                s.wal_status,
+                bytes(s.retained_bytes),
+            ));
+        }
+    }
+    line(String::new());
+    line(format!(
+        "{:<14} {:<10} {:>8} {:>10} {:>11} {:<8} {}",
+        "LINK", "STATE", "FOR", "LAG", "LAG BYTES", "HEALTH", "LAST ERROR"
+    ));
+    for l in &report.links {
+        line(format!(
+            "{:<14} {:<10} {:>8} {:>10} {:>11} {:<8} {}",
+            format!("{} -> {}", l.source, l.destination),
+            l.state,
+            l.state_seconds.map_or("-".into(), duration),
+            l.lag_seconds.map_or("-".into(), |s| format!("{s:.2} s")),
+            l.lag_bytes.map_or("-".into(), bytes),
+            l.health,
+            match (&l.last_error, l.last_error_age_seconds) {
+                (Some(e), Some(age)) => format!("{e} ({} ago)", duration(age)),
+                (Some(e), None) => e.clone(),
+                (None, _) => String::new(),
+            },
+        ));
+    }
+    line(String::new());
+    line(if report.healthy {
+        "healthy".to_owned()
+    } else {
+        format!(
+            "UNHEALTHY (links not connected, lag >= {} s, or regions unreachable)",
+            report.thresholds.critical_seconds
+        )
+    });
+    out
+}
+
+fn duration(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
+    }
+}
