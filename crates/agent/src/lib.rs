@@ -80,6 +80,15 @@ pub async fn run(
         .cloned()
         .collect();
     for peer in &peers {
+        for (source, destination) in [(region, peer.as_str()), (peer.as_str(), region)] {
+            if topology.transport(source, destination) == meridian_core::topology::Transport::Kafka
+            {
+                anyhow::bail!(
+                    "link {source} -> {destination} asks for transport \"kafka\", which this \
+                     agent version does not carry yet; use \"grpc\""
+                );
+            }
+        }
         ensure_slot(&pool, &slot_name(region, peer))
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;

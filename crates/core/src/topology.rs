@@ -42,6 +42,59 @@ pub struct Topology {
     /// tenant placements and globally consistent tables. Agents never use it;
     /// the client library and `meridian placement` do.
     pub global: Option<Global>,
+    /// The Kafka cluster, for links whose transport is `kafka`.
+    pub kafka: Option<Kafka>,
+    /// Per-link settings that differ from `[replication]`.
+    #[serde(default)]
+    pub links: Vec<LinkSpec>,
+}
+
+/// How a link carries changes.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// A gRPC stream from the source's agent to the destination's agent.
+    #[default]
+    Grpc,
+    /// A Kafka topic per link: the source's agent produces, the
+    /// destination's agent consumes.
+    Kafka,
+}
+
+/// The Kafka cluster used by `kafka` links.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kafka {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topics are `<topic_prefix>.<source>.<destination>`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Partitions of each link's topic (created when absent).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of created topics: 3 on a production cluster.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+}
+
+fn default_topic_prefix() -> String {
+    "meridian".to_owned()
+}
+fn default_partitions() -> i32 {
+    4
+}
+fn default_replication_factor() -> i32 {
+    3
+}
+
+/// One link's overrides.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    pub source: String,
+    pub destination: String,
+    pub transport: Transport,
 }
 
 /// The multi-region database.
@@ -106,6 +159,8 @@ pub struct Tuning {
     /// store is idle: lag stays measurable, commit tokens resolve, and idle
     /// slots release WAL.
     pub heartbeat_ms: u64,
+    /// Transport of every link without its own `[[links]]` entry.
+    pub transport: Transport,
 }
 
 impl Default for Tuning {
@@ -114,6 +169,7 @@ impl Default for Tuning {
             batch_max_changes: 10_000,
             window: 8,
             heartbeat_ms: 1_000,
+            transport: Transport::Grpc,
         }
     }
 }
@@ -255,6 +311,43 @@ impl Topology {
         if let Some(global) = &topology.global {
             check_url("global.store", &global.store).map_err(err)?;
         }
+        for (i, link) in topology.links.iter().enumerate() {
+            for (key, region) in [("source", &link.source), ("destination", &link.destination)] {
+                topology
+                    .region(region)
+                    .map_err(|e| err(format!("links[{i}].{key}: {e}")))?;
+            }
+            if link.source == link.destination {
+                return Err(err(format!(
+                    "links[{i}]: source and destination are both {:?}; a link joins two regions",
+                    link.source
+                )));
+            }
+        }
+        let uses_kafka = topology.replication.transport == Transport::Kafka
+            || topology
+                .links
+                .iter()
+                .any(|l| l.transport == Transport::Kafka);
+        match &topology.kafka {
+            None if uses_kafka => {
+                return Err(err(
+                    "a link uses transport \"kafka\" but there is no [kafka] section; add \
+                     [kafka] brokers = \"host:9092\""
+                        .to_owned(),
+                ));
+            }
+            Some(k)
+                if k.brokers.trim().is_empty() || k.partitions < 1 || k.replication_factor < 1 =>
+            {
+                return Err(err(format!(
+                    "kafka: found brokers {:?}, partitions {}, replication_factor {}; expected \
+                     host:port list and both numbers at least 1",
+                    k.brokers, k.partitions, k.replication_factor
+                )));
+            }
+            _ => {}
+        }
         Ok(topology)
     }
 
@@ -287,6 +380,14 @@ impl Topology {
         if let Some(url) = lookup("MERIDIAN_GLOBAL_STORE") {
             self.global = Some(Global { store: Dsn(url) });
         }
+    }
+
+    /// The transport of the link `source -> destination`.
+    pub fn transport(&self, source: &str, destination: &str) -> Transport {
+        self.links
+            .iter()
+            .find(|l| l.source == source && l.destination == destination)
+            .map_or(self.replication.transport, |l| l.transport)
     }
 
     /// Looks a region up, with an error that lists the known ones.
@@ -326,6 +427,33 @@ mod tests {
         assert_eq!(t.regions["na"].connect_addr(), "127.0.0.1:7401");
         assert_eq!(t.tables[0].split_name(), ("public", "orders"));
         assert_eq!(t.replication.window, 8);
+    }
+
+    #[test]
+    fn chooses_the_transport_per_link() {
+        let text = format!(
+            "{GOOD}\n[replication]\ntransport = \"grpc\"\n[kafka]\nbrokers = \"127.0.0.1:9092\"\n\
+             [[links]]\nsource = \"na\"\ndestination = \"eu\"\ntransport = \"kafka\"\n"
+        );
+        let t = Topology::parse(&text, "t.toml").unwrap();
+        assert_eq!(t.transport("na", "eu"), Transport::Kafka);
+        assert_eq!(t.transport("eu", "na"), Transport::Grpc);
+        assert_eq!(t.kafka.as_ref().unwrap().partitions, 4);
+
+        let no_kafka = text.replace("[kafka]\nbrokers = \"127.0.0.1:9092\"\n", "");
+        let e = Topology::parse(&no_kafka, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [kafka] section"), "{e}");
+        let bad = text.replace("transport = \"kafka\"", "transport = \"carrier-pigeon\"");
+        let e = Topology::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("carrier-pigeon") && e.contains("grpc"), "{e}");
+        let unknown = text.replace("destination = \"eu\"", "destination = \"mars\"");
+        let e = Topology::parse(&unknown, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("links[0].destination") && e.contains("mars"),
+            "{e}"
+        );
     }
 
     #[test]
