@@ -16,6 +16,7 @@ pub mod codec;
 pub mod lsn;
 pub mod pgoutput;
 pub mod plan;
+pub mod record;
 pub mod topology;
 
 pub use change::{Change, Column, Row, Table, Transaction, Value};

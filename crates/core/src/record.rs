@@ -1,0 +1,356 @@
+//! The Kafka record format of a link (`<prefix>.<source>.<destination>`).
+//!
+//! One record per row change, keyed by table and primary key, so every
+//! change of one row lands in one partition, in order. The value is a
+//! one-change batch in the [`crate::codec`] format (self-describing). Each
+//! partition also gets every heartbeat, so a consumer learns that its
+//! partition has everything up to a source position even when no row of it
+//! changed.
+//!
+//! Headers (values are ASCII decimal unless noted):
+//! - `meridian-origin`: the source region;
+//! - `meridian-lsn`: end position of the source transaction;
+//! - `meridian-index`: the change's index in that transaction
+//!   ([`HEARTBEAT_INDEX`] for heartbeats);
+//! - `meridian-policy-version`: the policy the change was filtered with;
+//! - `meridian-crc32`: crc32 of the value.
+//!
+//! A record's position is `(lsn, index)`; within a partition positions only
+//! grow, except when a source replays after a restart, which the consumer
+//! skips as already applied.
+
+use std::sync::Arc;
+
+use crate::change::{ChangeKind, Transaction, Value};
+use crate::{Lsn, codec};
+
+pub const ORIGIN: &str = "meridian-origin";
+pub const LSN: &str = "meridian-lsn";
+pub const INDEX: &str = "meridian-index";
+pub const POLICY_VERSION: &str = "meridian-policy-version";
+pub const CRC32: &str = "meridian-crc32";
+
+/// The index of heartbeat records (after every change of their position).
+pub const HEARTBEAT_INDEX: u32 = u32::MAX;
+
+/// The topic of the link `source -> destination`.
+pub fn topic(prefix: &str, source: &str, destination: &str) -> String {
+    format!("{prefix}.{source}.{destination}")
+}
+
+/// Where a record stands in its source's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub lsn: Lsn,
+    pub index: u32,
+}
+
+/// A record to produce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Table and key; `None` for heartbeats (sent to an explicit partition).
+    pub key: Option<Vec<u8>>,
+    pub partition: Option<i32>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+    pub position: Position,
+}
+
+fn headers(
+    source: &str,
+    position: Position,
+    policy_version: u64,
+    value: &[u8],
+) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (ORIGIN, source.as_bytes().to_vec()),
+        (LSN, position.lsn.0.to_string().into_bytes()),
+        (INDEX, position.index.to_string().into_bytes()),
+        (POLICY_VERSION, policy_version.to_string().into_bytes()),
+        (CRC32, codec::checksum(value).to_string().into_bytes()),
+    ]
+}
+
+/// The records of one (already filtered) transaction: one per change, or,
+/// for a transaction without changes (a heartbeat), one per partition.
+pub fn records(
+    source: &str,
+    transaction: &Transaction,
+    policy_version: u64,
+    partitions: i32,
+) -> Vec<Outgoing> {
+    if transaction.changes.is_empty() {
+        let position = Position {
+            lsn: transaction.end_lsn,
+            index: HEARTBEAT_INDEX,
+        };
+        let value = codec::encode(std::slice::from_ref(transaction));
+        return (0..partitions)
+            .map(|p| Outgoing {
+                key: None,
+                partition: Some(p),
+                headers: headers(source, position, policy_version, &value),
+                value: value.clone(),
+                position,
+            })
+            .collect();
+    }
+    transaction
+        .changes
+        .iter()
+        .enumerate()
+        .map(|(i, change)| {
+            let position = Position {
+                lsn: transaction.end_lsn,
+                index: i as u32,
+            };
+            let single = Transaction {
+                commit_lsn: transaction.commit_lsn,
+                end_lsn: transaction.end_lsn,
+                commit_time: transaction.commit_time,
+                changes: vec![change.clone()],
+            };
+            let value = codec::encode(std::slice::from_ref(&single));
+            Outgoing {
+                key: Some(key(change)),
+                partition: None,
+                headers: headers(source, position, policy_version, &value),
+                value,
+                position,
+            }
+        })
+        .collect()
+}
+
+/// `schema.table`, a zero byte, then each key value as a `u32` length and
+/// its text (`u32::MAX` for NULL). The row's new key, or its old key for a
+/// delete. Key values are as the policy let them cross (kept or hashed).
+pub fn key(change: &crate::Change) -> Vec<u8> {
+    let table: &Arc<crate::Table> = &change.table;
+    let row = match &change.kind {
+        ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => new,
+        ChangeKind::Delete { old } => old,
+    };
+    let mut out = format!("{}.{}", table.schema, table.name).into_bytes();
+    out.push(0);
+    for i in table.key_indexes() {
+        match row.get(i) {
+            Some(Value::Text(v)) => {
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v.as_bytes());
+            }
+            _ => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+    out
+}
+
+/// A consumed record, checked and decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Incoming {
+    pub position: Position,
+    pub policy_version: u64,
+    /// The change (or, for a heartbeat, no change) as a transaction.
+    pub transaction: Transaction,
+}
+
+impl Incoming {
+    pub fn is_heartbeat(&self) -> bool {
+        self.position.index == HEARTBEAT_INDEX
+    }
+}
+
+/// Checks and decodes a consumed record. The error says what is wrong with
+/// it, for the dead-letter table; it never quotes the value.
+pub fn decode(
+    headers: &[(String, Vec<u8>)],
+    value: Option<&[u8]>,
+    expected_origin: &str,
+) -> Result<Incoming, String> {
+    let header = |name: &str| -> Result<&[u8], String> {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+            .ok_or_else(|| format!("header {name} missing"))
+    };
+    let number = |name: &str| -> Result<u64, String> {
+        std::str::from_utf8(header(name)?)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("header {name} is not a decimal number"))
+    };
+    let origin = header(ORIGIN)?;
+    if origin != expected_origin.as_bytes() {
+        return Err(format!(
+            "header {ORIGIN} is {:?}, but this topic carries {expected_origin}",
+            String::from_utf8_lossy(origin)
+        ));
+    }
+    let value = value.ok_or("record has no value")?;
+    let crc = number(CRC32)?;
+    if u64::from(codec::checksum(value)) != crc {
+        return Err("crc32 mismatch: the value is not what the source produced".to_owned());
+    }
+    let position = Position {
+        lsn: Lsn(number(LSN)?),
+        index: u32::try_from(number(INDEX)?).map_err(|_| format!("header {INDEX} out of range"))?,
+    };
+    let policy_version = number(POLICY_VERSION)?;
+    let mut transactions = codec::decode(value).map_err(|e| format!("undecodable value: {e}"))?;
+    if transactions.len() != 1 {
+        return Err(format!(
+            "value holds {} transactions; a record carries one",
+            transactions.len()
+        ));
+    }
+    let transaction = transactions.remove(0);
+    let expected_changes = usize::from(position.index != HEARTBEAT_INDEX);
+    if transaction.changes.len() != expected_changes || transaction.end_lsn != position.lsn {
+        return Err("value does not match its headers (position or change count)".to_owned());
+    }
+    Ok(Incoming {
+        position,
+        policy_version,
+        transaction,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Change, Column, Table};
+
+    fn table() -> Arc<Table> {
+        Arc::new(Table {
+            schema: "public".into(),
+            name: "orders".into(),
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    key: true,
+                },
+                Column {
+                    name: "note".into(),
+                    type_oid: 25,
+                    key: false,
+                },
+            ],
+        })
+    }
+
+    fn transaction(changes: Vec<Change>) -> Transaction {
+        Transaction {
+            commit_lsn: Lsn(0x100),
+            end_lsn: Lsn(0x108),
+            commit_time: 7,
+            changes,
+        }
+    }
+
+    fn insert(id: &str) -> Change {
+        Change {
+            table: table(),
+            kind: ChangeKind::Insert {
+                new: vec![Value::Text(id.into()), Value::Text("secret note".into())],
+            },
+        }
+    }
+
+    type Headers = Vec<(String, Vec<u8>)>;
+
+    fn consumed(r: &Outgoing) -> Headers {
+        r.headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn one_record_per_change_keyed_by_table_and_key() {
+        let t = transaction(vec![insert("1"), insert("2"), insert("1")]);
+        let out = records("eu", &t, 3, 4);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].key, out[2].key, "same row, same key, same partition");
+        assert_ne!(out[0].key, out[1].key);
+        assert!(out[0].key.as_ref().unwrap().starts_with(b"public.orders\0"));
+        for (i, r) in out.iter().enumerate() {
+            let back = decode(&consumed(r), Some(&r.value), "eu").unwrap();
+            assert_eq!(
+                back.position,
+                Position {
+                    lsn: Lsn(0x108),
+                    index: i as u32
+                }
+            );
+            assert_eq!(back.policy_version, 3);
+            assert_eq!(back.transaction.changes, vec![t.changes[i].clone()]);
+            assert!(!back.is_heartbeat());
+        }
+    }
+
+    #[test]
+    fn heartbeats_go_to_every_partition() {
+        let out = records("na", &transaction(vec![]), 0, 3);
+        let partitions: Vec<Option<i32>> = out.iter().map(|r| r.partition).collect();
+        assert_eq!(partitions, vec![Some(0), Some(1), Some(2)]);
+        let back = decode(&consumed(&out[1]), Some(&out[1].value), "na").unwrap();
+        assert!(back.is_heartbeat() && back.transaction.changes.is_empty());
+        assert!(
+            Position {
+                lsn: Lsn(0x108),
+                index: 5
+            } < back.position
+        );
+    }
+
+    #[test]
+    fn bad_records_are_explained_without_their_values() {
+        let r = &records("eu", &transaction(vec![insert("1")]), 1, 4)[0];
+        let headers = consumed(r);
+        let mut flipped = r.value.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0xff;
+        let cases: Vec<(Headers, Option<Vec<u8>>, &str)> = vec![
+            (headers.clone(), Some(flipped), "crc32 mismatch"),
+            (headers.clone(), None, "no value"),
+            (
+                headers.iter().filter(|(n, _)| n != LSN).cloned().collect(),
+                Some(r.value.clone()),
+                "header meridian-lsn missing",
+            ),
+            (
+                headers
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            n.clone(),
+                            if n == ORIGIN {
+                                b"na".to_vec()
+                            } else {
+                                v.clone()
+                            },
+                        )
+                    })
+                    .collect(),
+                Some(r.value.clone()),
+                "carries eu",
+            ),
+        ];
+        for (h, value, expected) in cases {
+            let e = decode(&h, value.as_deref(), "eu").unwrap_err();
+            assert!(e.contains(expected), "{expected}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let garbage = b"not a batch".to_vec();
+        let mut h = headers.clone();
+        for (n, v) in &mut h {
+            if n == CRC32 {
+                *v = codec::checksum(&garbage).to_string().into_bytes();
+            }
+        }
+        let e = decode(&h, Some(&garbage), "eu").unwrap_err();
+        assert!(e.starts_with("undecodable value"), "{e}");
+    }
+}
