@@ -9,7 +9,9 @@
 //! is enabled on a second destination and measured the same way.
 //!
 //! `cargo bench --bench replication` (1,000,000 changes); set
-//! `MERIDIAN_BENCH_CHANGES` for another size. Prints one JSON line.
+//! `MERIDIAN_BENCH_CHANGES` for another size, and
+//! `MERIDIAN_BENCH_TRANSPORT=kafka` to ship through a Kafka-protocol broker
+//! (tansu, sqlite storage) instead of gRPC. Prints one JSON line.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -37,10 +39,15 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.parse().context("MERIDIAN_BENCH_CHANGES must be a number"))
         .transpose()?
         .unwrap_or(1_000_000);
+    let kafka = match std::env::var("MERIDIAN_BENCH_TRANSPORT").as_deref() {
+        Ok("kafka") => true,
+        Ok("grpc") | Err(_) => false,
+        Ok(other) => anyhow::bail!("MERIDIAN_BENCH_TRANSPORT={other:?}: expected grpc or kafka"),
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(changes))
+        .block_on(run(changes, kafka))
 }
 
 async fn connect(cluster: &PgCluster) -> anyhow::Result<PgPool> {
@@ -50,7 +57,7 @@ async fn connect(cluster: &PgCluster) -> anyhow::Result<PgPool> {
         .await?)
 }
 
-async fn run(changes: i64) -> anyhow::Result<()> {
+async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
     let options = PgOptions {
         fsync: true,
         ..PgOptions::default()
@@ -80,7 +87,12 @@ async fn run(changes: i64) -> anyhow::Result<()> {
     .await?;
 
     // meridian: start the agents once so they create their slot, then stop them
-    let topology = format!(
+    let broker = if kafka {
+        Some(meridian_testkit::KafkaBroker::start()?)
+    } else {
+        None
+    };
+    let mut topology = format!(
         "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
          [regions.eu]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
          [[tables]]\nname = \"public.bench_rows\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n",
@@ -89,6 +101,12 @@ async fn run(changes: i64) -> anyhow::Result<()> {
         meridian_dst.url("postgres"),
         meridian_testkit::free_port(),
     );
+    if let Some(broker) = &broker {
+        topology.push_str(&format!(
+            "\n[replication]\ntransport = \"kafka\"\n\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n",
+            broker.addr()
+        ));
+    }
     let config = source.dir().join("topology.toml");
     std::fs::write(&config, topology)?;
     let binary = Path::new(env!("CARGO_BIN_EXE_meridian"));
@@ -160,7 +178,7 @@ async fn run(changes: i64) -> anyhow::Result<()> {
         "row_bytes_approx": 200,
         "backlog_generation_s": round(generate_s),
         "meridian": {
-            "transport": "grpc",
+            "transport": if kafka { "kafka (tansu, sqlite storage, 4 partitions)" } else { "grpc" },
             "catch_up_s": round(meridian_s),
             "rows_per_s": meridian_rate.round(),
             "peak_rss_bytes": {"source_agent": rss[0], "destination_agent": rss[1]},

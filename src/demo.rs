@@ -58,7 +58,15 @@ to = ["na", "eu", "apac"]
 columns = { id = "keep", tenant_id = "keep", home_region = "keep", amount = "keep", items = "keep", created_at = "keep" }
 "#;
 
-pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
+pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Result<()> {
+    let broker = match transport {
+        "grpc" => None,
+        "kafka" => {
+            println!("starting a Kafka-protocol broker (tansu, sqlite storage)...");
+            Some(meridian_testkit::KafkaBroker::start()?)
+        }
+        other => anyhow::bail!("--transport {other:?}: expected grpc or kafka"),
+    };
     let mut signal = crate::shutdown_on_signal();
     let (stop_agents, agents_shutdown) = tokio::sync::watch::channel(false);
     println!(
@@ -93,6 +101,12 @@ pub(crate) async fn run(duration: Option<u64>) -> anyhow::Result<()> {
         "[global]\nstore = \"{}\"\n\n",
         global.url("postgres")
     ));
+    if let Some(broker) = &broker {
+        topology.push_str(&format!(
+            "[replication]\ntransport = \"kafka\"\n\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n\n",
+            broker.addr()
+        ));
+    }
     topology.push_str(
         "[[tables]]\nname = \"public.tenants\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n\n\
          [[tables]]\nname = \"public.orders\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n",

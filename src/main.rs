@@ -39,6 +39,10 @@ enum Command {
         /// Stop after this many seconds instead of waiting for Ctrl-C.
         #[arg(long)]
         duration: Option<u64>,
+        /// `kafka` carries every link through a local Kafka-protocol broker
+        /// (tansu; `cargo install tansu --locked --features libsql,dynostore`).
+        #[arg(long, default_value = "grpc")]
+        transport: String,
     },
     /// Residency policy tools.
     Policy {
@@ -206,7 +210,10 @@ fn run() -> anyhow::Result<()> {
                 let shutdown = shutdown_on_signal();
                 meridian_agent::run(topology, &region, shutdown).await
             }
-            Command::Demo { duration } => demo::run(duration).await,
+            Command::Demo {
+                duration,
+                transport,
+            } => demo::run(duration, &transport).await,
             Command::Policy {
                 command: PolicyCommand::Reload { config, region },
             } => policy::reload(&config, region.as_deref()).await,

@@ -38,6 +38,17 @@ pub(crate) struct RegionReport {
     pub uptime_seconds: Option<f64>,
     pub policy_version: Option<u64>,
     pub slots: Vec<SlotReport>,
+    /// What this region applied from each peer.
+    pub inbound: Vec<InboundReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct InboundReport {
+    pub source: String,
+    pub changes_applied: u64,
+    pub dead_letters: u64,
+    /// None before the first applied batch.
+    pub seconds_since_apply: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -121,6 +132,17 @@ pub(crate) async fn gather(
                             retained_bytes: s.retained_bytes,
                         })
                         .collect(),
+                    inbound: reply
+                        .inbound
+                        .into_iter()
+                        .map(|i| InboundReport {
+                            source: i.source,
+                            changes_applied: i.changes_applied,
+                            dead_letters: i.dead_letters,
+                            seconds_since_apply: (i.seconds_since_apply >= 0.0)
+                                .then_some(i.seconds_since_apply),
+                        })
+                        .collect(),
                 });
             }
             Err(error) => {
@@ -139,6 +161,7 @@ pub(crate) async fn gather(
                     uptime_seconds: None,
                     policy_version: None,
                     slots: Vec::new(),
+                    inbound: Vec::new(),
                 });
             }
         }
@@ -266,6 +289,23 @@ pub(crate) fn render(report: &Report) -> String {
                 if s.active { "yes" } else { "no" },
                 s.wal_status,
                 bytes(s.retained_bytes),
+            ));
+        }
+    }
+    line(String::new());
+    line(format!(
+        "{:<14} {:>12} {:>12} {:>14}",
+        "APPLIED", "CHANGES", "DEAD LETTERS", "LAST APPLY"
+    ));
+    for r in report.regions.iter().filter(|r| r.reachable) {
+        for i in &r.inbound {
+            line(format!(
+                "{:<14} {:>12} {:>12} {:>14}",
+                format!("{} <- {}", r.region, i.source),
+                i.changes_applied,
+                i.dead_letters,
+                i.seconds_since_apply
+                    .map_or("-".into(), |s| format!("{} ago", duration(s))),
             ));
         }
     }

@@ -58,6 +58,7 @@ async fn start() -> anyhow::Result<Deployment> {
             policy: Some(POLICY),
             agent_env: &[],
             global_schema: Some(GLOBAL_SCHEMA),
+            kafka: false,
         },
     )
     .await

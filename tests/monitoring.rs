@@ -27,6 +27,7 @@ async fn start() -> anyhow::Result<Deployment> {
             policy: None,
             agent_env: &[],
             global_schema: None,
+            kafka: false,
         },
     )
     .await

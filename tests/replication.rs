@@ -78,6 +78,15 @@ async fn write_typed_rows(pool: &PgPool, region: &str, base: i64) -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_replicates_between_three_regions() -> anyhow::Result<()> {
+    every_type(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_replicates_between_three_regions_over_kafka() -> anyhow::Result<()> {
+    every_type(true).await
+}
+
+async fn every_type(kafka: bool) -> anyhow::Result<()> {
     let d = Deployment::start(
         binary(),
         &Spec {
@@ -89,6 +98,7 @@ async fn every_type_replicates_between_three_regions() -> anyhow::Result<()> {
             policy: None,
             agent_env: &[],
             global_schema: None,
+            kafka,
         },
     )
     .await?;
@@ -118,6 +128,15 @@ async fn every_type_replicates_between_three_regions() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toasted_values_survive_updates_of_other_columns() -> anyhow::Result<()> {
+    toasted_values(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toasted_values_survive_updates_of_other_columns_over_kafka() -> anyhow::Result<()> {
+    toasted_values(true).await
+}
+
+async fn toasted_values(kafka: bool) -> anyhow::Result<()> {
     let d = Deployment::start(
         binary(),
         &Spec {
@@ -129,6 +148,7 @@ async fn toasted_values_survive_updates_of_other_columns() -> anyhow::Result<()>
             policy: None,
             agent_env: &[],
             global_schema: None,
+            kafka,
         },
     )
     .await?;
@@ -227,6 +247,16 @@ async fn workload_step(pool: &PgPool, region_index: i64, step: i64) -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
+    kill_9_of_agents(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice_over_kafka()
+-> anyhow::Result<()> {
+    kill_9_of_agents(true).await
+}
+
+async fn kill_9_of_agents(kafka: bool) -> anyhow::Result<()> {
     let mut d = Deployment::start(
         binary(),
         &Spec {
@@ -238,6 +268,7 @@ async fn kill_9_of_any_agent_loses_nothing_and_applies_nothing_twice() -> anyhow
             policy: None,
             agent_env: &[],
             global_schema: None,
+            kafka,
         },
     )
     .await?;
@@ -310,6 +341,7 @@ async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
             policy: None,
             agent_env: &[],
             global_schema: None,
+            kafka: false,
         },
     )
     .await?;
@@ -359,6 +391,7 @@ async fn a_dropped_link_reconnects_and_resumes_without_a_gap() -> anyhow::Result
             policy: None,
             agent_env: &[],
             global_schema: None,
+            kafka: false,
         },
     )
     .await?;

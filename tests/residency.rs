@@ -65,6 +65,10 @@ fn binary() -> &'static Path {
 }
 
 async fn start() -> anyhow::Result<Deployment> {
+    start_over(false).await
+}
+
+async fn start_over(kafka: bool) -> anyhow::Result<Deployment> {
     Deployment::start(
         binary(),
         &Spec {
@@ -80,6 +84,7 @@ async fn start() -> anyhow::Result<Deployment> {
             policy: Some(POLICY),
             agent_env: &[("MERIDIAN_POLICY_HASH_KEY", "test-only-key")],
             global_schema: None,
+            kafka,
         },
     )
     .await
@@ -144,6 +149,67 @@ async fn write_canaries(d: &Deployment) -> anyhow::Result<()> {
     )
     .execute(d.pool("na"))
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_forbidden_reaches_any_kafka_topic() -> anyhow::Result<()> {
+    let mut d = start_over(true).await?;
+    write_canaries(&d).await?;
+    // allowed rows arrive, transformed; a marker written last in eu says
+    // every earlier eu change went through every link
+    sqlx::raw_sql("INSERT INTO orders VALUES (2999, 'eu', NULL, 1.00, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    for region in ["na", "apac"] {
+        let pool = d.pool(region);
+        wait_for_row(
+            pool,
+            "SELECT count(*) FROM orders WHERE id = 2001 AND amount = 43.00",
+        )
+        .await?;
+        wait_for_row(pool, "SELECT count(*) FROM orders WHERE id = 2999").await?;
+        let email: String = sqlx::query_scalar("SELECT customer_email FROM orders WHERE id = 2001")
+            .fetch_one(pool)
+            .await?;
+        assert_eq!(
+            email.len(),
+            64,
+            "{region}: hashed in the topic too: {email}"
+        );
+        let stored = dump(pool).await?;
+        for canary in EU_ONLY {
+            assert!(!stored.contains(canary), "{region}'s store holds {canary}");
+        }
+    }
+    // na's rows reached eu: every link has carried records
+    wait_for_row(d.pool("eu"), "SELECT count(*) FROM orders WHERE id = 1002").await?;
+    // every record of every topic: keys, headers and values
+    let records = d.broker().read_all("meridian.")?;
+    let topics: std::collections::BTreeSet<&str> =
+        records.iter().map(|r| r.topic.as_str()).collect();
+    for link in ["meridian.eu.na", "meridian.eu.apac", "meridian.na.eu"] {
+        assert!(topics.contains(link), "no records in {link}: {topics:?}");
+    }
+    let eu_out = records
+        .iter()
+        .filter(|r| r.topic.starts_with("meridian.eu."))
+        .count();
+    assert!(
+        eu_out > 10,
+        "eu's topics hold its changes and heartbeats: {eu_out}"
+    );
+    for r in &records {
+        let mut bytes = r.key.clone().unwrap_or_default();
+        bytes.extend(r.value.clone().unwrap_or_default());
+        for h in &r.headers {
+            bytes.extend(h);
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        for canary in EU_ONLY {
+            assert!(!text.contains(canary), "{canary} is in topic {}", r.topic);
+        }
+    }
     Ok(())
 }
 

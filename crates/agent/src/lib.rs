@@ -12,6 +12,7 @@ pub mod admin;
 pub mod guards;
 pub mod heartbeat;
 pub mod http;
+pub mod kafka;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
@@ -25,7 +26,7 @@ use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
 use meridian_capture::{ensure_publication, ensure_slot, publication_name, slot_name};
-use meridian_core::topology::Topology;
+use meridian_core::topology::{Topology, Transport};
 use meridian_proto::admin::admin_server::AdminServer;
 use meridian_proto::replication::replication_server::ReplicationServer;
 use sqlx::postgres::PgPoolOptions;
@@ -80,15 +81,6 @@ pub async fn run(
         .cloned()
         .collect();
     for peer in &peers {
-        for (source, destination) in [(region, peer.as_str()), (peer.as_str(), region)] {
-            if topology.transport(source, destination) == meridian_core::topology::Transport::Kafka
-            {
-                anyhow::bail!(
-                    "link {source} -> {destination} asks for transport \"kafka\", which this \
-                     agent version does not carry yet; use \"grpc\""
-                );
-            }
-        }
         ensure_slot(&pool, &slot_name(region, peer))
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
@@ -169,10 +161,52 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    let links: Vec<_> = peers
+    let keys: meridian_core::pgoutput::Keys = topology
+        .tables
         .iter()
-        .zip(acked)
-        .map(|(peer, acked)| {
+        .map(|t| {
+            let (schema, name) = t.split_name();
+            ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
+        })
+        .collect();
+    let cluster = topology.kafka.as_ref().map(|k| kafka::Cluster {
+        brokers: k.brokers.clone(),
+        topic_prefix: k.topic_prefix.clone(),
+        partitions: k.partitions,
+        replication_factor: k.replication_factor,
+    });
+    let mut links: Vec<_> = peers
+        .iter()
+        .filter(|peer| topology.transport(peer, region) == Transport::Kafka)
+        .map(|peer| {
+            let inbound = kafka::KafkaInbound {
+                source: peer.clone(),
+                destination: region.to_owned(),
+                store: store.clone(),
+                cluster: cluster.clone().expect("validated: [kafka] is present"),
+                policy: policy.clone(),
+                telemetry: telemetry.clone(),
+            };
+            tokio::spawn(inbound.run(shutdown.clone()))
+        })
+        .collect();
+    links.extend(peers.iter().zip(acked).map(|(peer, acked)| {
+        if topology.transport(region, peer) == Transport::Kafka {
+            let link = kafka::KafkaLink {
+                source: region.to_owned(),
+                destination: peer.clone(),
+                store: store.clone(),
+                slot: slot_name(region, peer),
+                publication: publication.clone(),
+                cluster: cluster.clone().expect("validated: [kafka] is present"),
+                policy: policy.clone(),
+                audit: audit.clone(),
+                keys: keys.clone(),
+                telemetry: telemetry.clone(),
+                acked,
+            };
+            tokio::spawn(link.run(shutdown.clone()))
+        } else {
             let link = link::Link {
                 source: region.to_owned(),
                 destination: peer.clone(),
@@ -186,18 +220,11 @@ pub async fn run(
                 audit: audit.clone(),
                 telemetry: telemetry.clone(),
                 acked,
-                keys: topology
-                    .tables
-                    .iter()
-                    .map(|t| {
-                        let (schema, name) = t.split_name();
-                        ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
-                    })
-                    .collect(),
+                keys: keys.clone(),
             };
             tokio::spawn(link.run(shutdown.clone()))
-        })
-        .collect();
+        }
+    }));
     let _ = shutdown.wait_for(|s| *s).await;
     for l in links {
         let _ = l.await;

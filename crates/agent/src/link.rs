@@ -44,6 +44,8 @@ pub enum LinkError {
     Protocol(String),
     #[error("capture: {0}")]
     Capture(#[from] CaptureError),
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 /// One link's configuration.
@@ -80,46 +82,66 @@ impl LinkError {
             LinkError::Closed => "closed",
             LinkError::Protocol(_) => "protocol",
             LinkError::Capture(_) => "capture",
+            LinkError::Kafka(_) => "kafka",
         }
+    }
+}
+
+/// Runs `session` until shutdown, backing off between failures (100 ms
+/// doubling to 5 s; 10 s after a capture error retrying will not fix), and
+/// keeps the link's state and errors in `telemetry`.
+pub(crate) async fn supervise<F, Fut>(
+    source: &str,
+    destination: &str,
+    telemetry: &Telemetry,
+    mut shutdown: watch::Receiver<bool>,
+    mut session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), LinkError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            r = session() => r,
+            _ = shutdown.wait_for(|s| *s) => {
+                telemetry.set_link_state(destination, LinkState::Stopped, None);
+                return;
+            }
+        };
+        if let Err(e) = result {
+            telemetry.error(source, destination, e.kind());
+            telemetry.set_link_state(destination, LinkState::Retrying, Some(with_causes(&e)));
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tracing::warn!(source, destination, error = %e,
+                retry_in_ms = backoff.as_millis() as u64, "link interrupted");
+            if matches!(&e, LinkError::Capture(c) if !c.is_retryable()) {
+                backoff = Duration::from_secs(10);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
 impl Link {
     /// Runs sessions until shutdown, backing off between failures.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let started = std::time::Instant::now();
-            let result = tokio::select! {
-                r = self.session() => r,
-                _ = shutdown.wait_for(|s| *s) => {
-                    self.telemetry.set_link_state(&self.destination, LinkState::Stopped, None);
-                    return;
-                }
-            };
-            if let Err(e) = result {
-                self.telemetry
-                    .error(&self.source, &self.destination, e.kind());
-                self.telemetry.set_link_state(
-                    &self.destination,
-                    LinkState::Retrying,
-                    Some(with_causes(&e)),
-                );
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
-                }
-                tracing::warn!(source = %self.source, destination = %self.destination,
-                    error = %e, retry_in_ms = backoff.as_millis() as u64, "link interrupted");
-                if matches!(&e, LinkError::Capture(c) if !c.is_retryable()) {
-                    backoff = Duration::from_secs(10);
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let telemetry = self.telemetry.clone();
+        supervise(
+            &self.source,
+            &self.destination,
+            &telemetry,
+            shutdown,
+            || self.session(),
+        )
+        .await
     }
 
     async fn session(&self) -> Result<(), LinkError> {
@@ -250,7 +272,9 @@ impl Link {
     }
 }
 
-async fn capture(
+/// Reads committed transactions from the slot into `out`, keeping the
+/// replication connection's status reports going while `out` is full.
+pub(crate) async fn capture(
     mut stream: ReplicationStream,
     out: mpsc::Sender<Transaction>,
 ) -> Result<(), CaptureError> {
@@ -271,7 +295,7 @@ async fn capture(
 
 /// The error and its causes, `: `-separated (tonic's transport errors say
 /// little without their causes).
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -285,7 +309,8 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-struct AbortOnDrop(tokio::task::AbortHandle);
+/// Aborts a task when dropped (a session's helpers end with it).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

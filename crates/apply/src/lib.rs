@@ -16,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use meridian_core::plan::{self, Plan};
+use meridian_core::record::Position;
 use meridian_core::{Lsn, Transaction};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -176,6 +177,107 @@ impl Applier {
         })
     }
 
+    /// Kafka links: the stored `(next offset, position)` of every partition
+    /// of `topic` (0 and the zero position for partitions not seen yet,
+    /// which are recorded so that the source's watermark waits for them).
+    pub fn partitions<'a>(
+        &'a mut self,
+        topic: &'a str,
+        count: i32,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Position)>, sqlx::Error>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO meridian.kafka_positions (topic, partition, source_region, next_offset, lsn, idx)
+                 SELECT $1, p, $2, 0, 0, 0 FROM generate_series(0, $3 - 1) AS p
+                 ON CONFLICT (topic, partition) DO NOTHING",
+            )
+            .bind(topic)
+            .bind(&self.source)
+            .bind(count)
+            .execute(&mut self.conn)
+            .await?;
+            let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT next_offset, lsn, idx FROM meridian.kafka_positions
+                  WHERE topic = $1 AND partition < $2 ORDER BY partition",
+            )
+            .bind(topic)
+            .bind(count)
+            .fetch_all(&mut self.conn)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(offset, lsn, idx)| {
+                    (
+                        offset,
+                        Position {
+                            lsn: Lsn(lsn as u64),
+                            index: idx as u32,
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+
+    /// Kafka links: applies one partition's records (already past its stored
+    /// position) and stores the partition's new offset and position, in one
+    /// transaction. The source's watermark becomes just below the lowest
+    /// position of all its partitions: every transaction at or below it has
+    /// been applied whole.
+    pub fn apply_partition<'a>(
+        &'a mut self,
+        transactions: &'a [Transaction],
+        at: &'a PartitionProgress<'a>,
+    ) -> BoxFuture<'a, Result<Applied, ApplyError>> {
+        Box::pin(async move {
+            let mut tx = self.conn.begin().await?;
+            let mut changes = 0;
+            if let Some(plan) = plan::plan(transactions, Lsn(0)) {
+                for (table, _) in &plan.tables {
+                    let key = (table.schema.clone(), table.name.clone());
+                    if let std::collections::hash_map::Entry::Vacant(slot) = self.shapes.entry(key)
+                    {
+                        let shape = statements::load_shape(&mut tx, &table.schema, &table.name)
+                            .await
+                            .map_err(classify)?;
+                        slot.insert(shape);
+                    }
+                }
+                execute(&mut tx, &plan, &self.shapes).await?;
+                changes = plan.changes;
+            }
+            let watermark = record_partition(&mut tx, &self.source, at).await?;
+            tx.commit().await?;
+            Ok(Applied { watermark, changes })
+        })
+    }
+
+    /// Kafka links: records a record that cannot be applied (the payload
+    /// only when `payload` is given) and moves the partition past it.
+    pub fn dead_letter_partition<'a>(
+        &'a mut self,
+        at: &'a PartitionProgress<'a>,
+        reason: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            self.shapes.clear();
+            let mut tx = self.conn.begin().await?;
+            sqlx::query(
+                "INSERT INTO meridian.dead_letters (source_region, end_lsn, reason, payload)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&self.source)
+            .bind(at.position.lsn.0 as i64)
+            .bind(reason)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+            record_partition(&mut tx, &self.source, at).await?;
+            tx.commit().await
+        })
+    }
+
     /// Records a batch that cannot be applied, and moves the watermark past
     /// it, in one transaction. The table shapes are reloaded afterwards, in
     /// case the cause was a schema change.
@@ -243,6 +345,59 @@ impl Applier {
         .await?;
         tx.commit().await
     }
+}
+
+/// Where a Kafka partition's apply leaves its mark.
+#[derive(Clone, Copy, Debug)]
+pub struct PartitionProgress<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    /// The offset after the last record handled.
+    pub next_offset: i64,
+    /// The source position of the last record handled.
+    pub position: Position,
+    /// Commit time of that record's transaction (PostgreSQL epoch, µs).
+    pub commit_time: i64,
+}
+
+/// Stores a partition's progress and raises the source's watermark to just
+/// below the lowest position of its topic's partitions; returns it.
+async fn record_partition(
+    conn: &mut PgConnection,
+    source: &str,
+    at: &PartitionProgress<'_>,
+) -> Result<Lsn, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO meridian.kafka_positions (topic, partition, source_region, next_offset, lsn, idx)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (topic, partition) DO UPDATE
+            SET next_offset = EXCLUDED.next_offset, lsn = EXCLUDED.lsn, idx = EXCLUDED.idx,
+                updated_at = now()",
+    )
+    .bind(at.topic)
+    .bind(at.partition)
+    .bind(source)
+    .bind(at.next_offset)
+    .bind(at.position.lsn.0 as i64)
+    .bind(i64::from(at.position.index))
+    .execute(&mut *conn)
+    .await?;
+    let watermark: i64 = sqlx::query_scalar(
+        "INSERT INTO meridian.watermarks (source_region, end_lsn, source_commit_time)
+         SELECT $1, greatest(min(lsn) - 1, 0),
+                timestamptz '2000-01-01 UTC' + $3 * interval '1 microsecond'
+           FROM meridian.kafka_positions WHERE topic = $2
+         ON CONFLICT (source_region) DO UPDATE
+            SET end_lsn = greatest(meridian.watermarks.end_lsn, EXCLUDED.end_lsn),
+                source_commit_time = EXCLUDED.source_commit_time, applied_at = now()
+         RETURNING end_lsn",
+    )
+    .bind(source)
+    .bind(at.topic)
+    .bind(at.commit_time as f64)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Lsn(watermark as u64))
 }
 
 async fn execute(

@@ -1,7 +1,16 @@
 //! The Kafka record format of a link (`<prefix>.<source>.<destination>`).
 //!
-//! One record per row change, keyed by table and primary key, so every
-//! change of one row lands in one partition, in order. The value is a
+//! A row's partition is fixed by its table and primary key (crc32 of the
+//! key, modulo the partitions), so every change of one row lands in one
+//! partition, in order. A transaction becomes one record per partition it
+//! touches, holding its changes for that partition in transaction order (a
+//! broker's cost is per record: a 1,000-row transaction is 4 records on 4
+//! partitions, not 1,000); the record's Kafka key is the table and primary key
+//! of its first change. Topics must not be compacted. An update that changes
+//! a row's key travels as a delete of the old key (in the old key's
+//! partition, after the row's earlier changes) and an insert of the new row
+//! (in the new key's partition), unless it carries unchanged TOASTed values,
+//! which only the old row holds: then it travels whole, keyed by the old key. The value is a
 //! one-change batch in the [`crate::codec`] format (self-describing). Each
 //! partition also gets every heartbeat, so a consumer learns that its
 //! partition has everything up to a source position even when no row of it
@@ -10,7 +19,7 @@
 //! Headers (values are ASCII decimal unless noted):
 //! - `meridian-origin`: the source region;
 //! - `meridian-lsn`: end position of the source transaction;
-//! - `meridian-index`: the change's index in that transaction
+//! - `meridian-index`: the record's index among its transaction's records
 //!   ([`HEARTBEAT_INDEX`] for heartbeats);
 //! - `meridian-policy-version`: the policy the change was filtered with;
 //! - `meridian-crc32`: crc32 of the value.
@@ -95,25 +104,33 @@ pub fn records(
             })
             .collect();
     }
-    transaction
-        .changes
-        .iter()
+    // (partition, first key, changes), in order of first appearance
+    let mut groups: Vec<(i32, Vec<u8>, Vec<crate::Change>)> = Vec::new();
+    for (key, change) in transaction.changes.iter().flat_map(split_key_change) {
+        let partition = partition_of(&key, partitions);
+        match groups.iter_mut().find(|(p, _, _)| *p == partition) {
+            Some((_, _, changes)) => changes.push(change),
+            None => groups.push((partition, key, vec![change])),
+        }
+    }
+    groups
+        .into_iter()
         .enumerate()
-        .map(|(i, change)| {
+        .map(|(i, (partition, key, changes))| {
             let position = Position {
                 lsn: transaction.end_lsn,
                 index: i as u32,
             };
-            let single = Transaction {
+            let part = Transaction {
                 commit_lsn: transaction.commit_lsn,
                 end_lsn: transaction.end_lsn,
                 commit_time: transaction.commit_time,
-                changes: vec![change.clone()],
+                changes,
             };
-            let value = codec::encode(std::slice::from_ref(&single));
+            let value = codec::encode(std::slice::from_ref(&part));
             Outgoing {
-                key: Some(key(change)),
-                partition: None,
+                key: Some(key),
+                partition: Some(partition),
                 headers: headers(source, position, policy_version, &value),
                 value,
                 position,
@@ -122,15 +139,50 @@ pub fn records(
         .collect()
 }
 
+/// The partition of a row key: crc32 of it, modulo the partitions.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    (crc32fast::hash(key) % partitions.max(1) as u32) as i32
+}
+
+/// A change as (record key, change) pairs: one, or two for a key change.
+fn split_key_change(change: &crate::Change) -> Vec<(Vec<u8>, crate::Change)> {
+    if let ChangeKind::Update {
+        old: Some(old),
+        new,
+    } = &change.kind
+    {
+        let old_key = key_of(&change.table, old);
+        let new_key = key_of(&change.table, new);
+        if old_key != new_key {
+            if new.contains(&Value::Unchanged) {
+                return vec![(old_key, change.clone())];
+            }
+            let delete = crate::Change {
+                table: change.table.clone(),
+                kind: ChangeKind::Delete { old: old.clone() },
+            };
+            let insert = crate::Change {
+                table: change.table.clone(),
+                kind: ChangeKind::Insert { new: new.clone() },
+            };
+            return vec![(old_key, delete), (new_key, insert)];
+        }
+    }
+    vec![(key(change), change.clone())]
+}
+
 /// `schema.table`, a zero byte, then each key value as a `u32` length and
 /// its text (`u32::MAX` for NULL). The row's new key, or its old key for a
 /// delete. Key values are as the policy let them cross (kept or hashed).
 pub fn key(change: &crate::Change) -> Vec<u8> {
-    let table: &Arc<crate::Table> = &change.table;
     let row = match &change.kind {
         ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => new,
         ChangeKind::Delete { old } => old,
     };
+    key_of(&change.table, row)
+}
+
+fn key_of(table: &Arc<crate::Table>, row: &crate::Row) -> Vec<u8> {
     let mut out = format!("{}.{}", table.schema, table.name).into_bytes();
     out.push(0);
     for i in table.key_indexes() {
@@ -205,8 +257,8 @@ pub fn decode(
         ));
     }
     let transaction = transactions.remove(0);
-    let expected_changes = usize::from(position.index != HEARTBEAT_INDEX);
-    if transaction.changes.len() != expected_changes || transaction.end_lsn != position.lsn {
+    let heartbeat = position.index == HEARTBEAT_INDEX;
+    if heartbeat != transaction.changes.is_empty() || transaction.end_lsn != position.lsn {
         return Err("value does not match its headers (position or change count)".to_owned());
     }
     Ok(Incoming {
@@ -268,13 +320,14 @@ mod tests {
     }
 
     #[test]
-    fn one_record_per_change_keyed_by_table_and_key() {
-        let t = transaction(vec![insert("1"), insert("2"), insert("1")]);
+    fn one_record_per_partition_with_the_rows_of_that_partition_in_order() {
+        let ids: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+        let mut changes: Vec<Change> = ids.iter().map(|id| insert(id)).collect();
+        changes.push(insert("7")); // a second change of row 7
+        let t = transaction(changes.clone());
         let out = records("eu", &t, 3, 4);
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0].key, out[2].key, "same row, same key, same partition");
-        assert_ne!(out[0].key, out[1].key);
-        assert!(out[0].key.as_ref().unwrap().starts_with(b"public.orders\0"));
+        assert_eq!(out.len(), 4, "40 rows over 4 partitions");
+        let mut seen = Vec::new();
         for (i, r) in out.iter().enumerate() {
             let back = decode(&consumed(r), Some(&r.value), "eu").unwrap();
             assert_eq!(
@@ -285,9 +338,84 @@ mod tests {
                 }
             );
             assert_eq!(back.policy_version, 3);
-            assert_eq!(back.transaction.changes, vec![t.changes[i].clone()]);
             assert!(!back.is_heartbeat());
+            for c in &back.transaction.changes {
+                // every row of a record belongs to the record's partition
+                assert_eq!(Some(partition_of(&key(c), 4)), r.partition);
+                seen.push(c.clone());
+            }
+            assert!(r.key.as_ref().unwrap().starts_with(b"public.orders\0"));
         }
+        // nothing lost, nothing added, and row 7's two changes in order
+        assert_eq!(seen.len(), changes.len());
+        let sevens = seen.iter().filter(|c| key(c) == key(&insert("7"))).count();
+        assert_eq!(sevens, 2);
+    }
+
+    #[test]
+    fn a_key_change_is_a_delete_of_the_old_key_and_an_insert_of_the_new_row() {
+        let row = |id: &str, note: Value| vec![Value::Text(id.into()), note];
+        let moved = Change {
+            table: table(),
+            kind: ChangeKind::Update {
+                old: Some(row("1", Value::Null)),
+                new: row("2", Value::Text("n".into())),
+            },
+        };
+        // 1 partition: one record, in order: insert 1, delete 1, insert 2
+        let out = records("eu", &transaction(vec![insert("1"), moved.clone()]), 0, 1);
+        let kinds: Vec<ChangeKind> = decode(&consumed(&out[0]), Some(&out[0].value), "eu")
+            .unwrap()
+            .transaction
+            .changes
+            .into_iter()
+            .map(|c| c.kind)
+            .collect();
+        assert_eq!(kinds.len(), 3);
+        assert!(
+            matches!(&kinds[1], ChangeKind::Delete { old } if old[0] == Value::Text("1".into()))
+        );
+        assert!(
+            matches!(&kinds[2], ChangeKind::Insert { new } if new[0] == Value::Text("2".into()))
+        );
+        // many partitions: the delete goes where key 1 lives, the insert where key 2 does
+        let out = records("eu", &transaction(vec![moved]), 0, 64);
+        let partition_1 = partition_of(&key(&insert("1")), 64);
+        let partition_2 = partition_of(&key(&insert("2")), 64);
+        assert_ne!(partition_1, partition_2, "keys on different partitions");
+        let delete = out
+            .iter()
+            .find(|r| r.partition == Some(partition_1))
+            .unwrap();
+        let back = decode(&consumed(delete), Some(&delete.value), "eu").unwrap();
+        assert!(matches!(
+            back.transaction.changes[0].kind,
+            ChangeKind::Delete { .. }
+        ));
+        assert!(out.iter().any(|r| r.partition == Some(partition_2)));
+
+        // unchanged TOASTed values live only in the old row: one record, old key
+        let toasted = Change {
+            table: table(),
+            kind: ChangeKind::Update {
+                old: Some(row("1", Value::Null)),
+                new: row("2", Value::Unchanged),
+            },
+        };
+        let out = records("eu", &transaction(vec![toasted]), 0, 64);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].partition, Some(partition_1), "with the old row");
+        // a full-identity update that keeps its key stays one change
+        let same_key = Change {
+            table: table(),
+            kind: ChangeKind::Update {
+                old: Some(row("1", Value::Text("old".into()))),
+                new: row("1", Value::Text("new".into())),
+            },
+        };
+        let out = records("eu", &transaction(vec![same_key]), 0, 4);
+        let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
+        assert_eq!(back.transaction.changes.len(), 1);
     }
 
     #[test]

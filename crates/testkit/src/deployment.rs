@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-use crate::{AgentProcess, PgCluster, TcpProxy, free_port};
+use crate::{AgentProcess, KafkaBroker, PgCluster, TcpProxy, free_port};
 
 /// What to start.
 pub struct Spec<'a> {
@@ -29,6 +29,9 @@ pub struct Spec<'a> {
     /// With `Some(schema)`, one more cluster plays the multi-region database
     /// (`[global]` in the topology), with this schema applied.
     pub global_schema: Option<&'a str>,
+    /// Every link over Kafka (a [`KafkaBroker`] started for the deployment)
+    /// instead of gRPC.
+    pub kafka: bool,
 }
 
 /// A running deployment. Dropping it kills the agents and removes the clusters.
@@ -40,6 +43,7 @@ pub struct Deployment {
     metrics: Vec<String>,
     clusters: Vec<PgCluster>,
     global: Option<(PgCluster, PgPool)>,
+    broker: Option<KafkaBroker>,
     pub config: PathBuf,
 }
 
@@ -106,6 +110,23 @@ impl Deployment {
             ));
         }
         topology.push_str(spec.extra_topology);
+        let broker = if spec.kafka {
+            let broker = KafkaBroker::start()?;
+            topology.push_str(&format!(
+                "\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n",
+                broker.addr()
+            ));
+            for source in spec.regions {
+                for destination in spec.regions.iter().filter(|d| *d != source) {
+                    topology.push_str(&format!(
+                        "\n[[links]]\nsource = \"{source}\"\ndestination = \"{destination}\"\ntransport = \"kafka\"\n"
+                    ));
+                }
+            }
+            Some(broker)
+        } else {
+            None
+        };
         if let Some((cluster, _)) = &global {
             topology.push_str(&format!(
                 "\n[global]\nstore = \"{}\"\n",
@@ -128,6 +149,7 @@ impl Deployment {
             metrics,
             clusters,
             global,
+            broker,
             config,
         };
         for i in 0..deployment.regions.len() {
@@ -155,6 +177,11 @@ impl Deployment {
             .as_ref()
             .expect("deployment has a global database")
             .1
+    }
+
+    /// The Kafka broker (with [`Spec::kafka`]).
+    pub fn broker(&mut self) -> &mut KafkaBroker {
+        self.broker.as_mut().expect("deployment runs over kafka")
     }
 
     /// The agent of `region`.

@@ -4,11 +4,13 @@
 
 pub mod agent;
 pub mod deployment;
+pub mod kafka;
 pub mod postgres;
 pub mod proxy;
 
 pub use agent::AgentProcess;
 pub use deployment::{Deployment, Spec};
+pub use kafka::KafkaBroker;
 pub use postgres::PgCluster;
 pub use proxy::TcpProxy;
 

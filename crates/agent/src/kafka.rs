@@ -1,0 +1,598 @@
+//! The Kafka transport: one topic per link, `<prefix>.<source>.<destination>`
+//! (see [`meridian_core::record`] for the record format).
+//!
+//! - [`KafkaLink`], at the source: reads the link's slot, filters every
+//!   transaction with the residency policy for the destination, and produces
+//!   one record per change (idempotent producer, `acks=all`). The slot is
+//!   confirmed past a transaction only when the broker acknowledged every
+//!   record of it and of all before it. A topic holds only what its
+//!   destination may have: it is data at rest, in the broker's region.
+//! - [`KafkaInbound`], at the destination: one task per partition, each with
+//!   its own apply session, applies records in partition order and stores the
+//!   partition's next offset and source position in the same transaction as
+//!   the rows (`meridian.kafka_positions`). Restarts resume from there;
+//!   records at or below the stored position (a source replaying after its
+//!   own restart) are skipped. The broker's consumer-group offsets are not
+//!   used. Bad records go to `meridian.dead_letters` and the partition moves
+//!   on; a record the residency policy forbids here stops its partition
+//!   (recorded in `meridian.policy_violations`) until the policies agree.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use meridian_apply::{Applier, ApplyError, PartitionProgress};
+use meridian_capture::ReplicationStream;
+use meridian_core::pgoutput::Keys;
+use meridian_core::record::{self, Position};
+use meridian_core::{Lsn, Transaction, codec};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use crate::link::{self, AbortOnDrop, LinkError};
+use crate::residency::{self, Audit, SharedPolicy};
+use crate::telemetry::{self, LinkState, Telemetry};
+
+/// The Kafka cluster and the link's topic settings.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Cluster {
+    fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("socket.keepalive.enable", "true")
+            .set("log_level", "3");
+        c
+    }
+
+    /// Creates the topic when absent (an existing topic keeps its settings)
+    /// and returns its partition count.
+    async fn ensure_topic(&self, topic: &str) -> Result<i32, LinkError> {
+        let admin: AdminClient<DefaultClientContext> = self.config().create().map_err(kafka)?;
+        let admin = Arc::new(admin);
+        let partitions = |admin: Arc<AdminClient<DefaultClientContext>>, topic: String| async move {
+            tokio::task::spawn_blocking(move || {
+                admin
+                    .inner()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .find(|t| t.name() == topic && t.error().is_none())
+                            .map_or(0, |t| t.partitions().len() as i32)
+                    })
+            })
+            .await
+            .map_err(|e| LinkError::Kafka(e.to_string()))?
+            .map_err(kafka)
+        };
+        let existing = partitions(admin.clone(), topic.to_owned()).await?;
+        if existing > 0 {
+            return Ok(existing);
+        }
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(
+                    topic,
+                    self.partitions,
+                    TopicReplication::Fixed(self.replication_factor),
+                )],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .map_err(kafka)?;
+        for result in created {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(LinkError::Kafka(format!(
+                        "cannot create topic {name}: {code}"
+                    )));
+                }
+            }
+        }
+        match partitions(admin, topic.to_owned()).await? {
+            0 => Err(LinkError::Kafka(format!(
+                "topic {topic} has no partitions yet"
+            ))),
+            n => Ok(n),
+        }
+    }
+}
+
+fn kafka(e: impl std::fmt::Display) -> LinkError {
+    LinkError::Kafka(e.to_string())
+}
+
+/// Records produced and not yet acknowledged, at most.
+const MAX_UNACKNOWLEDGED: usize = 50_000;
+
+/// The source side of a Kafka link.
+pub struct KafkaLink {
+    pub source: String,
+    pub destination: String,
+    /// The source store URL (secret).
+    pub store: String,
+    pub slot: String,
+    pub publication: String,
+    pub cluster: Cluster,
+    pub policy: SharedPolicy,
+    pub audit: Arc<Audit>,
+    pub keys: Keys,
+    pub telemetry: Arc<Telemetry>,
+    /// Highest position the broker durably holds, across sessions.
+    pub acked: Arc<AtomicU64>,
+}
+
+/// A produced record awaiting the broker's acknowledgement.
+struct InFlight {
+    delivery: DeliveryFuture,
+    /// Set on the last record of a transaction: its end position.
+    completes: Option<Lsn>,
+}
+
+impl KafkaLink {
+    /// Runs sessions until shutdown, backing off between failures.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let telemetry = self.telemetry.clone();
+        link::supervise(
+            &self.source,
+            &self.destination,
+            &telemetry,
+            shutdown,
+            || self.session(),
+        )
+        .await
+    }
+
+    async fn session(&self) -> Result<(), LinkError> {
+        let topic = record::topic(&self.cluster.topic_prefix, &self.source, &self.destination);
+        let partitions = self.cluster.ensure_topic(&topic).await?;
+        let producer: FutureProducer = self
+            .cluster
+            .config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "50")
+            .set("message.timeout.ms", "0") // never give up: the broker may be down for a while
+            .set("queue.buffering.max.messages", "200000")
+            .create()
+            .map_err(kafka)?;
+        // resume from the slot's confirmed position: what the broker holds
+        let stream = ReplicationStream::start(
+            &self.store,
+            &self.slot,
+            &self.publication,
+            Lsn(0),
+            self.keys.clone(),
+        )
+        .await?;
+        let confirmed = stream.confirmed();
+        self.acked
+            .fetch_max(confirmed.load(Ordering::Acquire), Ordering::AcqRel);
+        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(64);
+        let mut capture = tokio::spawn(link::capture(stream, changes_tx));
+        let _abort = AbortOnDrop(capture.abort_handle());
+        self.telemetry
+            .set_link_state(&self.destination, LinkState::Connected, None);
+        tracing::info!(source = %self.source, destination = %self.destination, %topic,
+            partitions, "kafka link producing");
+
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        loop {
+            tokio::select! {
+                biased;
+                delivered = async { (&mut in_flight.front_mut().expect("non-empty").delivery).await },
+                    if !in_flight.is_empty() =>
+                {
+                    let done = in_flight.pop_front().expect("non-empty");
+                    match delivered {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((e, _))) => return Err(kafka(format!("delivery to {topic} failed: {e}"))),
+                        Err(_) => return Err(kafka("producer dropped a delivery")),
+                    }
+                    if let Some(end) = done.completes {
+                        confirmed.fetch_max(end.0, Ordering::AcqRel);
+                        self.acked.fetch_max(end.0, Ordering::AcqRel);
+                    }
+                }
+                ended = &mut capture => {
+                    return match ended {
+                        Ok(Err(e)) => Err(e.into()),
+                        _ => Err(LinkError::Protocol("capture stopped".into())),
+                    };
+                }
+                next = changes.recv(), if in_flight.len() < MAX_UNACKNOWLEDGED => {
+                    let Some(transaction) = next else { return Err(LinkError::Closed) };
+                    self.produce(&producer, &topic, partitions, transaction, &mut in_flight)?;
+                }
+            }
+        }
+    }
+
+    /// Filters one transaction for the destination and produces its records.
+    fn produce(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        partitions: i32,
+        transaction: Transaction,
+        in_flight: &mut VecDeque<InFlight>,
+    ) -> Result<(), LinkError> {
+        let batch = [transaction];
+        let (batch, policy_version) = match residency::current(&self.policy) {
+            Some(policy) => {
+                let (filtered, counts) = policy.filter(&self.source, &self.destination, &batch);
+                self.audit.record(&self.destination, counts);
+                (filtered, policy.version())
+            }
+            None => (batch.to_vec(), 0),
+        };
+        let transaction = &batch[0];
+        let records = record::records(&self.source, transaction, policy_version, partitions);
+        let bytes: usize = records.iter().map(|r| r.value.len()).sum();
+        let count = records.len();
+        for (i, r) in records.into_iter().enumerate() {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (key, value) in &r.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let mut out = FutureRecord::to(topic).payload(&r.value).headers(headers);
+            if let Some(key) = &r.key {
+                out = out.key(key);
+            }
+            if let Some(p) = r.partition {
+                out = out.partition(p);
+            }
+            let delivery = producer
+                .send_result(out)
+                .map_err(|(e, _)| kafka(format!("cannot queue a record for {topic}: {e}")))?;
+            in_flight.push_back(InFlight {
+                delivery,
+                completes: (i + 1 == count).then_some(transaction.end_lsn),
+            });
+        }
+        self.telemetry.shipped(
+            &self.destination,
+            &telemetry::changes_per_table(&batch),
+            bytes,
+        );
+        Ok(())
+    }
+}
+
+/// The destination side of one Kafka link.
+pub struct KafkaInbound {
+    pub source: String,
+    pub destination: String,
+    /// The destination store URL (secret).
+    pub store: String,
+    pub cluster: Cluster,
+    pub policy: SharedPolicy,
+    pub telemetry: Arc<Telemetry>,
+}
+
+/// Records applied in one destination transaction, at most.
+const MAX_APPLY_RECORDS: usize = 5_000;
+
+impl KafkaInbound {
+    /// Consumes the link's topic until shutdown, one task per partition.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let topic = record::topic(&this.cluster.topic_prefix, &this.source, &this.destination);
+        let mut backoff = Duration::from_millis(200);
+        let partitions = loop {
+            match this.cluster.ensure_topic(&topic).await {
+                Ok(n) => break n,
+                Err(e) => {
+                    tracing::warn!(source = %this.source, %topic, error = %e,
+                        "kafka topic not ready; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let tasks: Vec<_> = (0..partitions)
+            .map(|p| {
+                let this = this.clone();
+                let topic = topic.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { this.partition_loop(topic, p, shutdown).await })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Applies one partition, reconnecting after failures.
+    async fn partition_loop(
+        &self,
+        topic: String,
+        partition: i32,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.partition_session(&topic, partition) => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            if let Err(e) = result {
+                self.telemetry
+                    .error(&self.source, &self.destination, e.kind());
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(source = %self.source, %topic, partition, error = %e,
+                    retry_in_ms = backoff.as_millis() as u64, "kafka partition interrupted");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn partition_session(&self, topic: &str, partition: i32) -> Result<(), LinkError> {
+        // one replication origin per partition: PostgreSQL 15 lets one
+        // session at a time hold an origin; capture skips every meridian_* one
+        let origin = format!(
+            "{}_p{partition}",
+            meridian_capture::origin_name(&self.source)
+        );
+        let mut applier = Applier::connect(&self.store, &self.source, &origin)
+            .await
+            .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
+        let count = self.cluster.ensure_topic(topic).await?.max(partition + 1);
+        let stored = applier
+            .partitions(topic, count)
+            .await
+            .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
+        let (next_offset, mut position) = stored[partition as usize];
+        let consumer: StreamConsumer = self
+            .cluster
+            .config()
+            .set(
+                "group.id",
+                format!("{}.{}", self.cluster.topic_prefix, self.destination),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka)?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(next_offset))
+            .map_err(kafka)?;
+        consumer.assign(&assignment).map_err(kafka)?;
+        tracing::info!(source = %self.source, %topic, partition, next_offset, "kafka partition consuming");
+
+        loop {
+            let first = consumer.recv().await.map_err(kafka)?;
+            let mut batch = vec![detach(&first)];
+            drop(first);
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+            while batch.len() < MAX_APPLY_RECORDS {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(detach(&m)),
+                    Ok(Err(e)) => return Err(kafka(e)),
+                    Err(_) => break,
+                }
+            }
+            position = self
+                .apply_records(&mut applier, topic, partition, position, batch)
+                .await?;
+        }
+    }
+
+    /// Applies consumed records in order; returns the partition's position.
+    async fn apply_records(
+        &self,
+        applier: &mut Applier,
+        topic: &str,
+        partition: i32,
+        mut position: Position,
+        records: Vec<Consumed>,
+    ) -> Result<Position, LinkError> {
+        let store_error =
+            |e: &dyn std::fmt::Display| LinkError::Kafka(format!("destination store: {e}"));
+        let started = Instant::now();
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        let mut fresh: Vec<Pending> = Vec::new();
+        let mut applied: Vec<Transaction> = Vec::new();
+        for r in records {
+            let incoming = match record::decode(&r.headers, r.value.as_deref(), &self.source) {
+                Ok(incoming) => incoming,
+                Err(reason) => {
+                    // apply what came before, then set the bad record aside
+                    self.apply(applier, topic, partition, &fresh).await?;
+                    applied.extend(fresh.drain(..).map(|p| p.transaction));
+                    self.dead_letter(applier, topic, partition, r.offset, position, &reason, &r)
+                        .await
+                        .map_err(|e| store_error(&e))?;
+                    continue;
+                }
+            };
+            if incoming.position <= position {
+                continue; // a replay: already applied
+            }
+            if let Some(policy) = residency::current(&self.policy) {
+                let single = std::slice::from_ref(&incoming.transaction);
+                if let Err(violation) = policy.check(&self.source, &self.destination, single) {
+                    let reason = format!("residency policy violation: {violation}");
+                    tracing::error!(source = %self.source, %topic, partition, offset = r.offset,
+                        %reason, "refused record; the partition waits until the policies agree");
+                    self.telemetry
+                        .error(&self.source, &self.destination, "policy_violation");
+                    self.apply(applier, topic, partition, &fresh).await?;
+                    applier
+                        .record_violation(
+                            incoming.position.lsn,
+                            incoming.policy_version,
+                            policy.version(),
+                            &reason,
+                        )
+                        .await
+                        .map_err(|e| store_error(&e))?;
+                    return Err(LinkError::Refused {
+                        seq: r.offset as u64,
+                        reason,
+                    });
+                }
+            }
+            position = incoming.position;
+            fresh.push(Pending {
+                next_offset: r.offset + 1,
+                position,
+                transaction: incoming.transaction,
+            });
+        }
+        self.apply(applier, topic, partition, &fresh).await?;
+        applied.extend(fresh.into_iter().map(|p| p.transaction));
+        self.telemetry.applied(
+            &self.source,
+            &telemetry::changes_per_table(&applied),
+            bytes,
+            started.elapsed(),
+            0,
+        );
+        Ok(position)
+    }
+
+    /// Applies records and stores the partition's progress (that of the last
+    /// one) in one transaction. A batch the store rejects is retried record
+    /// by record, each with its own progress; rejected ones go to the
+    /// dead-letter table.
+    async fn apply(
+        &self,
+        applier: &mut Applier,
+        topic: &str,
+        partition: i32,
+        records: &[Pending],
+    ) -> Result<(), LinkError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let at = PartitionProgress {
+            topic,
+            partition,
+            next_offset: last.next_offset,
+            position: last.position,
+            commit_time: last.transaction.commit_time,
+        };
+        let transactions: Vec<Transaction> =
+            records.iter().map(|p| p.transaction.clone()).collect();
+        match applier.apply_partition(&transactions, &at).await {
+            Ok(_) => Ok(()),
+            Err(ApplyError::Rejected(_)) if records.len() > 1 => {
+                for one in records {
+                    Box::pin(self.apply(applier, topic, partition, std::slice::from_ref(one)))
+                        .await?;
+                }
+                Ok(())
+            }
+            Err(ApplyError::Rejected(reason)) => {
+                let payload = codec::encode(&transactions);
+                applier
+                    .dead_letter_partition(&at, &reason, &payload)
+                    .await
+                    .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
+                self.telemetry.dead_letter(&self.source);
+                tracing::error!(source = %self.source, %topic, partition, %reason,
+                    "change moved to meridian.dead_letters");
+                Ok(())
+            }
+            Err(ApplyError::Unavailable(e)) => Err(LinkError::Kafka(format!(
+                "destination store unavailable: {e}"
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &self,
+        applier: &mut Applier,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        position: Position,
+        reason: &str,
+        record: &Consumed,
+    ) -> Result<(), sqlx::Error> {
+        let reason = format!("kafka record {topic}/{partition}@{offset}: {reason}");
+        tracing::error!(source = %self.source, %reason, "record moved to meridian.dead_letters");
+        self.telemetry.dead_letter(&self.source);
+        self.telemetry
+            .error(&self.source, &self.destination, "bad_record");
+        // under a policy, bytes that cannot be checked are not kept
+        let payload = match residency::current(&self.policy) {
+            Some(_) => &[][..],
+            None => record.value.as_deref().unwrap_or_default(),
+        };
+        let at = PartitionProgress {
+            topic,
+            partition,
+            next_offset: offset + 1,
+            position,
+            commit_time: 0,
+        };
+        applier.dead_letter_partition(&at, &reason, payload).await
+    }
+}
+
+/// A decoded record waiting to be applied, with the progress it brings.
+struct Pending {
+    next_offset: i64,
+    position: Position,
+    transaction: Transaction,
+}
+
+/// A consumed record, detached from the consumer's buffer.
+struct Consumed {
+    offset: i64,
+    headers: Vec<(String, Vec<u8>)>,
+    value: Option<Vec<u8>>,
+}
+
+fn detach(m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Consumed {
+        offset: m.offset(),
+        headers,
+        value: m.payload().map(<[u8]>::to_vec),
+    }
+}

@@ -1,0 +1,284 @@
+//! The Kafka transport against a real Kafka-protocol broker (tansu): a broker
+//! restart in the middle of a workload, and bad records set aside while the
+//! link keeps running. (The scenarios shared with gRPC run over Kafka in
+//! tests/replication.rs; the topic canary scan is in tests/residency.rs.)
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_core::change::{Change, ChangeKind, Column, Table, Transaction, Value};
+use meridian_core::{Lsn, codec, record};
+use meridian_testkit::{Deployment, Spec};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const REGIONS: [&str; 3] = ["na", "eu", "apac"];
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meridian"))
+}
+
+const SCHEMA: &str = "
+CREATE TABLE counters (id bigint PRIMARY KEY, home text NOT NULL, version integer NOT NULL, body text);
+CREATE TABLE apply_log (id bigint, version integer, op text);
+CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    INSERT INTO apply_log VALUES (OLD.id, OLD.version, 'D');
+  ELSE
+    INSERT INTO apply_log VALUES (NEW.id, NEW.version, 'W');
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER counters_log AFTER INSERT OR UPDATE OR DELETE ON counters
+  FOR EACH ROW EXECUTE FUNCTION log_apply();
+ALTER TABLE counters ENABLE ALWAYS TRIGGER counters_log;";
+
+async fn start() -> anyhow::Result<Deployment> {
+    Deployment::start(
+        binary(),
+        &Spec {
+            regions: &REGIONS,
+            schema: SCHEMA,
+            tables: &[("public.counters", "id", "home")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: true,
+        },
+    )
+    .await
+}
+
+/// One transaction in `region`: 40 inserts, version bumps, 2 deletes.
+async fn step(d: &Deployment, region_index: usize, step: i64) -> anyhow::Result<u64> {
+    let region = REGIONS[region_index];
+    let base = region_index as i64 * 1_000_000 + step * 40;
+    let mut tx = d.pool(region).begin().await?;
+    let mut n = sqlx::query(
+        "INSERT INTO counters SELECT g, $2, 0, md5(g::text) FROM generate_series($1::bigint, $1::bigint + 39) g",
+    )
+    .bind(base)
+    .bind(region)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    n += sqlx::query(
+        "UPDATE counters SET version = version + 1 WHERE id >= $1 AND id < $1 + 1000000 AND id % 7 = $2 % 7",
+    )
+    .bind(region_index as i64 * 1_000_000)
+    .bind(step)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    n += sqlx::query("DELETE FROM counters WHERE id IN ($1, $1 + 13)")
+        .bind(base - 40)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
+    let mut d = start().await?;
+    let mut changes = 0u64;
+    let mut s = 1;
+    let mut restarted = false;
+    while changes < 50_000 {
+        for i in 0..REGIONS.len() {
+            changes += step(&d, i, s).await?;
+        }
+        s += 1;
+        if !restarted && changes >= 20_000 {
+            // kill -9 mid-stream, keep writing while it is down, restart
+            d.broker().kill9();
+            for _ in 0..10 {
+                for i in 0..REGIONS.len() {
+                    changes += step(&d, i, s).await?;
+                }
+                s += 1;
+            }
+            d.broker().restart()?;
+            restarted = true;
+        }
+    }
+    let rows = d
+        .wait_converged("counters", "id", 1, Duration::from_secs(240))
+        .await?;
+    assert!(rows > 1000, "{rows}");
+    for region in REGIONS {
+        let pool = d.pool(region);
+        let duplicates: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM apply_log GROUP BY id, version, op HAVING count(*) > 1) d",
+        )
+        .fetch_one(pool)
+        .await?;
+        assert_eq!(duplicates, 0, "{region}: a row version was applied twice");
+        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
+            .fetch_one(pool)
+            .await?;
+        assert_eq!(dead, 0, "{region}: nothing dead-lettered");
+        // positions are kept in the store, per partition of each inbound topic
+        let partitions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM meridian.kafka_positions WHERE next_offset > 0",
+        )
+        .fetch_one(pool)
+        .await?;
+        assert!(
+            partitions >= 4,
+            "{region}: {partitions} partitions consumed"
+        );
+    }
+    Ok(())
+}
+
+/// Record headers as produced: (name, value).
+type Headers<'a> = Vec<(&'a str, Vec<u8>)>;
+
+/// Produces raw records into `topic` (as a broken or hostile producer would).
+async fn produce(
+    brokers: &str,
+    topic: &str,
+    records: Vec<(Headers<'_>, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for (headers, value) in records {
+        let mut h = OwnedHeaders::new();
+        for (key, v) in &headers {
+            h = h.insert(Header {
+                key,
+                value: Some(v),
+            });
+        }
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(b"bad")
+                    .payload(&value)
+                    .headers(h)
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::Result<()> {
+    let mut d = start().await?;
+    // the link works, and its topic exists
+    step(&d, 0, 1).await?;
+    d.wait_converged("counters", "id", 40, Duration::from_secs(60))
+        .await?;
+
+    // a change to a table eu does not have, well formed
+    let unknown = Arc::new(Table {
+        schema: "public".into(),
+        name: "no_such_table".into(),
+        columns: vec![Column {
+            name: "id".into(),
+            type_oid: 20,
+            key: true,
+        }],
+    });
+    // at na's current position: past everything already applied, before
+    // anything na commits next
+    let now: i64 = sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint")
+        .fetch_one(d.pool("na"))
+        .await?;
+    let transaction = Transaction {
+        commit_lsn: Lsn(now as u64 - 8),
+        end_lsn: Lsn(now as u64),
+        commit_time: 0,
+        changes: vec![Change {
+            table: unknown,
+            kind: ChangeKind::Insert {
+                new: vec![Value::Text("1".into())],
+            },
+        }],
+    };
+    let good = record::records("na", &transaction, 0, 4).remove(0);
+    let headers = |value: &[u8], crc: Option<u32>| -> Headers<'_> {
+        good.headers
+            .iter()
+            .map(|(k, v)| {
+                if *k == record::CRC32 {
+                    let crc = crc.unwrap_or_else(|| codec::checksum(value));
+                    (*k, crc.to_string().into_bytes())
+                } else {
+                    (*k, v.clone())
+                }
+            })
+            .collect()
+    };
+    let garbage = b"\x00\x01 not a batch".to_vec();
+    let brokers = d.broker().addr();
+    produce(
+        &brokers,
+        "meridian.na.eu",
+        vec![
+            (headers(&good.value, Some(12345)), good.value.clone()), // bad crc32
+            (headers(&garbage, None), garbage.clone()),              // undecodable
+            (headers(&good.value, None), good.value.clone()),        // unknown table
+        ],
+    )
+    .await?;
+
+    // the link keeps running: later changes arrive (40 more rows, 2 deleted)
+    step(&d, 0, 2).await?;
+    d.wait_converged("counters", "id", 78, Duration::from_secs(60))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reasons = loop {
+        let reasons: Vec<String> = sqlx::query_scalar(
+            "SELECT reason FROM meridian.dead_letters WHERE source_region = 'na' ORDER BY id",
+        )
+        .fetch_all(d.pool("eu"))
+        .await?;
+        if reasons.len() >= 3 || Instant::now() > deadline {
+            break reasons;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("crc32 mismatch"), "{reasons:?}");
+    assert!(reasons[1].contains("undecodable value"), "{reasons:?}");
+    assert!(reasons[2].contains("no_such_table"), "{reasons:?}");
+    for r in &reasons[..2] {
+        assert!(r.starts_with("kafka record meridian.na.eu/0@"), "{r}");
+    }
+
+    // visible in metrics and in the status
+    let dead = d
+        .metric(
+            "eu",
+            r#"meridian_dead_letters_total{source="na",destination="eu"}"#,
+        )
+        .await?;
+    assert_eq!(dead, Some(3.0));
+    let out = std::process::Command::new(binary())
+        .args(["status", "--json", "--config"])
+        .arg(&d.config)
+        .output()?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let eu = report["regions"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["region"] == "eu"))
+        .expect("eu in the report");
+    let from_na = eu["inbound"]
+        .as_array()
+        .and_then(|i| i.iter().find(|i| i["source"] == "na"))
+        .expect("eu applies from na");
+    assert_eq!(from_na["dead_letters"], 3, "{report:#}");
+    Ok(())
+}
