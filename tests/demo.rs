@@ -113,3 +113,28 @@ fn the_demo_replicates_between_three_regions_and_cleans_up() {
         dir.display()
     );
 }
+
+#[test]
+fn the_demo_runs_over_kafka() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["demo", "--duration", "5", "--transport", "kafka"])
+        .output()
+        .expect("run meridian demo --transport kafka");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("transport = \"kafka\""), "{stdout}");
+    assert!(
+        stdout.contains("visible in eu") && stdout.contains("visible in na"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("NOT visible"), "{stdout}");
+    let residency = stdout
+        .lines()
+        .find(|l| l.contains("residency:"))
+        .expect("an eu order was written");
+    assert!(residency.contains("na: items = NULL"), "{residency}");
+}

@@ -37,7 +37,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
-use crate::link::{self, AbortOnDrop, LinkError};
+use crate::link::{self, AbortOnDrop, LinkError, Outbound};
 use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
 
@@ -145,9 +145,8 @@ struct InFlight {
     completes: Option<Lsn>,
 }
 
-impl KafkaLink {
-    /// Runs sessions until shutdown, backing off between failures.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+impl Outbound for KafkaLink {
+    async fn run(self, shutdown: watch::Receiver<bool>) {
         let telemetry = self.telemetry.clone();
         link::supervise(
             &self.source,
@@ -158,7 +157,9 @@ impl KafkaLink {
         )
         .await
     }
+}
 
+impl KafkaLink {
     async fn session(&self) -> Result<(), LinkError> {
         let topic = record::topic(&self.cluster.topic_prefix, &self.source, &self.destination);
         let partitions = self.cluster.ensure_topic(&topic).await?;
@@ -167,7 +168,7 @@ impl KafkaLink {
             .config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "50")
+            .set("linger.ms", "5")
             .set("message.timeout.ms", "0") // never give up: the broker may be down for a while
             .set("queue.buffering.max.messages", "200000")
             .create()
@@ -382,6 +383,8 @@ impl KafkaInbound {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
+            // an idle partition answers within 100 ms: low latency, few requests
+            .set("fetch.wait.max.ms", "100")
             .create()
             .map_err(kafka)?;
         let mut assignment = TopicPartitionList::new();

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
+use link::Outbound;
 use meridian_capture::{ensure_publication, ensure_slot, publication_name, slot_name};
 use meridian_core::topology::{Topology, Transport};
 use meridian_proto::admin::admin_server::AdminServer;

@@ -130,9 +130,18 @@ pub(crate) async fn supervise<F, Fut>(
     }
 }
 
-impl Link {
+/// The outbound side of a link, whatever carries it: ships this region's
+/// changes to one peer until shutdown, confirming the slot only past what the
+/// transport made durable. Implemented by [`Link`] (gRPC to the peer's agent)
+/// and [`crate::kafka::KafkaLink`] (a Kafka topic); the topology chooses per
+/// link.
+pub trait Outbound: Send + 'static {
     /// Runs sessions until shutdown, backing off between failures.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+    fn run(self, shutdown: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Outbound for Link {
+    async fn run(self, shutdown: watch::Receiver<bool>) {
         let telemetry = self.telemetry.clone();
         supervise(
             &self.source,
@@ -143,7 +152,9 @@ impl Link {
         )
         .await
     }
+}
 
+impl Link {
     async fn session(&self) -> Result<(), LinkError> {
         let mut client = ReplicationClient::connect(format!("http://{}", self.peer_addr))
             .await?
