@@ -430,12 +430,13 @@ impl KafkaInbound {
             .sum();
         let mut fresh: Vec<Pending> = Vec::new();
         let mut applied: Vec<Transaction> = Vec::new();
+        let mut watermark = Lsn(0);
         for r in records {
             let incoming = match record::decode(&r.headers, r.value.as_deref(), &self.source) {
                 Ok(incoming) => incoming,
                 Err(reason) => {
                     // apply what came before, then set the bad record aside
-                    self.apply(applier, topic, partition, &fresh).await?;
+                    watermark = watermark.max(self.apply(applier, topic, partition, &fresh).await?);
                     applied.extend(fresh.drain(..).map(|p| p.transaction));
                     self.dead_letter(applier, topic, partition, r.offset, position, &reason, &r)
                         .await
@@ -477,31 +478,31 @@ impl KafkaInbound {
                 transaction: incoming.transaction,
             });
         }
-        self.apply(applier, topic, partition, &fresh).await?;
+        watermark = watermark.max(self.apply(applier, topic, partition, &fresh).await?);
         applied.extend(fresh.into_iter().map(|p| p.transaction));
         self.telemetry.applied(
             &self.source,
             &telemetry::changes_per_table(&applied),
             bytes,
             started.elapsed(),
-            0,
+            watermark.0,
         );
         Ok(position)
     }
 
     /// Applies records and stores the partition's progress (that of the last
-    /// one) in one transaction. A batch the store rejects is retried record
-    /// by record, each with its own progress; rejected ones go to the
-    /// dead-letter table.
+    /// one) in one transaction; returns the source's watermark after it (0
+    /// if unknown). A batch the store rejects is retried record by record,
+    /// each with its own progress; rejected ones go to the dead-letter table.
     async fn apply(
         &self,
         applier: &mut Applier,
         topic: &str,
         partition: i32,
         records: &[Pending],
-    ) -> Result<(), LinkError> {
+    ) -> Result<Lsn, LinkError> {
         let Some(last) = records.last() else {
-            return Ok(());
+            return Ok(Lsn(0));
         };
         let at = PartitionProgress {
             topic,
@@ -513,13 +514,16 @@ impl KafkaInbound {
         let transactions: Vec<Transaction> =
             records.iter().map(|p| p.transaction.clone()).collect();
         match applier.apply_partition(&transactions, &at).await {
-            Ok(_) => Ok(()),
+            Ok(applied) => Ok(applied.watermark),
             Err(ApplyError::Rejected(_)) if records.len() > 1 => {
+                let mut watermark = Lsn(0);
                 for one in records {
-                    Box::pin(self.apply(applier, topic, partition, std::slice::from_ref(one)))
-                        .await?;
+                    let after =
+                        Box::pin(self.apply(applier, topic, partition, std::slice::from_ref(one)))
+                            .await?;
+                    watermark = watermark.max(after);
                 }
-                Ok(())
+                Ok(watermark)
             }
             Err(ApplyError::Rejected(reason)) => {
                 let payload = codec::encode(&transactions);
@@ -530,7 +534,7 @@ impl KafkaInbound {
                 self.telemetry.dead_letter(&self.source);
                 tracing::error!(source = %self.source, %topic, partition, %reason,
                     "change moved to meridian.dead_letters");
-                Ok(())
+                Ok(Lsn(0))
             }
             Err(ApplyError::Unavailable(e)) => Err(LinkError::Kafka(format!(
                 "destination store unavailable: {e}"
