@@ -3,10 +3,13 @@
 //! link keeps running. (The scenarios shared with gRPC run over Kafka in
 //! tests/replication.rs; the topic canary scan is in tests/residency.rs.)
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{COUNTERS_SCHEMA, workload_step};
 use meridian_core::change::{Change, ChangeKind, Column, Table, Transaction, Value};
 use meridian_core::{Lsn, codec, record};
 use meridian_testkit::{Deployment, Spec};
@@ -20,28 +23,12 @@ fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meridian"))
 }
 
-const SCHEMA: &str = "
-CREATE TABLE counters (id bigint PRIMARY KEY, home text NOT NULL, version integer NOT NULL, body text);
-CREATE TABLE apply_log (id bigint, version integer, op text);
-CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF TG_OP = 'DELETE' THEN
-    INSERT INTO apply_log VALUES (OLD.id, OLD.version, 'D');
-  ELSE
-    INSERT INTO apply_log VALUES (NEW.id, NEW.version, 'W');
-  END IF;
-  RETURN NULL;
-END $$;
-CREATE TRIGGER counters_log AFTER INSERT OR UPDATE OR DELETE ON counters
-  FOR EACH ROW EXECUTE FUNCTION log_apply();
-ALTER TABLE counters ENABLE ALWAYS TRIGGER counters_log;";
-
 async fn start() -> anyhow::Result<Deployment> {
     Deployment::start(
         binary(),
         &Spec {
             regions: &REGIONS,
-            schema: SCHEMA,
+            schema: COUNTERS_SCHEMA,
             tables: &[("public.counters", "id", "home")],
             proxied: &[],
             extra_topology: "",
@@ -54,34 +41,9 @@ async fn start() -> anyhow::Result<Deployment> {
     .await
 }
 
-/// One transaction in `region`: 40 inserts, version bumps, 2 deletes.
+/// One workload transaction in the `region_index`th region.
 async fn step(d: &Deployment, region_index: usize, step: i64) -> anyhow::Result<u64> {
-    let region = REGIONS[region_index];
-    let base = region_index as i64 * 1_000_000 + step * 40;
-    let mut tx = d.pool(region).begin().await?;
-    let mut n = sqlx::query(
-        "INSERT INTO counters SELECT g, $2, 0, md5(g::text) FROM generate_series($1::bigint, $1::bigint + 39) g",
-    )
-    .bind(base)
-    .bind(region)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    n += sqlx::query(
-        "UPDATE counters SET version = version + 1 WHERE id >= $1 AND id < $1 + 1000000 AND id % 7 = $2 % 7",
-    )
-    .bind(region_index as i64 * 1_000_000)
-    .bind(step)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    n += sqlx::query("DELETE FROM counters WHERE id IN ($1, $1 + 13)")
-        .bind(base - 40)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
-    Ok(n)
+    workload_step(d.pool(REGIONS[region_index]), region_index as i64, step).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,18 +74,9 @@ async fn a_broker_restart_loses_nothing_and_applies_nothing_twice() -> anyhow::R
         .wait_converged("counters", "id", 1, Duration::from_secs(240))
         .await?;
     assert!(rows > 1000, "{rows}");
+    common::assert_applied_once_and_nothing_dead(&d, &REGIONS).await?;
     for region in REGIONS {
         let pool = d.pool(region);
-        let duplicates: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT 1 FROM apply_log GROUP BY id, version, op HAVING count(*) > 1) d",
-        )
-        .fetch_one(pool)
-        .await?;
-        assert_eq!(duplicates, 0, "{region}: a row version was applied twice");
-        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
-            .fetch_one(pool)
-            .await?;
-        assert_eq!(dead, 0, "{region}: nothing dead-lettered");
         // positions are kept in the store, per partition of each inbound topic
         let partitions: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM meridian.kafka_positions WHERE next_offset > 0",
