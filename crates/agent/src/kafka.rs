@@ -234,14 +234,17 @@ impl KafkaLink {
         transaction: Transaction,
         in_flight: &mut VecDeque<InFlight>,
     ) -> Result<(), LinkError> {
-        let batch = [transaction];
-        let (batch, policy_version) = match residency::current(&self.policy) {
+        let captured = [transaction];
+        let filtered;
+        let (batch, policy_version): (&[Transaction], u64) = match residency::current(&self.policy)
+        {
             Some(policy) => {
-                let (filtered, counts) = policy.filter(&self.source, &self.destination, &batch);
+                let (kept, counts) = policy.filter(&self.source, &self.destination, &captured);
                 self.audit.record(&self.destination, counts);
-                (filtered, policy.version())
+                filtered = kept;
+                (&filtered, policy.version())
             }
-            None => (batch.to_vec(), 0),
+            None => (&captured, 0),
         };
         let transaction = &batch[0];
         let records = record::records(&self.source, transaction, policy_version, partitions);
@@ -272,7 +275,7 @@ impl KafkaLink {
         }
         self.telemetry.shipped(
             &self.destination,
-            &telemetry::changes_per_table(&batch),
+            &telemetry::changes_per_table(batch),
             bytes,
         );
         Ok(())
