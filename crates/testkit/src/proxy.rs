@@ -87,8 +87,10 @@ impl TcpProxy {
         self.state.cut.send_modify(|n| *n += 1);
     }
 
-    /// Flips one byte in the middle of each of the next `n` large chunks sent
-    /// from client to server.
+    /// Flips one byte in each of the next `n` large chunks sent from client
+    /// to server that carry row text: the middle byte of a run of at least 32
+    /// ASCII letters and digits, so the corruption lands in a batch's payload
+    /// (where its crc32 must catch it), never in the HTTP/2 or gRPC framing.
     pub fn corrupt_next(&self, n: usize) {
         self.state.corrupt.store(n, Ordering::SeqCst);
     }
@@ -111,6 +113,19 @@ impl Drop for TcpProxy {
     }
 }
 
+/// The middle of the first run of at least 32 ASCII letters and digits.
+fn text_run_middle(bytes: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if !b.is_ascii_alphanumeric() {
+            start = i + 1;
+        } else if i + 1 - start >= 32 {
+            return Some(start + 16);
+        }
+    }
+    None
+}
+
 async fn forward(state: Arc<State>, client: TcpStream) {
     let Ok(server) = TcpStream::connect(&state.target).await else {
         return;
@@ -129,12 +144,14 @@ async fn forward(state: Arc<State>, client: TcpStream) {
                 return Ok::<_, std::io::Error>(());
             }
             if n >= CORRUPTIBLE_CHUNK
+                && up_state.corrupt.load(Ordering::SeqCst) > 0
+                && let Some(at) = text_run_middle(&buf[..n])
                 && up_state
                     .corrupt
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
                     .is_ok()
             {
-                buf[n / 2] ^= 0xFF;
+                buf[at] ^= 0x01; // stays ASCII: a changed letter or digit
                 up_state.corrupted.fetch_add(1, Ordering::SeqCst);
             }
             {
