@@ -234,19 +234,23 @@ impl KafkaLink {
         transaction: Transaction,
         in_flight: &mut VecDeque<InFlight>,
     ) -> Result<(), LinkError> {
-        let captured = [transaction];
-        let filtered;
-        let (batch, policy_version): (&[Transaction], u64) = match residency::current(&self.policy)
-        {
+        let (transaction, policy_version) = match residency::current(&self.policy) {
             Some(policy) => {
-                let (kept, counts) = policy.filter(&self.source, &self.destination, &captured);
+                let (mut kept, counts) = policy.filter(
+                    &self.source,
+                    &self.destination,
+                    std::slice::from_ref(&transaction),
+                );
                 self.audit.record(&self.destination, counts);
-                filtered = kept;
-                (&filtered, policy.version())
+                (
+                    kept.pop().expect("one transaction in, one out"),
+                    policy.version(),
+                )
             }
-            None => (&captured, 0),
+            None => (transaction, 0),
         };
-        let transaction = &batch[0];
+        let end_lsn = transaction.end_lsn;
+        let tables = telemetry::changes_per_table(std::slice::from_ref(&transaction));
         let records = record::records(&self.source, transaction, policy_version, partitions);
         let bytes: usize = records.iter().map(|r| r.value.len()).sum();
         let count = records.len();
@@ -270,14 +274,10 @@ impl KafkaLink {
                 .map_err(|(e, _)| kafka(format!("cannot queue a record for {topic}: {e}")))?;
             in_flight.push_back(InFlight {
                 delivery,
-                completes: (i + 1 == count).then_some(transaction.end_lsn),
+                completes: (i + 1 == count).then_some(end_lsn),
             });
         }
-        self.telemetry.shipped(
-            &self.destination,
-            &telemetry::changes_per_table(batch),
-            bytes,
-        );
+        self.telemetry.shipped(&self.destination, &tables, bytes);
         Ok(())
     }
 }
@@ -321,7 +321,9 @@ impl KafkaInbound {
                 let this = this.clone();
                 let topic = topic.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { this.partition_loop(topic, p, shutdown).await })
+                tokio::spawn(
+                    async move { this.partition_loop(topic, p, partitions, shutdown).await },
+                )
             })
             .collect();
         for t in tasks {
@@ -334,13 +336,14 @@ impl KafkaInbound {
         &self,
         topic: String,
         partition: i32,
+        partitions: i32,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
             let result = tokio::select! {
-                r = self.partition_session(&topic, partition) => r,
+                r = self.partition_session(&topic, partition, partitions) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             if let Err(e) = result {
@@ -360,7 +363,13 @@ impl KafkaInbound {
         }
     }
 
-    async fn partition_session(&self, topic: &str, partition: i32) -> Result<(), LinkError> {
+    /// One session of one partition; `partitions` is the topic's count.
+    async fn partition_session(
+        &self,
+        topic: &str,
+        partition: i32,
+        partitions: i32,
+    ) -> Result<(), LinkError> {
         // one replication origin per partition: PostgreSQL 15 lets one
         // session at a time hold an origin; capture skips every meridian_* one
         let origin = format!(
@@ -370,9 +379,8 @@ impl KafkaInbound {
         let mut applier = Applier::connect(&self.store, &self.source, &origin)
             .await
             .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
-        let count = self.cluster.ensure_topic(topic).await?.max(partition + 1);
         let stored = applier
-            .partitions(topic, count)
+            .partitions(topic, partitions)
             .await
             .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
         let (next_offset, mut position) = stored[partition as usize];

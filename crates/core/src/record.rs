@@ -84,7 +84,7 @@ fn headers(
 /// for a transaction without changes (a heartbeat), one per partition.
 pub fn records(
     source: &str,
-    transaction: &Transaction,
+    transaction: Transaction,
     policy_version: u64,
     partitions: i32,
 ) -> Vec<Outgoing> {
@@ -93,7 +93,7 @@ pub fn records(
             lsn: transaction.end_lsn,
             index: HEARTBEAT_INDEX,
         };
-        let value = codec::encode(std::slice::from_ref(transaction));
+        let value = codec::encode(std::slice::from_ref(&transaction));
         return (0..partitions)
             .map(|p| Outgoing {
                 key: None,
@@ -106,7 +106,7 @@ pub fn records(
     }
     // (partition, first key, changes), in order of first appearance
     let mut groups: Vec<(i32, Vec<u8>, Vec<crate::Change>)> = Vec::new();
-    for (key, change) in transaction.changes.iter().flat_map(split_key_change) {
+    for (key, change) in transaction.changes.into_iter().flat_map(split_key_change) {
         let partition = partition_of(&key, partitions);
         match groups.iter_mut().find(|(p, _, _)| *p == partition) {
             Some((_, _, changes)) => changes.push(change),
@@ -145,7 +145,7 @@ pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
 }
 
 /// A change as (record key, change) pairs: one, or two for a key change.
-fn split_key_change(change: &crate::Change) -> Vec<(Vec<u8>, crate::Change)> {
+fn split_key_change(change: crate::Change) -> Vec<(Vec<u8>, crate::Change)> {
     if let ChangeKind::Update {
         old: Some(old),
         new,
@@ -153,22 +153,29 @@ fn split_key_change(change: &crate::Change) -> Vec<(Vec<u8>, crate::Change)> {
     {
         let old_key = key_of(&change.table, old);
         let new_key = key_of(&change.table, new);
-        if old_key != new_key {
-            if new.contains(&Value::Unchanged) {
-                return vec![(old_key, change.clone())];
-            }
+        if old_key != new_key && !new.contains(&Value::Unchanged) {
+            let ChangeKind::Update {
+                old: Some(old),
+                new,
+            } = change.kind
+            else {
+                unreachable!("matched above")
+            };
             let delete = crate::Change {
                 table: change.table.clone(),
-                kind: ChangeKind::Delete { old: old.clone() },
+                kind: ChangeKind::Delete { old },
             };
             let insert = crate::Change {
-                table: change.table.clone(),
-                kind: ChangeKind::Insert { new: new.clone() },
+                table: change.table,
+                kind: ChangeKind::Insert { new },
             };
             return vec![(old_key, delete), (new_key, insert)];
         }
+        if old_key != new_key {
+            return vec![(old_key, change)];
+        }
     }
-    vec![(key(change), change.clone())]
+    vec![(key(&change), change)]
 }
 
 /// `schema.table`, a zero byte, then each key value as a `u32` length and
@@ -325,7 +332,7 @@ mod tests {
         let mut changes: Vec<Change> = ids.iter().map(|id| insert(id)).collect();
         changes.push(insert("7")); // a second change of row 7
         let t = transaction(changes.clone());
-        let out = records("eu", &t, 3, 4);
+        let out = records("eu", t, 3, 4);
         assert_eq!(out.len(), 4, "40 rows over 4 partitions");
         let mut seen = Vec::new();
         for (i, r) in out.iter().enumerate() {
@@ -363,7 +370,7 @@ mod tests {
             },
         };
         // 1 partition: one record, in order: insert 1, delete 1, insert 2
-        let out = records("eu", &transaction(vec![insert("1"), moved.clone()]), 0, 1);
+        let out = records("eu", transaction(vec![insert("1"), moved.clone()]), 0, 1);
         let kinds: Vec<ChangeKind> = decode(&consumed(&out[0]), Some(&out[0].value), "eu")
             .unwrap()
             .transaction
@@ -379,7 +386,7 @@ mod tests {
             matches!(&kinds[2], ChangeKind::Insert { new } if new[0] == Value::Text("2".into()))
         );
         // many partitions: the delete goes where key 1 lives, the insert where key 2 does
-        let out = records("eu", &transaction(vec![moved]), 0, 64);
+        let out = records("eu", transaction(vec![moved]), 0, 64);
         let partition_1 = partition_of(&key(&insert("1")), 64);
         let partition_2 = partition_of(&key(&insert("2")), 64);
         assert_ne!(partition_1, partition_2, "keys on different partitions");
@@ -402,7 +409,7 @@ mod tests {
                 new: row("2", Value::Unchanged),
             },
         };
-        let out = records("eu", &transaction(vec![toasted]), 0, 64);
+        let out = records("eu", transaction(vec![toasted]), 0, 64);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].partition, Some(partition_1), "with the old row");
         // a full-identity update that keeps its key stays one change
@@ -413,14 +420,14 @@ mod tests {
                 new: row("1", Value::Text("new".into())),
             },
         };
-        let out = records("eu", &transaction(vec![same_key]), 0, 4);
+        let out = records("eu", transaction(vec![same_key]), 0, 4);
         let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
         assert_eq!(back.transaction.changes.len(), 1);
     }
 
     #[test]
     fn heartbeats_go_to_every_partition() {
-        let out = records("na", &transaction(vec![]), 0, 3);
+        let out = records("na", transaction(vec![]), 0, 3);
         let partitions: Vec<Option<i32>> = out.iter().map(|r| r.partition).collect();
         assert_eq!(partitions, vec![Some(0), Some(1), Some(2)]);
         let back = decode(&consumed(&out[1]), Some(&out[1].value), "na").unwrap();
@@ -435,7 +442,7 @@ mod tests {
 
     #[test]
     fn bad_records_are_explained_without_their_values() {
-        let r = &records("eu", &transaction(vec![insert("1")]), 1, 4)[0];
+        let r = &records("eu", transaction(vec![insert("1")]), 1, 4)[0];
         let headers = consumed(r);
         let mut flipped = r.value.clone();
         let last = flipped.len() - 1;
