@@ -8,6 +8,9 @@
 //!   is not the tenant's home region is refused (SQLSTATE MR001).
 //! - `meridian_global_guard` on every global table present in this store:
 //!   global data belongs in the multi-region database (SQLSTATE MR002).
+//! - `meridian_no_truncate` on every replicated table, for every session:
+//!   TRUNCATE is not replicated, so it is refused (SQLSTATE MR005) rather
+//!   than silently ignored.
 
 use meridian_core::change::quote_ident;
 use meridian_core::topology::TableSpec;
@@ -29,6 +32,13 @@ pub async fn install(
             quote_ident(schema),
             quote_ident(name),
             table.home_column.replace('\'', "''"),
+        );
+        sqlx::query(&sql).execute(pool).await?;
+        let sql = format!(
+            "CREATE OR REPLACE TRIGGER meridian_no_truncate BEFORE TRUNCATE ON {}.{} \
+             FOR EACH STATEMENT EXECUTE FUNCTION meridian.refuse_truncate()",
+            quote_ident(schema),
+            quote_ident(name),
         );
         sqlx::query(&sql).execute(pool).await?;
     }

@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meridian_apply::{Applier, ApplyError, PartitionProgress};
+use meridian_apply::{Applier, ApplyError, Checkpoint, Letter, RecordProgress};
 use meridian_capture::ReplicationStream;
 use meridian_core::pgoutput::Keys;
-use meridian_core::record::{self, Position};
-use meridian_core::{Lsn, Transaction, codec};
+use meridian_core::record::{self, Position, RecordError};
+use meridian_core::{Lsn, Transaction};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -432,26 +432,35 @@ impl KafkaInbound {
         mut position: Position,
         records: Vec<Consumed>,
     ) -> Result<Position, LinkError> {
-        let store_error =
-            |e: &dyn std::fmt::Display| LinkError::Kafka(format!("destination store: {e}"));
         let started = Instant::now();
         let bytes: usize = records
             .iter()
             .map(|r| r.value.as_ref().map_or(0, Vec::len))
             .sum();
-        let mut fresh: Vec<Pending> = Vec::new();
+        let mut fresh = Fresh::default();
         let mut applied: Vec<Transaction> = Vec::new();
         let mut watermark = Lsn(0);
         for r in records {
             let incoming = match record::decode(&r.headers, r.value.as_deref(), &self.source) {
                 Ok(incoming) => incoming,
-                Err(reason) => {
+                Err(RecordError::Version(reason)) => {
+                    // a newer source: wait for this agent's upgrade, skip nothing
+                    self.apply(applier, topic, partition, &fresh).await?;
+                    self.telemetry
+                        .error(&self.source, &self.destination, "version");
+                    return Err(LinkError::Refused {
+                        seq: r.offset as u64,
+                        reason,
+                    });
+                }
+                Err(RecordError::Bad(reason)) => {
                     // apply what came before, then set the bad record aside
                     watermark = watermark.max(self.apply(applier, topic, partition, &fresh).await?);
-                    applied.extend(fresh.drain(..).map(|p| p.transaction));
+                    applied.append(&mut fresh.transactions);
+                    fresh.progress.clear();
                     self.dead_letter(applier, topic, partition, r.offset, position, &reason, &r)
                         .await
-                        .map_err(|e| store_error(&e))?;
+                        .map_err(|e| LinkError::Store(e.into()))?;
                     continue;
                 }
             };
@@ -475,7 +484,7 @@ impl KafkaInbound {
                             &reason,
                         )
                         .await
-                        .map_err(|e| store_error(&e))?;
+                        .map_err(|e| LinkError::Store(e.into()))?;
                     return Err(LinkError::Refused {
                         seq: r.offset as u64,
                         reason,
@@ -483,14 +492,15 @@ impl KafkaInbound {
                 }
             }
             position = incoming.position;
-            fresh.push(Pending {
+            fresh.progress.push(RecordProgress {
                 next_offset: r.offset + 1,
                 position,
-                transaction: incoming.transaction,
+                commit_time: incoming.transaction.commit_time,
             });
+            fresh.transactions.push(incoming.transaction);
         }
         watermark = watermark.max(self.apply(applier, topic, partition, &fresh).await?);
-        applied.extend(fresh.into_iter().map(|p| p.transaction));
+        applied.append(&mut fresh.transactions);
         self.telemetry.applied(
             &self.source,
             &telemetry::changes_per_table(&applied),
@@ -501,55 +511,40 @@ impl KafkaInbound {
         Ok(position)
     }
 
-    /// Applies records and stores the partition's progress (that of the last
-    /// one) in one transaction; returns the source's watermark after it (0
-    /// if unknown). A batch the store rejects is retried record by record,
-    /// each with its own progress; rejected ones go to the dead-letter table.
+    /// Applies records and stores the partition's progress, through the one
+    /// apply-or-dead-letter step; returns the source's watermark after it
+    /// (0 if nothing was applied).
     async fn apply(
         &self,
         applier: &mut Applier,
         topic: &str,
         partition: i32,
-        records: &[Pending],
+        records: &Fresh,
     ) -> Result<Lsn, LinkError> {
-        let Some(last) = records.last() else {
+        if records.transactions.is_empty() {
             return Ok(Lsn(0));
-        };
-        let at = PartitionProgress {
+        }
+        let at = Checkpoint::Partition {
             topic,
             partition,
-            next_offset: last.next_offset,
-            position: last.position,
-            commit_time: last.transaction.commit_time,
+            after: &records.progress,
         };
-        let transactions: Vec<Transaction> =
-            records.iter().map(|p| p.transaction.clone()).collect();
-        match applier.apply_partition(&transactions, &at).await {
-            Ok(applied) => Ok(applied.watermark),
-            Err(ApplyError::Rejected(_)) if records.len() > 1 => {
-                let mut watermark = Lsn(0);
-                for one in records {
-                    let after =
-                        Box::pin(self.apply(applier, topic, partition, std::slice::from_ref(one)))
-                            .await?;
-                    watermark = watermark.max(after);
+        match applier.apply(&records.transactions, at).await {
+            Ok(applied) => {
+                for (end_lsn, reason) in &applied.dead_lettered {
+                    tracing::error!(source = %self.source, %topic, partition, end_lsn = %end_lsn, %reason,
+                        "change moved to meridian.dead_letters (meridian dead-letters list)");
+                    self.telemetry.dead_letter(&self.source);
                 }
-                Ok(watermark)
+                Ok(applied.watermark)
             }
-            Err(ApplyError::Rejected(reason)) => {
-                let payload = codec::encode(&transactions);
-                applier
-                    .dead_letter_partition(&at, &reason, &payload)
-                    .await
-                    .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
-                self.telemetry.dead_letter(&self.source);
-                tracing::error!(source = %self.source, %topic, partition, %reason,
-                    "change moved to meridian.dead_letters");
-                Ok(Lsn(0))
+            Err(e) => {
+                if let ApplyError::Schema(reason) = &e {
+                    tracing::error!(source = %self.source, %topic, partition, %reason,
+                        "destination schema does not fit; the partition waits");
+                }
+                Err(LinkError::Store(e))
             }
-            Err(ApplyError::Unavailable(e)) => Err(LinkError::Kafka(format!(
-                "destination store unavailable: {e}"
-            ))),
         }
     }
 
@@ -574,22 +569,30 @@ impl KafkaInbound {
             Some(_) => &[][..],
             None => record.value.as_deref().unwrap_or_default(),
         };
-        let at = PartitionProgress {
-            topic,
-            partition,
+        let after = [RecordProgress {
             next_offset: offset + 1,
             position,
             commit_time: 0,
+        }];
+        let letter = Letter {
+            end_lsn: position.lsn,
+            reason: &reason,
+            payload,
         };
-        applier.dead_letter_partition(&at, &reason, payload).await
+        let at = Checkpoint::Partition {
+            topic,
+            partition,
+            after: &after,
+        };
+        applier.dead_letter(letter, at).await.map(|_| ())
     }
 }
 
-/// A decoded record waiting to be applied, with the progress it brings.
-struct Pending {
-    next_offset: i64,
-    position: Position,
-    transaction: Transaction,
+/// Decoded records waiting to be applied, with the progress each brings.
+#[derive(Default)]
+struct Fresh {
+    transactions: Vec<Transaction>,
+    progress: Vec<RecordProgress>,
 }
 
 /// A consumed record, detached from the consumer's buffer.

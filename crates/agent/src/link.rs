@@ -46,6 +46,8 @@ pub enum LinkError {
     Capture(#[from] CaptureError),
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("destination: {0}")]
+    Store(#[from] meridian_apply::ApplyError),
 }
 
 /// One link's configuration.
@@ -83,6 +85,8 @@ impl LinkError {
             LinkError::Protocol(_) => "protocol",
             LinkError::Capture(_) => "capture",
             LinkError::Kafka(_) => "kafka",
+            LinkError::Store(meridian_apply::ApplyError::Schema(_)) => "schema",
+            LinkError::Store(_) => "store_unavailable",
         }
     }
 }

@@ -6,14 +6,18 @@
 //! if its sequence number is the next one and its crc32 matches; a corrupted
 //! batch is refused with a `Nack` and the stream ends, so the source resends
 //! from the durable watermark and nothing after the bad batch is applied out
-//! of order. A batch the store rejects (bad value, missing column) goes to
-//! `meridian.dead_letters` transaction by transaction, and the link moves on.
+//! of order. Data the store rejects (a value the column type refuses) goes to
+//! `meridian.dead_letters` transaction by transaction, and the link moves on;
+//! a destination schema that does not fit yet (missing table or column), or
+//! a batch in a format this agent does not read (a newer source during a
+//! rolling upgrade), ends the stream instead: the source retries from the
+//! watermark and nothing is skipped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use meridian_apply::{Applier, ApplyError};
+use meridian_apply::{Applier, ApplyError, Checkpoint, Letter};
 use meridian_capture::origin_name;
 use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
@@ -67,10 +71,10 @@ impl ReplicationService {
 /// row values.
 fn status(e: &ApplyError) -> Status {
     match e {
-        ApplyError::Rejected(m) => Status::failed_precondition(m.clone()),
-        ApplyError::Unavailable(e) => {
-            Status::unavailable(format!("destination store unavailable: {e}"))
+        ApplyError::Rejected { .. } | ApplyError::Schema(_) => {
+            Status::failed_precondition(e.to_string())
         }
+        ApplyError::Unavailable(_) => Status::unavailable(format!("destination {e}")),
     }
 }
 
@@ -141,7 +145,7 @@ async fn serve(
     if guard.is_none() {
         let applier = Applier::connect(store, source, &origin_name(source))
             .await
-            .map_err(|e| Status::unavailable(format!("destination store unavailable: {e}")))?;
+            .map_err(|e| status(&e.into()))?;
         *guard = Some(applier);
     }
     let result = apply_stream(
@@ -169,10 +173,7 @@ async fn apply_stream(
     inbound: &mut Streaming<SourceMessage>,
     tx: &mpsc::Sender<Result<DestinationMessage, Status>>,
 ) -> Result<(), Status> {
-    let mut watermark = applier
-        .watermark()
-        .await
-        .map_err(|e| Status::unavailable(format!("destination store unavailable: {e}")))?;
+    let mut watermark = applier.watermark().await.map_err(|e| status(&e.into()))?;
     if !reply(
         tx,
         destination_message::Kind::Welcome(Welcome {
@@ -236,6 +237,20 @@ async fn apply_stream(
                 );
                 watermark
             }
+            Err(e @ codec::CodecError::Version(_)) => {
+                let reason = e.to_string();
+                tracing::error!(source, seq = batch.seq, %reason, "refused batch");
+                me.telemetry.error(source, &me.region, "version");
+                reply(
+                    tx,
+                    destination_message::Kind::Nack(Nack {
+                        seq: batch.seq,
+                        reason,
+                    }),
+                )
+                .await;
+                return Ok(());
+            }
             Err(e) => {
                 // bytes that cannot be decoded cannot be checked against the
                 // residency policy either: under a policy they are not kept
@@ -278,17 +293,22 @@ async fn dead_letter(
     me: &Receiver,
     applier: &mut Applier,
     source: &str,
-    end: Lsn,
+    end_lsn: Lsn,
     reason: String,
     payload: &[u8],
 ) -> Result<Lsn, Status> {
-    tracing::error!(source, end_lsn = %end, %reason, "batch moved to meridian.dead_letters");
-    applier
-        .dead_letter(end, &reason, payload)
+    tracing::error!(source, end_lsn = %end_lsn, %reason, "batch moved to meridian.dead_letters");
+    let letter = Letter {
+        end_lsn,
+        reason: &reason,
+        payload,
+    };
+    let watermark = applier
+        .dead_letter(letter, Checkpoint::Watermark)
         .await
         .map_err(|e| status(&e.into()))?;
     me.telemetry.dead_letter(source);
-    Ok(end)
+    Ok(watermark)
 }
 
 /// Re-checks a batch against this region's residency policy. A batch with
@@ -322,31 +342,29 @@ async fn refused_by_policy(
     Ok(Some(reason))
 }
 
-/// Applies one decoded batch; returns the watermark after it.
+/// Applies one decoded batch (rejected transactions to dead letters);
+/// returns the watermark after it.
 async fn apply_batch(
     me: &Receiver,
     applier: &mut Applier,
     source: &str,
     transactions: &[Transaction],
 ) -> Result<Lsn, Status> {
-    match applier.apply(transactions).await {
-        Ok(applied) => Ok(applied.watermark),
-        Err(ApplyError::Rejected(_)) => {
-            // find the offending transactions; apply the others
-            let mut watermark = Lsn(0);
-            for t in transactions {
-                match applier.apply(std::slice::from_ref(t)).await {
-                    Ok(applied) => watermark = applied.watermark,
-                    Err(ApplyError::Rejected(reason)) => {
-                        let payload = codec::encode(std::slice::from_ref(t));
-                        watermark =
-                            dead_letter(me, applier, source, t.end_lsn, reason, &payload).await?;
-                    }
-                    Err(e) => return Err(status(&e)),
-                }
+    match applier.apply(transactions, Checkpoint::Watermark).await {
+        Ok(applied) => {
+            for (end_lsn, reason) in &applied.dead_lettered {
+                tracing::error!(source, end_lsn = %end_lsn, %reason,
+                    "transaction moved to meridian.dead_letters (meridian dead-letters list)");
+                me.telemetry.dead_letter(source);
             }
-            Ok(watermark)
+            Ok(applied.watermark)
         }
-        Err(e) => Err(status(&e)),
+        Err(e) => {
+            if let ApplyError::Schema(reason) = &e {
+                tracing::error!(source, %reason, "destination schema does not fit; the link waits");
+                me.telemetry.error(source, &me.region, "schema");
+            }
+            Err(status(&e))
+        }
     }
 }

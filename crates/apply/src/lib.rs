@@ -1,14 +1,30 @@
 //! Apply: writes batches from a source region into this region's store.
 //!
-//! Contract: [`Applier::apply`] runs one batch in one transaction together with
-//! the source's watermark (`meridian.watermarks`). Transactions at or below the
-//! watermark are skipped, so a batch delivered twice changes nothing the second
-//! time. The session carries the replication origin `meridian_from_<source>`,
-//! so this region's capture never ships these changes back.
+//! Contract: [`Applier::apply`] is the one apply-or-dead-letter step of both
+//! transports. It runs the transactions in one destination transaction
+//! together with their checkpoint (the source's watermark for gRPC links, a
+//! partition's offset and position for Kafka links). Transactions at or
+//! below the watermark are skipped, so a batch delivered twice changes
+//! nothing the second time. The session carries a `meridian_*` replication
+//! origin, so this region's capture never ships these changes back.
+//!
+//! What happens to data the store will not take is decided by
+//! [`error::class`]:
+//! - bad data (a value the column type refuses, a broken constraint) is set
+//!   aside transaction by transaction in `meridian.dead_letters`, with a
+//!   reason that names table, column and SQLSTATE but no value, in the same
+//!   destination transaction as the checkpoint that moves past it; the rest
+//!   applies. A dead letter stays `pending` until an operator replays or
+//!   discards it ([`replay`]); commit tokens do not resolve past it;
+//! - a destination schema that does not fit (missing table or column) is
+//!   retried, after reloading the table shapes once, and never skipped;
+//! - anything else is a store outage: retried.
 //!
 //! The SQL is built by [`statements`] from a pure [`meridian_core::plan::Plan`];
 //! this module only executes it.
 
+pub mod error;
+pub mod replay;
 pub mod statements;
 
 use std::collections::HashMap;
@@ -17,9 +33,10 @@ use std::pin::Pin;
 
 use meridian_core::plan::{self, Plan};
 use meridian_core::record::Position;
-use meridian_core::{Lsn, Transaction};
+use meridian_core::{Lsn, Transaction, codec};
 use sqlx::{Connection, PgConnection, PgPool};
 
+pub use error::ApplyError;
 pub use statements::TableShape;
 
 /// Migrations for the `meridian` schema, embedded in the binary.
@@ -30,45 +47,80 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
-/// Why a batch was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The store rejected the data (bad value, missing table or column, ...).
-    /// Retrying will not help: the batch belongs in the dead-letter table.
-    #[error("store rejected the batch: {0}")]
-    Rejected(String),
-    /// The store was unreachable or failed; retry later.
-    #[error("store unavailable: {0}")]
-    Unavailable(#[from] sqlx::Error),
-}
-
-fn classify(e: sqlx::Error) -> ApplyError {
-    if let sqlx::Error::Database(db) = &e {
-        let code = db.code().unwrap_or_default();
-        // 22 data exception, 23 integrity violation, 42 syntax/undefined object, 0A not supported
-        if ["22", "23", "42", "0A"].iter().any(|c| code.starts_with(c)) {
-            return ApplyError::Rejected(format!("{} (SQLSTATE {code})", db.message()));
-        }
-    }
-    ApplyError::Unavailable(e)
-}
-
 /// The futures of this crate are boxed so they are provably `Send` for every
 /// lifetime; sqlx's executor bounds otherwise defeat the compiler when a
 /// caller awaits them inside a spawned task.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Where an apply leaves its mark, in the same destination transaction as
+/// the rows it covers.
+#[derive(Clone, Copy, Debug)]
+pub enum Checkpoint<'a> {
+    /// gRPC links: the source's watermark becomes the end of the last
+    /// transaction applied (or dead-lettered).
+    Watermark,
+    /// Kafka links: the partition's progress after each transaction (one
+    /// entry per transaction); the source's watermark becomes just below the
+    /// lowest position of all its partitions.
+    Partition {
+        topic: &'a str,
+        partition: i32,
+        after: &'a [RecordProgress],
+    },
+}
+
+impl<'a> Checkpoint<'a> {
+    /// The checkpoint of transactions `range` of the batch.
+    fn slice(&self, range: std::ops::Range<usize>) -> Checkpoint<'a> {
+        match *self {
+            Checkpoint::Watermark => Checkpoint::Watermark,
+            Checkpoint::Partition {
+                topic,
+                partition,
+                after,
+            } => Checkpoint::Partition {
+                topic,
+                partition,
+                after: &after[range],
+            },
+        }
+    }
+}
+
+/// A Kafka partition's progress after one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordProgress {
+    /// The offset after the record.
+    pub next_offset: i64,
+    /// The record's source position.
+    pub position: Position,
+    /// Commit time of the record's transaction (PostgreSQL epoch, µs).
+    pub commit_time: i64,
+}
+
 /// Outcome of [`Applier::apply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     /// The source's watermark after the call.
     pub watermark: Lsn,
     /// Row changes newly applied (0 for a duplicate batch).
     pub changes: usize,
+    /// Transactions set aside in `meridian.dead_letters`, with the reason.
+    pub dead_lettered: Vec<(Lsn, String)>,
+}
+
+/// Something that never reached the store as rows: an undecodable batch or
+/// record, kept (payload only when it may be kept) for an operator.
+#[derive(Clone, Copy, Debug)]
+pub struct Letter<'a> {
+    /// End position of the data's last transaction, as the source said.
+    pub end_lsn: Lsn,
+    pub reason: &'a str,
+    pub payload: &'a [u8],
 }
 
 /// One source region's apply session on a destination store. Only one may
-/// exist per (source, store) at a time: PostgreSQL lets one session hold a
+/// exist per (source, origin) at a time: PostgreSQL lets one session hold a
 /// replication origin.
 pub struct Applier {
     conn: PgConnection,
@@ -87,22 +139,7 @@ impl Applier {
     }
 
     async fn connect_inner(url: &str, source: &str, origin: &str) -> Result<Applier, sqlx::Error> {
-        let mut conn = PgConnection::connect(url).await?;
-        // like PostgreSQL's apply workers: no user triggers, no FK ordering
-        sqlx::query("SET session_replication_role = replica")
-            .execute(&mut conn)
-            .await?;
-        sqlx::query(
-            "SELECT pg_replication_origin_create($1)
-              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-        )
-        .bind(origin)
-        .execute(&mut conn)
-        .await?;
-        sqlx::query("SELECT pg_replication_origin_session_setup($1)")
-            .bind(origin)
-            .execute(&mut conn)
-            .await?;
+        let conn = apply_session(url, origin).await?;
         Ok(Applier {
             conn,
             source: source.to_owned(),
@@ -112,69 +149,218 @@ impl Applier {
 
     /// The source's durable watermark in this store.
     pub fn watermark(&mut self) -> BoxFuture<'_, Result<Lsn, sqlx::Error>> {
-        Box::pin(self.watermark_inner())
+        Box::pin(async move {
+            let lsn: Option<i64> = sqlx::query_scalar(
+                "SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1",
+            )
+            .bind(&self.source)
+            .fetch_optional(&mut self.conn)
+            .await?;
+            Ok(Lsn(lsn.unwrap_or(0) as u64))
+        })
     }
 
-    async fn watermark_inner(&mut self) -> Result<Lsn, sqlx::Error> {
-        let lsn: Option<i64> =
-            sqlx::query_scalar("SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1")
-                .bind(&self.source)
-                .fetch_optional(&mut self.conn)
-                .await?;
-        Ok(Lsn(lsn.unwrap_or(0) as u64))
-    }
-
-    /// Applies the transactions past the watermark, in one transaction with
-    /// the new watermark.
+    /// Applies the transactions (those past the watermark, for
+    /// [`Checkpoint::Watermark`]) with their checkpoint, in one destination
+    /// transaction. If the store rejects the data, each transaction is
+    /// retried alone and the rejected ones are dead-lettered with their own
+    /// checkpoint. Returns an error only for what must be retried
+    /// ([`ApplyError::Schema`], [`ApplyError::Unavailable`]): then nothing
+    /// of the call is applied.
     pub fn apply<'a>(
         &'a mut self,
         transactions: &'a [Transaction],
+        at: Checkpoint<'a>,
     ) -> BoxFuture<'a, Result<Applied, ApplyError>> {
-        Box::pin(self.apply_inner(transactions))
+        Box::pin(async move {
+            match self.try_apply(transactions, at).await {
+                Err(ApplyError::Rejected { .. }) => {}
+                other => return other,
+            }
+            let mut outcome = Applied::default();
+            for (i, t) in transactions.iter().enumerate() {
+                let at = at.slice(i..i + 1);
+                let single = std::slice::from_ref(t);
+                match self.try_apply(single, at).await {
+                    Ok(applied) => {
+                        outcome.watermark = outcome.watermark.max(applied.watermark);
+                        outcome.changes += applied.changes;
+                    }
+                    Err(ApplyError::Rejected { sqlstate, reason }) => {
+                        let watermark = self
+                            .dead_letter_transaction(t, sqlstate.as_deref(), &reason, at)
+                            .await?;
+                        outcome.watermark = outcome.watermark.max(watermark);
+                        outcome.dead_lettered.push((t.end_lsn, reason));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(outcome)
+        })
     }
 
-    async fn apply_inner(&mut self, transactions: &[Transaction]) -> Result<Applied, ApplyError> {
-        let mut tx = self.conn.begin().await?;
-        let current: Option<i64> = sqlx::query_scalar(
-            "SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1 FOR UPDATE",
-        )
-        .bind(&self.source)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let watermark = Lsn(current.unwrap_or(0) as u64);
-        let Some(plan) = plan::plan(transactions, watermark) else {
-            return Ok(Applied {
-                watermark,
-                changes: 0,
-            });
-        };
-        for (table, _) in &plan.tables {
-            let key = (table.schema.clone(), table.name.clone());
-            if let std::collections::hash_map::Entry::Vacant(slot) = self.shapes.entry(key) {
-                let shape = statements::load_shape(&mut tx, &table.schema, &table.name)
-                    .await
-                    .map_err(classify)?;
-                slot.insert(shape);
+    /// One attempt, repeated once with the table shapes read anew if the
+    /// store refused it (the cache may predate a schema change).
+    async fn try_apply(
+        &mut self,
+        transactions: &[Transaction],
+        at: Checkpoint<'_>,
+    ) -> Result<Applied, ApplyError> {
+        match self.apply_once(transactions, at).await {
+            Err(ApplyError::Unavailable(e)) => Err(ApplyError::Unavailable(e)),
+            Err(_) => {
+                self.shapes.clear();
+                self.apply_once(transactions, at).await
             }
+            ok => ok,
         }
-        execute(&mut tx, &plan, &self.shapes).await?;
-        sqlx::query(
-            "INSERT INTO meridian.watermarks (source_region, end_lsn, source_commit_time)
-             VALUES ($1, $2, timestamptz '2000-01-01 UTC' + $3 * interval '1 microsecond')
-             ON CONFLICT (source_region) DO UPDATE
-                SET end_lsn = EXCLUDED.end_lsn, source_commit_time = EXCLUDED.source_commit_time,
-                    applied_at = now()",
-        )
-        .bind(&self.source)
-        .bind(plan.end_lsn.0 as i64)
-        .bind(plan.commit_time as f64)
-        .execute(&mut *tx)
-        .await?;
+    }
+
+    async fn apply_once(
+        &mut self,
+        transactions: &[Transaction],
+        at: Checkpoint<'_>,
+    ) -> Result<Applied, ApplyError> {
+        let mut tx = self.conn.begin().await?;
+        let applied = match at {
+            Checkpoint::Watermark => {
+                let current: Option<i64> = sqlx::query_scalar(
+                    "SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1 FOR UPDATE",
+                )
+                .bind(&self.source)
+                .fetch_optional(&mut *tx)
+                .await?;
+                Lsn(current.unwrap_or(0) as u64)
+            }
+            Checkpoint::Partition { .. } => Lsn(0),
+        };
+        let plan = plan::plan(transactions, applied).map_err(|e| ApplyError::Rejected {
+            sqlstate: None,
+            reason: e.to_string(),
+        })?;
+        let mut changes = 0;
+        if let Some(plan) = &plan {
+            load_shapes(&mut tx, plan, &mut self.shapes).await?;
+            execute(&mut tx, plan, &self.shapes).await?;
+            changes = plan.changes;
+        }
+        let watermark = match (at, &plan) {
+            (Checkpoint::Watermark, None) => {
+                return Ok(Applied {
+                    watermark: applied,
+                    ..Applied::default()
+                });
+            }
+            (Checkpoint::Watermark, Some(plan)) => {
+                raise_watermark(&mut tx, &self.source, plan.end_lsn, plan.commit_time).await?
+            }
+            (
+                Checkpoint::Partition {
+                    topic,
+                    partition,
+                    after,
+                },
+                _,
+            ) => match after.last() {
+                Some(last) => {
+                    record_partition(&mut tx, &self.source, topic, partition, last).await?
+                }
+                None => Lsn(0),
+            },
+        };
         tx.commit().await?;
         Ok(Applied {
-            watermark: plan.end_lsn,
-            changes: plan.changes,
+            watermark,
+            changes,
+            dead_lettered: Vec::new(),
         })
+    }
+
+    /// Sets one rejected transaction aside and moves its checkpoint past it.
+    async fn dead_letter_transaction(
+        &mut self,
+        t: &Transaction,
+        sqlstate: Option<&str>,
+        reason: &str,
+        at: Checkpoint<'_>,
+    ) -> Result<Lsn, ApplyError> {
+        let payload = codec::encode(std::slice::from_ref(t));
+        let letter = Letter {
+            end_lsn: t.end_lsn,
+            reason,
+            payload: &payload,
+        };
+        Ok(self
+            .record_dead_letter(letter, sqlstate, at, t.commit_time)
+            .await?)
+    }
+
+    /// Records data that never reached the store as rows (an undecodable
+    /// batch or record) and moves the checkpoint past it, in one transaction.
+    pub fn dead_letter<'a>(
+        &'a mut self,
+        letter: Letter<'a>,
+        at: Checkpoint<'a>,
+    ) -> BoxFuture<'a, Result<Lsn, sqlx::Error>> {
+        Box::pin(self.record_dead_letter(letter, None, at, 0))
+    }
+
+    async fn record_dead_letter(
+        &mut self,
+        letter: Letter<'_>,
+        sqlstate: Option<&str>,
+        at: Checkpoint<'_>,
+        commit_time: i64,
+    ) -> Result<Lsn, sqlx::Error> {
+        let mut tx = self.conn.begin().await?;
+        let (transport, topic, partition, offset) = match at {
+            Checkpoint::Watermark => ("grpc", None, None, None),
+            Checkpoint::Partition {
+                topic,
+                partition,
+                after,
+            } => (
+                "kafka",
+                Some(topic),
+                Some(partition),
+                after.last().map(|p| p.next_offset - 1),
+            ),
+        };
+        sqlx::query(
+            "INSERT INTO meridian.dead_letters
+               (source_region, end_lsn, reason, payload, sqlstate, transport,
+                kafka_topic, kafka_partition, kafka_offset)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&self.source)
+        .bind(letter.end_lsn.0 as i64)
+        .bind(letter.reason)
+        .bind(letter.payload)
+        .bind(sqlstate)
+        .bind(transport)
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(&mut *tx)
+        .await?;
+        let watermark = match at {
+            Checkpoint::Watermark => {
+                raise_watermark(&mut tx, &self.source, letter.end_lsn, commit_time).await?
+            }
+            Checkpoint::Partition {
+                topic,
+                partition,
+                after,
+            } => match after.last() {
+                Some(last) => {
+                    record_partition(&mut tx, &self.source, topic, partition, last).await?
+                }
+                None => Lsn(0),
+            },
+        };
+        tx.commit().await?;
+        Ok(watermark)
     }
 
     /// Kafka links: the stored `(next offset, position)` of every partition
@@ -219,77 +405,6 @@ impl Applier {
         })
     }
 
-    /// Kafka links: applies one partition's records (already past its stored
-    /// position) and stores the partition's new offset and position, in one
-    /// transaction. The source's watermark becomes just below the lowest
-    /// position of all its partitions: every transaction at or below it has
-    /// been applied whole.
-    pub fn apply_partition<'a>(
-        &'a mut self,
-        transactions: &'a [Transaction],
-        at: &'a PartitionProgress<'a>,
-    ) -> BoxFuture<'a, Result<Applied, ApplyError>> {
-        Box::pin(async move {
-            let mut tx = self.conn.begin().await?;
-            let mut changes = 0;
-            if let Some(plan) = plan::plan(transactions, Lsn(0)) {
-                for (table, _) in &plan.tables {
-                    let key = (table.schema.clone(), table.name.clone());
-                    if let std::collections::hash_map::Entry::Vacant(slot) = self.shapes.entry(key)
-                    {
-                        let shape = statements::load_shape(&mut tx, &table.schema, &table.name)
-                            .await
-                            .map_err(classify)?;
-                        slot.insert(shape);
-                    }
-                }
-                execute(&mut tx, &plan, &self.shapes).await?;
-                changes = plan.changes;
-            }
-            let watermark = record_partition(&mut tx, &self.source, at).await?;
-            tx.commit().await?;
-            Ok(Applied { watermark, changes })
-        })
-    }
-
-    /// Kafka links: records a record that cannot be applied (the payload
-    /// only when `payload` is given) and moves the partition past it.
-    pub fn dead_letter_partition<'a>(
-        &'a mut self,
-        at: &'a PartitionProgress<'a>,
-        reason: &'a str,
-        payload: &'a [u8],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            self.shapes.clear();
-            let mut tx = self.conn.begin().await?;
-            sqlx::query(
-                "INSERT INTO meridian.dead_letters (source_region, end_lsn, reason, payload)
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&self.source)
-            .bind(at.position.lsn.0 as i64)
-            .bind(reason)
-            .bind(payload)
-            .execute(&mut *tx)
-            .await?;
-            record_partition(&mut tx, &self.source, at).await?;
-            tx.commit().await
-        })
-    }
-
-    /// Records a batch that cannot be applied, and moves the watermark past
-    /// it, in one transaction. The table shapes are reloaded afterwards, in
-    /// case the cause was a schema change.
-    pub fn dead_letter<'a>(
-        &'a mut self,
-        end_lsn: Lsn,
-        reason: &'a str,
-        payload: &'a [u8],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(self.dead_letter_inner(end_lsn, reason, payload))
-    }
-
     /// Records a batch refused by the residency policy (no values kept).
     pub fn record_violation<'a>(
         &'a mut self,
@@ -314,50 +429,65 @@ impl Applier {
             .map(|_| ())
         })
     }
-
-    async fn dead_letter_inner(
-        &mut self,
-        end_lsn: Lsn,
-        reason: &str,
-        payload: &[u8],
-    ) -> Result<(), sqlx::Error> {
-        self.shapes.clear();
-        let mut tx = self.conn.begin().await?;
-        sqlx::query(
-            "INSERT INTO meridian.dead_letters (source_region, end_lsn, reason, payload)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&self.source)
-        .bind(end_lsn.0 as i64)
-        .bind(reason)
-        .bind(payload)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO meridian.watermarks (source_region, end_lsn, source_commit_time)
-             VALUES ($1, $2, now())
-             ON CONFLICT (source_region) DO UPDATE
-                SET end_lsn = greatest(meridian.watermarks.end_lsn, EXCLUDED.end_lsn), applied_at = now()",
-        )
-        .bind(&self.source)
-        .bind(end_lsn.0 as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
-    }
 }
 
-/// Where a Kafka partition's apply leaves its mark.
-#[derive(Clone, Copy, Debug)]
-pub struct PartitionProgress<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    /// The offset after the last record handled.
-    pub next_offset: i64,
-    /// The source position of the last record handled.
-    pub position: Position,
-    /// Commit time of that record's transaction (PostgreSQL epoch, µs).
-    pub commit_time: i64,
+/// A connection set up to apply: no user triggers and no FK ordering (like
+/// PostgreSQL's apply workers), durable commits whatever the store's default
+/// (the source confirms its slot on our word), and the replication origin
+/// `origin` (a `meridian_*` name, which capture skips).
+pub(crate) fn apply_session<'a>(
+    url: &'a str,
+    origin: &'a str,
+) -> BoxFuture<'a, Result<PgConnection, sqlx::Error>> {
+    Box::pin(apply_session_inner(url, origin))
+}
+
+async fn apply_session_inner(url: &str, origin: &str) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect(url).await?;
+    for setting in [
+        "SET session_replication_role = replica",
+        "SET synchronous_commit = on",
+    ] {
+        sqlx::query(setting).execute(&mut conn).await?;
+    }
+    sqlx::query(
+        "SELECT pg_replication_origin_create($1)
+          WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+    )
+    .bind(origin)
+    .execute(&mut conn)
+    .await?;
+    sqlx::query("SELECT pg_replication_origin_session_setup($1)")
+        .bind(origin)
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Raises the source's watermark to `end` (never lowers it); returns it.
+async fn raise_watermark(
+    conn: &mut PgConnection,
+    source: &str,
+    end: Lsn,
+    commit_time: i64,
+) -> Result<Lsn, sqlx::Error> {
+    let watermark: i64 = sqlx::query_scalar(
+        "INSERT INTO meridian.watermarks (source_region, end_lsn, source_commit_time)
+         VALUES ($1, $2, timestamptz '2000-01-01 UTC' + $3 * interval '1 microsecond')
+         ON CONFLICT (source_region) DO UPDATE
+            SET end_lsn = greatest(meridian.watermarks.end_lsn, EXCLUDED.end_lsn),
+                source_commit_time = CASE WHEN EXCLUDED.end_lsn >= meridian.watermarks.end_lsn
+                                          THEN EXCLUDED.source_commit_time
+                                          ELSE meridian.watermarks.source_commit_time END,
+                applied_at = now()
+         RETURNING end_lsn",
+    )
+    .bind(source)
+    .bind(end.0 as i64)
+    .bind(commit_time as f64)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Lsn(watermark as u64))
 }
 
 /// Stores a partition's progress and raises the source's watermark to just
@@ -365,7 +495,9 @@ pub struct PartitionProgress<'a> {
 async fn record_partition(
     conn: &mut PgConnection,
     source: &str,
-    at: &PartitionProgress<'_>,
+    topic: &str,
+    partition: i32,
+    at: &RecordProgress,
 ) -> Result<Lsn, sqlx::Error> {
     sqlx::query(
         "INSERT INTO meridian.kafka_positions (topic, partition, source_region, next_offset, lsn, idx)
@@ -374,8 +506,8 @@ async fn record_partition(
             SET next_offset = EXCLUDED.next_offset, lsn = EXCLUDED.lsn, idx = EXCLUDED.idx,
                 updated_at = now()",
     )
-    .bind(at.topic)
-    .bind(at.partition)
+    .bind(topic)
+    .bind(partition)
     .bind(source)
     .bind(at.next_offset)
     .bind(at.position.lsn.0 as i64)
@@ -393,30 +525,95 @@ async fn record_partition(
          RETURNING end_lsn",
     )
     .bind(source)
-    .bind(at.topic)
+    .bind(topic)
     .bind(at.commit_time as f64)
     .fetch_one(&mut *conn)
     .await?;
     Ok(Lsn(watermark as u64))
 }
 
-async fn execute(
+/// Reads the destination shape of every table the plan touches that is not
+/// cached yet.
+pub(crate) async fn load_shapes(
+    conn: &mut PgConnection,
+    plan: &Plan,
+    shapes: &mut HashMap<(String, String), TableShape>,
+) -> Result<(), ApplyError> {
+    for (table, _) in &plan.tables {
+        let key = (table.schema.clone(), table.name.clone());
+        if let std::collections::hash_map::Entry::Vacant(slot) = shapes.entry(key) {
+            slot.insert(statements::load_shape(conn, &table.schema, &table.name).await?);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a plan: every merge first (each reads the rows as they were before
+/// the batch), then every delete, then every upsert.
+pub(crate) async fn execute(
     conn: &mut PgConnection,
     plan: &Plan,
     shapes: &HashMap<(String, String), TableShape>,
 ) -> Result<(), ApplyError> {
+    // a table whose merges come in several shapes: each shape's merges read
+    // a copy of their source rows taken before any of them writes
+    let mut merge_shapes: HashMap<(&str, &str), usize> = HashMap::new();
     for (table, ops) in &plan.tables {
+        if !ops.merges.is_empty() {
+            *merge_shapes
+                .entry((&table.schema, &table.name))
+                .or_default() += 1;
+        }
+    }
+    let mut phases: [Vec<(String, statements::Statement)>; 4] = Default::default();
+    for (i, (table, ops)) in plan.tables.iter().enumerate() {
+        let name = format!("{}.{}", table.schema, table.name);
         let shape = &shapes[&(table.schema.clone(), table.name.clone())];
-        for statement in statements::build(table, shape, ops).map_err(ApplyError::Rejected)? {
+        let copy = format!("meridian_merge_source_{i}");
+        let merge_source = if merge_shapes.get(&(&*table.schema, &*table.name)) > Some(&1) {
+            let from: Vec<_> = ops.merges.iter().map(|m| &m.from).collect();
+            let snapshot = statements::merge_snapshot(table, shape, &from, &copy)
+                .map_err(|e| build_error(&name, e))?;
+            phases[0].push((name.clone(), snapshot));
+            Some(meridian_core::change::quote_ident(&copy))
+        } else {
+            None
+        };
+        let built = statements::build(table, shape, ops, merge_source.as_deref())
+            .map_err(|e| build_error(&name, e))?;
+        phases[1].extend(built.merges.into_iter().map(|s| (name.clone(), s)));
+        phases[2].extend(built.deletes.into_iter().map(|s| (name.clone(), s)));
+        phases[3].extend(built.upserts.into_iter().map(|s| (name.clone(), s)));
+    }
+    for (phase, statements) in phases.into_iter().enumerate() {
+        for (table, statement) in statements {
             let mut query = sqlx::query(&statement.sql);
             for param in statement.params {
                 query = match param {
                     statements::Param::Column(values) => query.bind(values),
-                    statements::Param::Value(value) => query.bind(value),
+                    statements::Param::Flags(flags) => query.bind(flags),
                 };
             }
-            query.execute(&mut *conn).await.map_err(classify)?;
+            let done = query
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| error::classify(&table, e))?;
+            if phase == 1 && (done.rows_affected() as usize) < statement.rows {
+                tracing::warn!(table = %table, missing = statement.rows - done.rows_affected() as usize,
+                    "updates whose unchanged (TOAST) values this store has no row to take from; \
+                     their rows stay as they are until the next full image");
+            }
         }
     }
     Ok(())
+}
+
+fn build_error(table: &str, e: statements::BuildError) -> ApplyError {
+    match e {
+        statements::BuildError::Schema(m) => ApplyError::Schema(m),
+        statements::BuildError::Data(m) => ApplyError::Rejected {
+            sqlstate: None,
+            reason: format!("{table}: {m}"),
+        },
+    }
 }

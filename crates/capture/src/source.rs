@@ -49,17 +49,19 @@ pub async fn ensure_publication(
             .fetch_one(pool)
             .await?;
     let pubname = quote_ident(publication);
+    // partitioned tables publish their changes under the root's name (the
+    // name the topology and the policy use); TRUNCATE is not published (the
+    // agent's guards refuse it on replicated tables)
+    let options = "publish = 'insert, update, delete', publish_via_partition_root = true";
     let sql = match (exists, list.is_empty()) {
-        (false, true) => {
-            format!("CREATE PUBLICATION {pubname} WITH (publish = 'insert, update, delete')")
-        }
+        (false, true) => format!("CREATE PUBLICATION {pubname} WITH ({options})"),
         (false, false) => {
-            format!(
-                "CREATE PUBLICATION {pubname} FOR TABLE {list} WITH (publish = 'insert, update, delete')"
-            )
+            format!("CREATE PUBLICATION {pubname} FOR TABLE {list} WITH ({options})")
         }
-        (true, false) => format!("ALTER PUBLICATION {pubname} SET TABLE {list}"),
-        (true, true) => return Ok(()),
+        (true, false) => format!(
+            "ALTER PUBLICATION {pubname} SET TABLE {list}; ALTER PUBLICATION {pubname} SET ({options})"
+        ),
+        (true, true) => format!("ALTER PUBLICATION {pubname} SET ({options})"),
     };
     sqlx::raw_sql(&sql).execute(pool).await?;
     Ok(())

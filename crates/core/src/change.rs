@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use crate::Lsn;
 
-/// A replicated table as the source described it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A replicated table as the source described it. Two `Table`s with one
+/// name may differ in their columns: a rule that drops columns for a
+/// destination, a schema change mid-stream. Each row image goes with the
+/// `Table` it was made for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Table {
     pub schema: String,
     pub name: String,
@@ -18,7 +21,7 @@ pub struct Table {
 }
 
 /// One column of a [`Table`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Column {
     pub name: String,
     /// Type OID on the source. Informational: apply parses values with the

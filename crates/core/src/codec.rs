@@ -24,7 +24,10 @@ pub enum CodecError {
     Truncated(&'static str),
     #[error("not a Meridian batch (bad magic bytes)")]
     BadMagic,
-    #[error("batch format version {0} is not supported; upgrade the receiving agent")]
+    #[error(
+        "batch format version {0} is not supported (this agent reads version {v}); upgrade the receiving agent: the link waits meanwhile, nothing is skipped",
+        v = VERSION
+    )]
     Version(u8),
     #[error("invalid {what} tag {tag}")]
     Tag { what: &'static str, tag: u8 },

@@ -38,6 +38,12 @@ pub enum DecodeError {
     BinaryValue,
     #[error("column value is not valid UTF-8")]
     NotUtf8,
+    #[error(
+        "TRUNCATE of {table} ({tables} table(s)) is in the slot, but Meridian does not replicate TRUNCATE; \
+         the publication must not publish it (the agent sets publish = 'insert, update, delete'): \
+         empty the table with DELETE in every region, then advance the slot past the TRUNCATE"
+    )]
+    Truncate { table: String, tables: u32 },
 }
 
 /// What one `XLogData` payload amounted to.
@@ -149,15 +155,27 @@ impl Decoder {
             b'U' => {
                 let table = self.relation(r.u32("update relation")?)?;
                 let mut old = None;
+                let mut full_old = false;
                 let mut tag = r.u8("update tuple tag")?;
                 if tag == b'K' || tag == b'O' {
+                    full_old = tag == b'O';
                     old = Some(tuple(&mut r, &table)?);
                     tag = r.u8("update new tuple tag")?;
                 }
                 if tag != b'N' {
                     return Err(DecodeError::UnknownColumnKind(tag as char));
                 }
-                let new = tuple(&mut r, &table)?;
+                let mut new = tuple(&mut r, &table)?;
+                // REPLICA IDENTITY FULL: the old tuple is logged whole (TOAST
+                // values flattened), so values the update left unchanged are
+                // known; the change then carries the whole row
+                if let (true, Some(old)) = (full_old, &old) {
+                    for (v, o) in new.iter_mut().zip(old) {
+                        if *v == Value::Unchanged && *o != Value::Unchanged {
+                            *v = o.clone();
+                        }
+                    }
+                }
                 self.push(table, ChangeKind::Update { old, new })?;
             }
             b'D' => {
@@ -169,7 +187,18 @@ impl Decoder {
                 let old = tuple(&mut r, &table)?;
                 self.push(table, ChangeKind::Delete { old })?;
             }
-            b'T' => {} // truncate is not published (publish = 'insert, update, delete')
+            b'T' => {
+                // not published by Meridian's publication (and refused on
+                // replicated tables); never ignored if it comes anyway
+                let n = r.u32("truncate relation count")?;
+                let _options = r.u8("truncate options")?;
+                let id = r.u32("truncate relation")?;
+                let table = self.relation(id).map_or_else(
+                    |_| format!("relation {id}"),
+                    |t| format!("{}.{}", t.schema, t.name),
+                );
+                return Err(DecodeError::Truncate { table, tables: n });
+            }
             // logical decoding message (heartbeats); content not needed
             b'M' => {
                 let transactional = r.u8("message flags")? & 1 == 1;
@@ -425,6 +454,39 @@ mod tests {
         );
         assert_eq!(transaction.changes[0].table.name, "orders");
         assert!(transaction.changes[0].table.columns[0].key);
+    }
+
+    /// Review finding 5 under REPLICA IDENTITY FULL: the old tuple is whole,
+    /// so an unchanged TOAST value is taken from it and the change carries
+    /// the whole row (a key image 'K' gives nothing to take).
+    #[test]
+    fn a_full_old_tuple_fills_unchanged_values() {
+        let mut d = Decoder::new();
+        d.decode(&begin()).unwrap();
+        d.decode(&relation()).unwrap();
+        let update = Msg::new(b'U')
+            .u32(16384)
+            .u8(b'O')
+            .i16(2)
+            .text("1")
+            .text("a long note")
+            .u8(b'N')
+            .i16(2)
+            .text("2")
+            .u8(b'u')
+            .0;
+        d.decode(&update).unwrap();
+        let Decoded::Committed { transaction, .. } = d.decode(&commit(0x200)).unwrap() else {
+            panic!("commit must complete the transaction");
+        };
+        let t = |s: &str| Value::Text(s.into());
+        assert_eq!(
+            transaction.changes[0].kind,
+            ChangeKind::Update {
+                old: Some(vec![t("1"), t("a long note")]),
+                new: vec![t("2"), t("a long note")]
+            }
+        );
     }
 
     #[test]

@@ -219,13 +219,54 @@ impl Incoming {
     }
 }
 
-/// Checks and decodes a consumed record. The error says what is wrong with
-/// it, for the dead-letter table; it never quotes the value.
+/// Why a consumed record cannot be applied. Never quotes a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The record is damaged or not what its headers say: it goes to the
+    /// dead-letter table.
+    #[error("{0}")]
+    Bad(String),
+    /// The record is in a format this agent does not read yet (a newer
+    /// source during a rolling upgrade): the partition waits, nothing is
+    /// skipped.
+    #[error("{0}")]
+    Version(String),
+}
+
+/// Checks and decodes a consumed record.
 pub fn decode(
     headers: &[(String, Vec<u8>)],
     value: Option<&[u8]>,
     expected_origin: &str,
-) -> Result<Incoming, String> {
+) -> Result<Incoming, RecordError> {
+    decode_inner(headers, value, expected_origin).map_err(|e| match e {
+        Failure::Version(e) => RecordError::Version(e.to_string()),
+        Failure::Bad(e) => RecordError::Bad(e),
+    })
+}
+
+enum Failure {
+    Version(codec::CodecError),
+    Bad(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Bad(s)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Self {
+        Failure::Bad(s.to_owned())
+    }
+}
+
+fn decode_inner(
+    headers: &[(String, Vec<u8>)],
+    value: Option<&[u8]>,
+    expected_origin: &str,
+) -> Result<Incoming, Failure> {
     let header = |name: &str| -> Result<&[u8], String> {
         headers
             .iter()
@@ -244,29 +285,34 @@ pub fn decode(
         return Err(format!(
             "header {ORIGIN} is {:?}, but this topic carries {expected_origin}",
             String::from_utf8_lossy(origin)
-        ));
+        )
+        .into());
     }
     let value = value.ok_or("record has no value")?;
     let crc = number(CRC32)?;
     if u64::from(codec::checksum(value)) != crc {
-        return Err("crc32 mismatch: the value is not what the source produced".to_owned());
+        return Err("crc32 mismatch: the value is not what the source produced".into());
     }
     let position = Position {
         lsn: Lsn(number(LSN)?),
         index: u32::try_from(number(INDEX)?).map_err(|_| format!("header {INDEX} out of range"))?,
     };
     let policy_version = number(POLICY_VERSION)?;
-    let mut transactions = codec::decode(value).map_err(|e| format!("undecodable value: {e}"))?;
+    let mut transactions = codec::decode(value).map_err(|e| match e {
+        codec::CodecError::Version(_) => Failure::Version(e),
+        e => Failure::Bad(format!("undecodable value: {e}")),
+    })?;
     if transactions.len() != 1 {
         return Err(format!(
             "value holds {} transactions; a record carries one",
             transactions.len()
-        ));
+        )
+        .into());
     }
     let transaction = transactions.remove(0);
     let heartbeat = position.index == HEARTBEAT_INDEX;
     if heartbeat != transaction.changes.is_empty() || transaction.end_lsn != position.lsn {
-        return Err("value does not match its headers (position or change count)".to_owned());
+        return Err("value does not match its headers (position or change count)".into());
     }
     Ok(Incoming {
         position,
@@ -474,7 +520,7 @@ mod tests {
             ),
         ];
         for (h, value, expected) in cases {
-            let e = decode(&h, value.as_deref(), "eu").unwrap_err();
+            let e = decode(&h, value.as_deref(), "eu").unwrap_err().to_string();
             assert!(e.contains(expected), "{expected}: {e}");
             assert!(!e.contains("secret"), "{e}");
         }
@@ -486,6 +532,23 @@ mod tests {
             }
         }
         let e = decode(&h, Some(&garbage), "eu").unwrap_err();
-        assert!(e.starts_with("undecodable value"), "{e}");
+        assert!(
+            matches!(&e, RecordError::Bad(m) if m.starts_with("undecodable value")),
+            "{e}"
+        );
+        // a newer format is not damage: the partition waits for an upgrade
+        let mut newer = r.value.clone();
+        newer[2] = 9; // after the two magic bytes
+        let mut h = headers.clone();
+        for (n, v) in &mut h {
+            if n == CRC32 {
+                *v = codec::checksum(&newer).to_string().into_bytes();
+            }
+        }
+        let e = decode(&h, Some(&newer), "eu").unwrap_err();
+        assert!(
+            matches!(&e, RecordError::Version(m) if m.contains("version 9")),
+            "{e}"
+        );
     }
 }
