@@ -1,6 +1,7 @@
 //! `meridian`: the command line of the Meridian replication service.
 
 mod dashboard;
+mod dead_letters;
 mod demo;
 mod placement;
 mod policy;
@@ -66,6 +67,14 @@ enum Command {
         #[command(flatten)]
         thresholds: ThresholdArgs,
     },
+    /// Data a destination store would not take (a value its column type
+    /// refuses, a broken constraint): list, inspect, replay once the cause
+    /// is fixed, or discard. Pending dead letters keep commit tokens from
+    /// resolving past them.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Serve a live page for every region: lag matrix, lag over the last
     /// hour, throughput and slot retention.
     Dashboard {
@@ -127,6 +136,63 @@ enum PlacementCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Pending dead letters of every region (or one), oldest first.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: Option<String>,
+        /// Also the replayed and discarded ones.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter: where it came from, why, and what it holds (no values).
+    Show {
+        #[arg(long)]
+        config: PathBuf,
+        /// The region whose store holds it.
+        #[arg(long)]
+        region: String,
+        id: i64,
+    },
+    /// Apply a dead letter as it arrived, after fixing the cause. Replay
+    /// oldest first: a replay writes the rows' images of that time.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        id: i64,
+        /// Who replays it (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Give up on a dead letter; who and why are recorded.
+    Discard {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        id: i64,
+        /// Who discards it (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Why (recorded with it).
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+/// The operator's name for the record: --by, else $USER.
+fn operator(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 #[derive(Subcommand)]
@@ -254,6 +320,33 @@ fn run() -> anyhow::Result<()> {
                 json,
                 thresholds,
             } => status::run(&config, thresholds.get(), json).await,
+            Command::DeadLetters { command } => match command {
+                DeadLetterCommand::List {
+                    config,
+                    region,
+                    all,
+                    json,
+                } => dead_letters::list(&config, region.as_deref(), all, json).await,
+                DeadLetterCommand::Show { config, region, id } => {
+                    dead_letters::show(&config, &region, id).await
+                }
+                DeadLetterCommand::Replay {
+                    config,
+                    region,
+                    id,
+                    by,
+                } => dead_letters::replay(&config, &region, id, &operator(by)).await,
+                DeadLetterCommand::Discard {
+                    config,
+                    region,
+                    id,
+                    by,
+                    note,
+                } => {
+                    dead_letters::discard(&config, &region, id, &operator(by), note.as_deref())
+                        .await
+                }
+            },
             Command::Dashboard {
                 config,
                 listen,

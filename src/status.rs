@@ -46,7 +46,10 @@ pub(crate) struct RegionReport {
 pub(crate) struct InboundReport {
     pub source: String,
     pub changes_applied: u64,
+    /// Since the agent started.
     pub dead_letters: u64,
+    /// Waiting in the store for `meridian dead-letters replay|discard`.
+    pub dead_letters_pending: u64,
     /// None before the first applied batch.
     pub seconds_since_apply: Option<f64>,
 }
@@ -73,6 +76,9 @@ pub(crate) struct LinkReport {
     pub last_error_age_seconds: Option<f64>,
     pub bytes_shipped: Option<u64>,
     pub changes_shipped: Option<u64>,
+    /// Dead letters from the source waiting at the destination (None when
+    /// the destination did not answer).
+    pub dead_letters_pending: Option<u64>,
     /// ok, warn or critical.
     pub health: &'static str,
 }
@@ -109,6 +115,7 @@ pub(crate) async fn gather(
                                 .then_some(l.last_error_age_seconds),
                             bytes_shipped: Some(l.bytes_shipped),
                             changes_shipped: Some(l.changes_shipped),
+                            dead_letters_pending: None,
                             health: health(&l.state, l.lag_seconds, thresholds),
                         },
                         None => unknown_link(&region, peer, "the agent has no such link"),
@@ -139,6 +146,7 @@ pub(crate) async fn gather(
                             source: i.source,
                             changes_applied: i.changes_applied,
                             dead_letters: i.dead_letters,
+                            dead_letters_pending: i.dead_letters_pending,
                             seconds_since_apply: (i.seconds_since_apply >= 0.0)
                                 .then_some(i.seconds_since_apply),
                         })
@@ -164,6 +172,19 @@ pub(crate) async fn gather(
                     inbound: Vec::new(),
                 });
             }
+        }
+    }
+    // data set aside at the destination is a gap until an operator acts:
+    // such a link is never "ok"
+    for l in &mut links {
+        let pending = regions
+            .iter()
+            .find(|r| r.region == l.destination && r.reachable)
+            .and_then(|r| r.inbound.iter().find(|i| i.source == l.source))
+            .map(|i| i.dead_letters_pending);
+        l.dead_letters_pending = pending;
+        if pending.unwrap_or(0) > 0 && l.health == "ok" {
+            l.health = "warn";
         }
     }
     let healthy =
@@ -192,6 +213,7 @@ fn unknown_link(source: &str, destination: &str, why: &str) -> LinkReport {
         last_error_age_seconds: None,
         bytes_shipped: None,
         changes_shipped: None,
+        dead_letters_pending: None,
         health: "critical",
     }
 }
@@ -303,7 +325,11 @@ pub(crate) fn render(report: &Report) -> String {
                 "{:<14} {:>12} {:>12} {:>14}",
                 format!("{} <- {}", r.region, i.source),
                 i.changes_applied,
-                i.dead_letters,
+                if i.dead_letters_pending > 0 {
+                    format!("{} pending", i.dead_letters_pending)
+                } else {
+                    i.dead_letters.to_string()
+                },
                 i.seconds_since_apply
                     .map_or("-".into(), |s| format!("{} ago", duration(s))),
             ));
@@ -327,6 +353,14 @@ pub(crate) fn render(report: &Report) -> String {
                 (Some(e), Some(age)) => format!("{e} ({} ago)", duration(age)),
                 (Some(e), None) => e.clone(),
                 (None, _) => String::new(),
+            } + &match l.dead_letters_pending {
+                Some(n) if n > 0 => format!(
+                    "{}{n} dead letter(s) pending at {} (meridian dead-letters list --region {})",
+                    if l.last_error.is_some() { "; " } else { "" },
+                    l.destination,
+                    l.destination
+                ),
+                _ => String::new(),
             },
         ));
     }

@@ -84,6 +84,7 @@ impl Admin for AdminService {
                     }),
                     changes_applied: i.changes_applied,
                     dead_letters: i.dead_letters,
+                    dead_letters_pending: i.dead_letters_pending,
                 })
                 .collect(),
         }))

@@ -186,7 +186,7 @@ impl KafkaLink {
         self.acked
             .fetch_max(confirmed.load(Ordering::Acquire), Ordering::AcqRel);
         let (changes_tx, mut changes) = mpsc::channel::<Transaction>(64);
-        let mut capture = tokio::spawn(link::capture(stream, changes_tx));
+        let mut capture = tokio::spawn(link::capture(stream, changes_tx, self.store.clone()));
         let _abort = AbortOnDrop(capture.abort_handle());
         self.telemetry
             .set_link_state(&self.destination, LinkState::Connected, None);

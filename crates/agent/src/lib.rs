@@ -111,6 +111,7 @@ pub async fn run(
                 acked: acked.clone(),
             })
             .collect(),
+        peers.clone(),
         telemetry.clone(),
         policy.clone(),
         std::time::Duration::from_secs(1),

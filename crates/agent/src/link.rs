@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use meridian_capture::{CaptureError, ReplicationStream};
+use meridian_capture::{CaptureError, ReplicationStream, Reselect};
 use meridian_core::pgoutput::Keys;
 use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
@@ -203,7 +203,7 @@ impl Link {
         // capture runs in its own task so a slow peer never stalls the
         // replication connection's status reports
         let (changes_tx, mut changes) = mpsc::channel::<Transaction>(2 * self.window);
-        let mut capture = tokio::spawn(capture(stream, changes_tx));
+        let mut capture = tokio::spawn(capture(stream, changes_tx, self.store.clone()));
         let _abort = AbortOnDrop(capture.abort_handle());
 
         let mut in_flight: VecDeque<u64> = VecDeque::new();
@@ -288,13 +288,20 @@ impl Link {
 }
 
 /// Reads committed transactions from the slot into `out`, keeping the
-/// replication connection's status reports going while `out` is full.
+/// replication connection's status reports going while `out` is full. Values
+/// an update left unchanged (TOAST) are read back from the store first.
 pub(crate) async fn capture(
     mut stream: ReplicationStream,
     out: mpsc::Sender<Transaction>,
+    store: String,
 ) -> Result<(), CaptureError> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy(&store)?;
+    let mut reselect = Reselect::new(pool);
     loop {
-        let transaction = stream.next().await?;
+        let mut transaction = stream.next().await?;
+        reselect.fill(&mut transaction).await?;
         let permit = loop {
             tokio::select! {
                 permit = out.reserve() => match permit {

@@ -23,10 +23,12 @@ pub struct Watched {
     pub acked: Arc<AtomicU64>,
 }
 
-/// Updates lag, slot and policy metrics every `every` until shutdown.
+/// Updates lag, slot, policy and dead-letter metrics every `every` until
+/// shutdown. `sources` are the regions this store applies changes from.
 pub async fn run(
     pool: PgPool,
     links: Vec<Watched>,
+    sources: Vec<String>,
     telemetry: Arc<Telemetry>,
     policy: SharedPolicy,
     every: Duration,
@@ -88,5 +90,15 @@ pub async fn run(
             });
         }
         telemetry.set_slots(slots);
+        let pending: Result<Vec<(String, i64)>, _> = sqlx::query_as(
+            "SELECT source_region, count(*) FROM meridian.dead_letters
+              WHERE status = 'pending' GROUP BY source_region",
+        )
+        .fetch_all(&pool)
+        .await;
+        match pending {
+            Ok(pending) => telemetry.set_pending_dead_letters(&sources, &pending),
+            Err(e) => tracing::debug!(error = %e, "cannot read dead letters"),
+        }
     }
 }

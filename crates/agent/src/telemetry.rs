@@ -43,6 +43,9 @@ pub const BATCH_CHANGES: &str = "meridian_batch_changes";
 /// Time to apply one batch at the destination.
 pub const APPLY_SECONDS: &str = "meridian_apply_duration_seconds";
 pub const DEAD_LETTERS: &str = "meridian_dead_letters";
+/// Dead letters from a source waiting in this store for an operator
+/// (`meridian dead-letters list`), read from the store.
+pub const DEAD_LETTERS_PENDING: &str = "meridian_dead_letters_pending";
 pub const ERRORS: &str = "meridian_errors";
 pub const POLICY_CHANGES: &str = "meridian_policy_changes";
 pub const POLICY_VERSION: &str = "meridian_policy_version";
@@ -51,7 +54,7 @@ pub const AGENT_INFO: &str = "meridian_agent_info";
 
 /// Every family the agent exports, with its OpenMetrics type. A family
 /// shows in a scrape once it has a sample.
-pub const FAMILIES: [(&str, &str); 16] = [
+pub const FAMILIES: [(&str, &str); 17] = [
     (LINK_LAG_SECONDS, "gauge"),
     (LINK_LAG_BYTES, "gauge"),
     (LINK_STATE, "gauge"),
@@ -64,6 +67,7 @@ pub const FAMILIES: [(&str, &str); 16] = [
     (BATCH_CHANGES, "histogram"),
     (APPLY_SECONDS, "histogram"),
     (DEAD_LETTERS, "counter"),
+    (DEAD_LETTERS_PENDING, "gauge"),
     (ERRORS, "counter"),
     (POLICY_CHANGES, "counter"),
     (POLICY_VERSION, "gauge"),
@@ -140,6 +144,7 @@ pub struct Metrics {
     pub batch_changes: HistogramFamily,
     pub apply_seconds: HistogramFamily,
     pub dead_letters: Family<LinkLabels, Counter>,
+    pub dead_letters_pending: Family<LinkLabels, Gauge>,
     pub errors: Family<ErrorLabels, Counter>,
     pub policy_changes: Family<PolicyLabels, Counter>,
     pub policy_version: Family<RegionLabels, Gauge>,
@@ -196,6 +201,8 @@ pub struct InboundStatus {
     pub last_applied: Option<SystemTime>,
     pub changes_applied: u64,
     pub dead_letters: u64,
+    /// Dead letters from this source waiting in the store (any agent run).
+    pub dead_letters_pending: u64,
 }
 
 /// One replication slot of this region's store.
@@ -249,6 +256,7 @@ impl Telemetry {
                 Histogram::new(exponential_buckets(0.001, 2.5, 12))
             }),
             dead_letters: Family::default(),
+            dead_letters_pending: Family::default(),
             errors: Family::default(),
             policy_changes: Family::default(),
             policy_version: Family::default(),
@@ -313,7 +321,12 @@ impl Telemetry {
             "Transactions or batches moved to meridian.dead_letters.",
             m.dead_letters.clone(),
         );
-        r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture (links); crc_mismatch, policy_violation, undecodable, store_unavailable (receiver); heartbeat, monitor (source store).", m.errors.clone());
+        r.register(
+            DEAD_LETTERS_PENDING,
+            "Dead letters from the source waiting in this region's store for replay or discard.",
+            m.dead_letters_pending.clone(),
+        );
+        r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture (links); crc_mismatch, policy_violation, undecodable, store_unavailable (receiver); schema, version, kafka, bad_record (both); heartbeat, monitor (source store).", m.errors.clone());
         r.register(
             POLICY_CHANGES,
             "Row changes the residency policy passed, transformed or blocked.",
@@ -495,6 +508,26 @@ impl Telemetry {
             .entry(source.to_owned())
             .or_default()
             .dead_letters += 1;
+    }
+
+    /// Sets the dead letters from each source waiting in this store (sources
+    /// absent from `pending` have none).
+    pub fn set_pending_dead_letters(&self, sources: &[String], pending: &[(String, i64)]) {
+        let mut inbound = lock(&self.inbound);
+        for source in sources {
+            let n = pending
+                .iter()
+                .find(|(s, _)| s == source)
+                .map_or(0, |(_, n)| (*n).max(0));
+            self.metrics
+                .dead_letters_pending
+                .get_or_create(&self.inbound_link(source))
+                .set(n);
+            inbound
+                .entry(source.clone())
+                .or_default()
+                .dead_letters_pending = n as u64;
+        }
     }
 
     /// Records a heartbeat written at `lsn` at `at`.

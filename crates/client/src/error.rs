@@ -59,6 +59,20 @@ pub enum Error {
         applied: Lsn,
         waited: Duration,
     },
+    /// The region moved past the token's position, but a transaction from
+    /// the token's region at or before it was set aside as a dead letter
+    /// there: the write the token stands for may not have applied.
+    #[error(
+        "region {region} set aside a transaction from {source_region} at or before this token \
+         (dead letter {dead_letter}); the write may be missing there until an operator replays it \
+         (`meridian dead-letters show --region {region} {dead_letter}`)"
+    )]
+    DeadLettered {
+        region: String,
+        source_region: String,
+        wanted: Lsn,
+        dead_letter: i64,
+    },
     /// The global path kept failing with serialization errors.
     #[error("global transaction failed {attempts} times with serialization errors; last: {last}")]
     RetriesExhausted { attempts: u32, last: sqlx::Error },

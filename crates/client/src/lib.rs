@@ -401,7 +401,9 @@ pub struct Read<'a> {
 impl Read<'_> {
     /// Waits, when awaited, until the region has applied `token`'s write
     /// (immediately in the token's own region). Rows the residency policy
-    /// keeps out of the region stay absent after the wait.
+    /// keeps out of the region stay absent after the wait. Fails with
+    /// [`Error::DeadLettered`] instead of resolving when a transaction from
+    /// the token's region at or before it waits in the region's dead letters.
     pub fn after(mut self, token: &CommitToken) -> Self {
         self.after = Some(token.clone());
         self
@@ -434,7 +436,24 @@ impl Read<'_> {
             .await?;
             let applied = Lsn(applied.unwrap_or(0) as u64);
             if applied >= token.lsn {
-                return Ok(pool);
+                // the watermark moves past dead letters; the token must not
+                let dead_letter: Option<i64> = sqlx::query_scalar(
+                    "SELECT min(id) FROM meridian.dead_letters
+                      WHERE source_region = $1 AND status = 'pending' AND end_lsn <= $2",
+                )
+                .bind(&token.region)
+                .bind(token.lsn.0 as i64)
+                .fetch_one(&pool)
+                .await?;
+                return match dead_letter {
+                    None => Ok(pool),
+                    Some(dead_letter) => Err(Error::DeadLettered {
+                        region: self.region,
+                        source_region: token.region,
+                        wanted: token.lsn,
+                        dead_letter,
+                    }),
+                };
             }
             let waited = started.elapsed();
             if waited >= self.timeout {

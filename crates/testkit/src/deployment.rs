@@ -17,6 +17,7 @@ pub struct Spec<'a> {
     /// Application schema, run in every region before the agents start.
     pub schema: &'a str,
     /// Replicated tables: (schema.table, primary key column, home column).
+    /// A composite key is written with commas: `"a,b"`.
     pub tables: &'a [(&'a str, &'a str, &'a str)],
     /// Regions whose agent peers reach through a proxy.
     pub proxied: &'a [&'a str],
@@ -105,8 +106,13 @@ impl Deployment {
             topology.push('\n');
         }
         for (name, pk, home) in spec.tables {
+            let pk = pk
+                .split(',')
+                .map(|c| format!("\"{}\"", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ");
             topology.push_str(&format!(
-                "[[tables]]\nname = \"{name}\"\nprimary_key = [\"{pk}\"]\nhome_column = \"{home}\"\n\n"
+                "[[tables]]\nname = \"{name}\"\nprimary_key = [{pk}]\nhome_column = \"{home}\"\n\n"
             ));
         }
         topology.push_str(spec.extra_topology);
