@@ -678,6 +678,7 @@ mod tests {
         t.error("eu", "na", "connect");
         t.watch_link("na", Arc::default());
         t.update_link("na", 0);
+        t.set_pending_dead_letters(&["na".into()], &[]);
         t.set_slots(vec![SlotStatus {
             name: "s".into(),
             destination: "na".into(),
