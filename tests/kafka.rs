@@ -137,15 +137,20 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
     d.wait_converged("counters", "id", 40, Duration::from_secs(60))
         .await?;
 
-    // a change to a table eu does not have, well formed
-    let unknown = Arc::new(Table {
+    // a well-formed change whose value eu's column type refuses (bad data:
+    // dead-lettered; a missing table or column would make the partition
+    // wait for the schema instead, see tests/apply.rs)
+    let counters = Arc::new(Table {
         schema: "public".into(),
-        name: "no_such_table".into(),
-        columns: vec![Column {
-            name: "id".into(),
-            type_oid: 20,
-            key: true,
-        }],
+        name: "counters".into(),
+        columns: ["id", "home", "version", "payload"]
+            .iter()
+            .map(|n| Column {
+                name: (*n).into(),
+                type_oid: 25,
+                key: *n == "id",
+            })
+            .collect(),
     });
     // at na's current position: past everything already applied, before
     // anything na commits next
@@ -157,13 +162,17 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
         end_lsn: Lsn(now as u64),
         commit_time: 0,
         changes: vec![Change {
-            table: unknown,
+            table: counters,
             kind: ChangeKind::Insert {
-                new: vec![Value::Text("1".into())],
+                new: ["999999999", "na", "canary-not-a-number", "p"]
+                    .iter()
+                    .map(|v| Value::Text((*v).into()))
+                    .collect(),
             },
         }],
+        continues: false,
     };
-    let good = record::records("na", transaction, 0, 4).remove(0);
+    let good = record::records("na", transaction, 0, 4, 0).remove(0);
     let headers = |value: &[u8], crc: Option<u32>| -> Headers<'_> {
         good.headers
             .iter()
@@ -185,7 +194,7 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
         vec![
             (headers(&good.value, Some(12345)), good.value.clone()), // bad crc32
             (headers(&garbage, None), garbage.clone()),              // undecodable
-            (headers(&good.value, None), good.value.clone()),        // unknown table
+            (headers(&good.value, None), good.value.clone()),        // bad value
         ],
     )
     .await?;
@@ -209,7 +218,12 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons[0].contains("crc32 mismatch"), "{reasons:?}");
     assert!(reasons[1].contains("undecodable value"), "{reasons:?}");
-    assert!(reasons[2].contains("no_such_table"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("public.counters") && reasons[2].contains("22P02"),
+        "{reasons:?}"
+    );
+    assert!(!reasons.iter().any(|r| r.contains("canary-not-a-number")));
+    assert!(!d.agent_log("eu").contains("canary-not-a-number"));
     for r in &reasons[..2] {
         assert!(r.starts_with("kafka record meridian.na.eu/0@"), "{r}");
     }
@@ -222,19 +236,36 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
         )
         .await?;
     assert_eq!(dead, Some(3.0));
-    let out = std::process::Command::new(binary())
-        .args(["status", "--json", "--config"])
-        .arg(&d.config)
-        .output()?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let eu = report["regions"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["region"] == "eu"))
-        .expect("eu in the report");
-    let from_na = eu["inbound"]
-        .as_array()
-        .and_then(|i| i.iter().find(|i| i["source"] == "na"))
-        .expect("eu applies from na");
-    assert_eq!(from_na["dead_letters"], 3, "{report:#}");
+    // the pending count is read from eu's store once a second
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = std::process::Command::new(binary())
+            .args(["status", "--json", "--config"])
+            .arg(&d.config)
+            .output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let eu = report["regions"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["region"] == "eu"))
+            .expect("eu in the report");
+        let from_na = eu["inbound"]
+            .as_array()
+            .and_then(|i| i.iter().find(|i| i["source"] == "na"))
+            .expect("eu applies from na");
+        assert_eq!(from_na["dead_letters"], 3, "{report:#}");
+        if from_na["dead_letters_pending"] == 3 {
+            let link = report["links"]
+                .as_array()
+                .and_then(|l| {
+                    l.iter()
+                        .find(|l| l["source"] == "na" && l["destination"] == "eu")
+                })
+                .expect("the link na -> eu");
+            assert_ne!(link["health"], "ok", "{link:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     Ok(())
 }

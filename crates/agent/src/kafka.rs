@@ -120,6 +120,9 @@ fn kafka(e: impl std::fmt::Display) -> LinkError {
 
 /// Records produced and not yet acknowledged, at most.
 const MAX_UNACKNOWLEDGED: usize = 50_000;
+/// Record bytes produced and not yet acknowledged: capture waits beyond
+/// this (one more transaction or fragment may go over it).
+const MAX_UNACKNOWLEDGED_BYTES: usize = 32 << 20;
 
 /// The source side of a Kafka link.
 pub struct KafkaLink {
@@ -141,6 +144,7 @@ pub struct KafkaLink {
 /// A produced record awaiting the broker's acknowledgement.
 struct InFlight {
     delivery: DeliveryFuture,
+    bytes: usize,
     /// Set on the last record of a transaction: its end position.
     completes: Option<Lsn>,
 }
@@ -171,6 +175,10 @@ impl KafkaLink {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "0") // never give up: the broker may be down for a while
             .set("queue.buffering.max.messages", "200000")
+            // above MAX_UNACKNOWLEDGED_BYTES plus a fragment's records
+            .set("queue.buffering.max.kbytes", "131072")
+            // records stay under RECORD_MAX_BYTES plus one change
+            .set("message.max.bytes", "16777216")
             .create()
             .map_err(kafka)?;
         // resume from the slot's confirmed position: what the broker holds
@@ -194,6 +202,10 @@ impl KafkaLink {
             partitions, "kafka link producing");
 
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        // (commit position, next record index) of the transaction whose
+        // fragments are being produced
+        let mut next_index = (Lsn(0), 0u32);
+        let mut in_flight_bytes = 0usize;
         loop {
             tokio::select! {
                 biased;
@@ -201,6 +213,7 @@ impl KafkaLink {
                     if !in_flight.is_empty() =>
                 {
                     let done = in_flight.pop_front().expect("non-empty");
+                    in_flight_bytes -= done.bytes;
                     match delivered {
                         Ok(Ok(_)) => {}
                         Ok(Err((e, _))) => return Err(kafka(format!("delivery to {topic} failed: {e}"))),
@@ -217,9 +230,11 @@ impl KafkaLink {
                         _ => Err(LinkError::Protocol("capture stopped".into())),
                     };
                 }
-                next = changes.recv(), if in_flight.len() < MAX_UNACKNOWLEDGED => {
+                next = changes.recv(), if in_flight.len() < MAX_UNACKNOWLEDGED
+                    && in_flight_bytes < MAX_UNACKNOWLEDGED_BYTES =>
+                {
                     let Some(transaction) = next else { return Err(LinkError::Closed) };
-                    self.produce(&producer, &topic, partitions, transaction, &mut in_flight)?;
+                    in_flight_bytes += self.produce(&producer, &topic, partitions, transaction, &mut next_index, &mut in_flight)?;
                 }
             }
         }
@@ -232,8 +247,9 @@ impl KafkaLink {
         topic: &str,
         partitions: i32,
         transaction: Transaction,
+        next_index: &mut (Lsn, u32),
         in_flight: &mut VecDeque<InFlight>,
-    ) -> Result<(), LinkError> {
+    ) -> Result<usize, LinkError> {
         let (transaction, policy_version) = match residency::current(&self.policy) {
             Some(policy) => {
                 let (mut kept, counts) = policy.filter(
@@ -250,8 +266,19 @@ impl KafkaLink {
             None => (transaction, 0),
         };
         let end_lsn = transaction.end_lsn;
+        let continues = transaction.continues;
+        if next_index.0 != transaction.commit_lsn {
+            *next_index = (transaction.commit_lsn, 0);
+        }
         let tables = telemetry::changes_per_table(std::slice::from_ref(&transaction));
-        let records = record::records(&self.source, transaction, policy_version, partitions);
+        let records = record::records(
+            &self.source,
+            transaction,
+            policy_version,
+            partitions,
+            next_index.1,
+        );
+        next_index.1 += records.len() as u32;
         let bytes: usize = records.iter().map(|r| r.value.len()).sum();
         let count = records.len();
         for (i, r) in records.into_iter().enumerate() {
@@ -274,11 +301,13 @@ impl KafkaLink {
                 .map_err(|(e, _)| kafka(format!("cannot queue a record for {topic}: {e}")))?;
             in_flight.push_back(InFlight {
                 delivery,
-                completes: (i + 1 == count).then_some(end_lsn),
+                bytes: r.value.len(),
+                // a transaction is complete with its last fragment's last record
+                completes: (i + 1 == count && !continues).then_some(end_lsn),
             });
         }
         self.telemetry.shipped(&self.destination, &tables, bytes);
-        Ok(())
+        Ok(bytes)
     }
 }
 

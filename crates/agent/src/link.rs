@@ -29,6 +29,12 @@ use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
 use std::sync::Arc;
 
+/// A batch is closed once its values reach about this many bytes (or
+/// `batch_max_changes` changes). Transactions larger than that come as
+/// fragments (see [`meridian_core::Transaction`]), so a batch, a message and
+/// the memory behind them stay bounded whatever the transaction's size.
+const BATCH_MAX_BYTES: usize = 8 << 20;
+
 /// Why a link session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -86,6 +92,7 @@ impl LinkError {
             LinkError::Capture(_) => "capture",
             LinkError::Kafka(_) => "kafka",
             LinkError::Store(meridian_apply::ApplyError::Schema(_)) => "schema",
+            LinkError::Store(meridian_apply::ApplyError::Blocked(_)) => "blocked",
             LinkError::Store(_) => "store_unavailable",
         }
     }
@@ -240,11 +247,13 @@ impl Link {
             }
             if let Some(first) = pending.take() {
                 let mut size = first.changes.len();
+                let mut bytes = first.approx_bytes();
                 let mut batch = vec![first];
-                while size < self.batch_max_changes {
+                while size < self.batch_max_changes && bytes < BATCH_MAX_BYTES {
                     match changes.try_recv() {
                         Ok(t) => {
                             size += t.changes.len();
+                            bytes += t.approx_bytes();
                             batch.push(t);
                         }
                         Err(_) => break,

@@ -71,7 +71,7 @@ impl ReplicationService {
 /// row values.
 fn status(e: &ApplyError) -> Status {
     match e {
-        ApplyError::Rejected { .. } | ApplyError::Schema(_) => {
+        ApplyError::Rejected { .. } | ApplyError::Schema(_) | ApplyError::Blocked(_) => {
             Status::failed_precondition(e.to_string())
         }
         ApplyError::Unavailable(_) => Status::unavailable(format!("destination {e}")),
@@ -148,14 +148,12 @@ async fn serve(
             .map_err(|e| status(&e.into()))?;
         *guard = Some(applier);
     }
-    let result = apply_stream(
-        me,
-        guard.as_mut().expect("set above"),
-        source,
-        &mut inbound,
-        tx,
-    )
-    .await;
+    let applier = guard.as_mut().expect("set above");
+    let result = apply_stream(me, applier, source, &mut inbound, tx).await;
+    // a fragmented transaction cut off with its stream is sent again whole
+    if applier.abandon().await.is_err() {
+        *guard = None;
+    }
     if result
         .as_ref()
         .is_err_and(|e| e.code() == tonic::Code::Unavailable)
@@ -360,9 +358,16 @@ async fn apply_batch(
             Ok(applied.watermark)
         }
         Err(e) => {
-            if let ApplyError::Schema(reason) = &e {
-                tracing::error!(source, %reason, "destination schema does not fit; the link waits");
-                me.telemetry.error(source, &me.region, "schema");
+            match &e {
+                ApplyError::Schema(reason) => {
+                    tracing::error!(source, %reason, "destination schema does not fit; the link waits");
+                    me.telemetry.error(source, &me.region, "schema");
+                }
+                ApplyError::Blocked(reason) => {
+                    tracing::error!(source, %reason, "large transaction rejected; the link waits");
+                    me.telemetry.error(source, &me.region, "blocked");
+                }
+                _ => {}
             }
             Err(status(&e))
         }

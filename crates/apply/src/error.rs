@@ -20,6 +20,13 @@ pub enum ApplyError {
     /// a forgotten migration. The link waits and retries; nothing is skipped.
     #[error("destination schema does not fit: {0}")]
     Schema(String),
+    /// The store rejected part of a transaction too large to set aside as a
+    /// dead letter (it came in fragments): nothing of it is kept and the
+    /// link retries until the cause is fixed. The reason has no values.
+    #[error(
+        "store rejected part of a transaction too large to set aside as a dead letter: {0}; fix the cause (the link retries until then)"
+    )]
+    Blocked(String),
     /// The store was unreachable or failed transiently; retry later.
     #[error("store unavailable: {}", describe_unavailable(.0))]
     Unavailable(#[from] sqlx::Error),

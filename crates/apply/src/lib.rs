@@ -126,6 +126,17 @@ pub struct Applier {
     conn: PgConnection,
     source: String,
     shapes: HashMap<(String, String), TableShape>,
+    /// The destination transaction of a fragmented source transaction,
+    /// open across calls until its last fragment.
+    open: Option<Open>,
+}
+
+/// A destination transaction left open for the rest of a fragmented source
+/// transaction.
+struct Open {
+    commit_lsn: Lsn,
+    /// The source's watermark when it began (read under `FOR UPDATE`).
+    watermark: Lsn,
 }
 
 impl Applier {
@@ -144,6 +155,7 @@ impl Applier {
             conn,
             source: source.to_owned(),
             shapes: HashMap::new(),
+            open: None,
         })
     }
 
@@ -167,12 +179,155 @@ impl Applier {
     /// checkpoint. Returns an error only for what must be retried
     /// ([`ApplyError::Schema`], [`ApplyError::Unavailable`]): then nothing
     /// of the call is applied.
+    ///
+    /// Fragments of a large transaction (gRPC links) are applied in one
+    /// destination transaction that stays open from the first fragment to
+    /// the last; the watermark moves only with the last. If the store rejects
+    /// a fragment, nothing of that transaction is kept and the error is
+    /// [`ApplyError::Blocked`] (too large to set aside: retried).
     pub fn apply<'a>(
         &'a mut self,
         transactions: &'a [Transaction],
         at: Checkpoint<'a>,
     ) -> BoxFuture<'a, Result<Applied, ApplyError>> {
         Box::pin(async move {
+            if matches!(at, Checkpoint::Partition { .. })
+                || (self.open.is_none() && !transactions.iter().any(|t| t.continues))
+            {
+                return self.apply_whole(transactions, at).await;
+            }
+            // runs of whole transactions, and runs of one transaction's fragments
+            let mut outcome = Applied::default();
+            let mut i = 0;
+            while i < transactions.len() {
+                let fragmented = self.open.is_some() || transactions[i].continues;
+                let commit = self
+                    .open
+                    .as_ref()
+                    .map_or(transactions[i].commit_lsn, |o| o.commit_lsn);
+                let mut j = i;
+                if fragmented {
+                    while j < transactions.len() && transactions[j].commit_lsn == commit {
+                        j += 1;
+                        if !transactions[j - 1].continues {
+                            break;
+                        }
+                    }
+                    if j == i {
+                        return Err(ApplyError::Rejected {
+                            sqlstate: None,
+                            reason: format!(
+                                "a fragmented transaction (commit {commit}) ended without its last fragment"
+                            ),
+                        });
+                    }
+                } else {
+                    while j < transactions.len() && !transactions[j].continues {
+                        j += 1;
+                    }
+                }
+                let run = &transactions[i..j];
+                let applied = if fragmented {
+                    self.apply_fragments(run).await?
+                } else {
+                    self.apply_whole(run, at).await?
+                };
+                outcome.watermark = outcome.watermark.max(applied.watermark);
+                outcome.changes += applied.changes;
+                outcome.dead_lettered.extend(applied.dead_lettered);
+                i = j;
+            }
+            Ok(outcome)
+        })
+    }
+
+    /// Rolls back the destination transaction of a fragmented source
+    /// transaction, if one is open (its stream ended before the last
+    /// fragment; the source sends it again from the watermark).
+    pub fn abandon(&mut self) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            if self.open.take().is_some() {
+                sqlx::query("ROLLBACK").execute(&mut self.conn).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Fragments of one transaction, in the destination transaction that
+    /// stays open until the last.
+    async fn apply_fragments(&mut self, fragments: &[Transaction]) -> Result<Applied, ApplyError> {
+        let result = self.apply_fragments_inner(fragments).await;
+        if let Err(e) = &result {
+            self.shapes.clear();
+            if self.open.take().is_some() {
+                // the transaction is aborted already; end it
+                let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+            }
+            if let ApplyError::Rejected { reason, .. } = e {
+                return Err(ApplyError::Blocked(reason.clone()));
+            }
+        }
+        result
+    }
+
+    async fn apply_fragments_inner(
+        &mut self,
+        fragments: &[Transaction],
+    ) -> Result<Applied, ApplyError> {
+        let first = &fragments[0];
+        if self.open.is_none() {
+            sqlx::query("BEGIN").execute(&mut self.conn).await?;
+            let current: Option<i64> = sqlx::query_scalar(
+                "SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1 FOR UPDATE",
+            )
+            .bind(&self.source)
+            .fetch_optional(&mut self.conn)
+            .await?;
+            self.open = Some(Open {
+                commit_lsn: first.commit_lsn,
+                watermark: Lsn(current.unwrap_or(0) as u64),
+            });
+        }
+        let watermark = self.open.as_ref().expect("opened above").watermark;
+        let mut changes = 0;
+        if let Some(plan) = plan::plan(fragments, watermark).map_err(|e| ApplyError::Rejected {
+            sqlstate: None,
+            reason: e.to_string(),
+        })? {
+            load_shapes(&mut self.conn, &plan, &mut self.shapes).await?;
+            execute(&mut self.conn, &plan, &self.shapes).await?;
+            changes = plan.changes;
+        }
+        let last = fragments.last().expect("at least one fragment");
+        if last.continues {
+            return Ok(Applied {
+                watermark,
+                changes,
+                dead_lettered: Vec::new(),
+            });
+        }
+        let watermark = if last.end_lsn > watermark {
+            raise_watermark(&mut self.conn, &self.source, last.end_lsn, last.commit_time).await?
+        } else {
+            watermark
+        };
+        self.open = None;
+        sqlx::query("COMMIT").execute(&mut self.conn).await?;
+        Ok(Applied {
+            watermark,
+            changes,
+            dead_lettered: Vec::new(),
+        })
+    }
+
+    /// Whole transactions (or Kafka records), with dead letters for the
+    /// rejected ones.
+    async fn apply_whole(
+        &mut self,
+        transactions: &[Transaction],
+        at: Checkpoint<'_>,
+    ) -> Result<Applied, ApplyError> {
+        {
             match self.try_apply(transactions, at).await {
                 Err(ApplyError::Rejected { .. }) => {}
                 other => return other,
@@ -197,7 +352,7 @@ impl Applier {
                 }
             }
             Ok(outcome)
-        })
+        }
     }
 
     /// One attempt, repeated once with the table shapes read anew if the

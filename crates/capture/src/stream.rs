@@ -252,17 +252,28 @@ impl ReplicationStream {
                     let wal_end = body.get_u64();
                     let _sent = body.get_i64();
                     self.received = self.received.max(Lsn(wal_end));
-                    if let Decoded::Committed {
-                        transaction,
-                        origin,
-                        message,
-                    } = self.decoder.decode(&body)?
-                    {
-                        let replicated = origin.is_some_and(|o| o.starts_with("meridian_"));
-                        // empty transactions travel only as heartbeats
-                        if !replicated && (message || !transaction.changes.is_empty()) {
-                            return Ok(transaction);
+                    match self.decoder.decode(&body)? {
+                        Decoded::Committed {
+                            transaction,
+                            origin,
+                            message,
+                        } => {
+                            let replicated = origin.is_some_and(|o| o.starts_with("meridian_"));
+                            // empty transactions travel only as heartbeats (and
+                            // as the end of a fragmented one)
+                            if !replicated && (message || !transaction.changes.is_empty()) {
+                                return Ok(transaction);
+                            }
                         }
+                        Decoded::Fragment {
+                            transaction,
+                            origin,
+                        } => {
+                            if !origin.is_some_and(|o| o.starts_with("meridian_")) {
+                                return Ok(transaction);
+                            }
+                        }
+                        Decoded::Pending => {}
                     }
                 }
                 b'k' => {

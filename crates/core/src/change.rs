@@ -91,7 +91,16 @@ pub enum ChangeKind {
     },
 }
 
-/// A committed source transaction with its row changes, in commit order.
+/// A committed source transaction with its row changes, in commit order;
+/// or, for a large transaction, one fragment of it.
+///
+/// A transaction with more changes (or bytes) than fit one bounded message
+/// comes as fragments: values with the same `commit_lsn`, in order, every
+/// one but the last with `continues` set. A continuing fragment's `end_lsn`
+/// is `commit_lsn + 1`: past every transaction committed before (so it is
+/// never taken for one already applied) and before the transaction's own
+/// end (so a watermark never passes it). The last fragment carries the real
+/// `end_lsn`. A destination applies all fragments in one transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transaction {
     /// LSN of the commit record.
@@ -102,4 +111,35 @@ pub struct Transaction {
     /// Commit time, microseconds since the PostgreSQL epoch (2000-01-01 UTC).
     pub commit_time: i64,
     pub changes: Vec<Change>,
+    /// More changes of this transaction follow in the next fragment.
+    pub continues: bool,
+}
+
+impl Transaction {
+    /// Roughly the bytes the changes' values take (text lengths plus a few
+    /// bytes per value): what batching and fragmenting bound.
+    pub fn approx_bytes(&self) -> usize {
+        self.changes.iter().map(|c| c.kind.approx_bytes()).sum()
+    }
+}
+
+impl ChangeKind {
+    /// Roughly the bytes the change's row images take.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            ChangeKind::Insert { new } => row_bytes(new),
+            ChangeKind::Update { old, new } => row_bytes(new) + old.as_ref().map_or(0, row_bytes),
+            ChangeKind::Delete { old } => row_bytes(old),
+        }
+    }
+}
+
+/// Roughly the bytes one row image takes.
+pub fn row_bytes(row: &Row) -> usize {
+    row.iter()
+        .map(|v| match v {
+            Value::Text(s) => s.len() + 8,
+            _ => 8,
+        })
+        .sum()
 }

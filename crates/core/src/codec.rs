@@ -15,7 +15,9 @@ use crate::Lsn;
 use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 
 const MAGIC: &[u8; 2] = b"MB";
-const VERSION: u8 = 1;
+/// The newest format this agent writes and reads. Version 2 adds a
+/// fragment flag per transaction; version 1 batches are still read.
+const VERSION: u8 = 2;
 
 /// Bytes that are not a batch this version can read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,7 +27,7 @@ pub enum CodecError {
     #[error("not a Meridian batch (bad magic bytes)")]
     BadMagic,
     #[error(
-        "batch format version {0} is not supported (this agent reads version {v}); upgrade the receiving agent: the link waits meanwhile, nothing is skipped",
+        "batch format version {0} is not supported (this agent reads versions 1 to {v}); upgrade the receiving agent: the link waits meanwhile, nothing is skipped",
         v = VERSION
     )]
     Version(u8),
@@ -58,7 +60,10 @@ pub fn encode(transactions: &[Transaction]) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    // version 1 (no fragment flags) while no transaction is fragmented, so
+    // receivers of the previous release read every batch but those
+    let fragmented = transactions.iter().any(|t| t.continues);
+    out.push(if fragmented { VERSION } else { 1 });
     put_u32(&mut out, tables.len() as u32);
     for table in &tables {
         put_str(&mut out, &table.schema);
@@ -75,6 +80,9 @@ pub fn encode(transactions: &[Transaction]) -> Vec<u8> {
         out.extend(t.commit_lsn.0.to_be_bytes());
         out.extend(t.end_lsn.0.to_be_bytes());
         out.extend(t.commit_time.to_be_bytes());
+        if fragmented {
+            out.push(t.continues as u8);
+        }
         put_u32(&mut out, t.changes.len() as u32);
         for c in &t.changes {
             put_u32(&mut out, index[&Arc::as_ptr(&c.table)]);
@@ -110,10 +118,11 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
     if r.take(2, "magic")? != MAGIC {
         return Err(CodecError::BadMagic);
     }
-    match r.u8("version")? {
-        VERSION => {}
+    let flags = match r.u8("version")? {
+        1 => false,
+        VERSION => true,
         v => return Err(CodecError::Version(v)),
-    }
+    };
     let ntables = r.u32("table count")?;
     let mut tables = Vec::new();
     for _ in 0..ntables {
@@ -140,6 +149,19 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
         let commit_lsn = Lsn(r.u64("commit lsn")?);
         let end_lsn = Lsn(r.u64("end lsn")?);
         let commit_time = r.u64("commit time")? as i64;
+        let continues = match flags {
+            false => false,
+            true => match r.u8("fragment flag")? {
+                0 => false,
+                1 => true,
+                tag => {
+                    return Err(CodecError::Tag {
+                        what: "fragment flag",
+                        tag,
+                    });
+                }
+            },
+        };
         let nchanges = r.u32("change count")?;
         let mut changes = Vec::new();
         for _ in 0..nchanges {
@@ -182,6 +204,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
             end_lsn,
             commit_time,
             changes,
+            continues,
         });
     }
     if !r.0.is_empty() {
@@ -323,16 +346,18 @@ mod tests {
                     any::<u64>(),
                     any::<i64>(),
                     proptest::collection::vec(change, 0..8),
+                    any::<bool>(),
                 ),
                 0..4,
             )
             .prop_map(|txs| {
                 txs.into_iter()
-                    .map(|(c, e, t, changes)| Transaction {
+                    .map(|(c, e, t, changes, continues)| Transaction {
                         commit_lsn: Lsn(c),
                         end_lsn: Lsn(e),
                         commit_time: t,
                         changes,
+                        continues,
                     })
                     .collect()
             })

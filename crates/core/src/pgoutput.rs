@@ -14,6 +14,11 @@ use std::sync::Arc;
 use crate::Lsn;
 use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 
+/// Most changes in one fragment of a large transaction.
+pub const FRAGMENT_CHANGES: usize = 10_000;
+/// Most value bytes (roughly) in one fragment of a large transaction.
+pub const FRAGMENT_BYTES: usize = 1 << 20;
+
 /// A message the decoder could not make sense of. Fatal for the stream: the
 /// position is not advanced, so a restart re-reads the same bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,27 +62,54 @@ pub enum Decoded {
         transaction: Transaction,
         origin: Option<String>,
         /// The transaction carried a logical decoding message (heartbeats do),
-        /// so it is worth delivering even without row changes.
+        /// or came in fragments before: worth delivering even without row
+        /// changes.
         message: bool,
+    },
+    /// A fragment of a transaction too large for one bounded message
+    /// (`continues` set); the rest follows, and the commit ends it.
+    Fragment {
+        transaction: Transaction,
+        origin: Option<String>,
     },
 }
 
 /// Primary key columns by `(schema, table)`.
 pub type Keys = HashMap<(String, String), Vec<String>>;
 
-/// Stateful pgoutput decoder for one replication stream.
-#[derive(Default)]
+/// Stateful pgoutput decoder for one replication stream. A transaction is
+/// held in memory only up to a fragment's size: past [`FRAGMENT_CHANGES`]
+/// changes or [`FRAGMENT_BYTES`] bytes, what is decoded so far comes out as
+/// a [`Decoded::Fragment`].
 pub struct Decoder {
     relations: HashMap<u32, Arc<Table>>,
     current: Option<Open>,
     keys: Keys,
+    fragment_changes: usize,
+    fragment_bytes: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            relations: HashMap::new(),
+            current: None,
+            keys: Keys::new(),
+            fragment_changes: FRAGMENT_CHANGES,
+            fragment_bytes: FRAGMENT_BYTES,
+        }
+    }
 }
 
 struct Open {
+    commit_lsn: Lsn,
     commit_time: i64,
     origin: Option<String>,
     changes: Vec<Change>,
+    bytes: usize,
     message: bool,
+    /// Fragments of this transaction were handed out already.
+    fragmented: bool,
 }
 
 impl Decoder {
@@ -95,19 +127,29 @@ impl Decoder {
         }
     }
 
+    /// Fragments of at most `changes` changes or (roughly) `bytes` bytes.
+    pub fn with_fragments(mut self, changes: usize, bytes: usize) -> Self {
+        self.fragment_changes = changes.max(1);
+        self.fragment_bytes = bytes.max(1);
+        self
+    }
+
     /// Decodes one message (the data of one `XLogData`).
     pub fn decode(&mut self, message: &[u8]) -> Result<Decoded, DecodeError> {
         let mut r = Reader(message);
         match r.u8("message type")? {
             b'B' => {
-                let _final_lsn = r.u64("begin final lsn")?;
+                let final_lsn = Lsn(r.u64("begin final lsn")?);
                 let commit_time = r.i64("begin timestamp")?;
                 let _xid = r.u32("begin xid")?;
                 self.current = Some(Open {
+                    commit_lsn: final_lsn,
                     commit_time,
                     origin: None,
                     changes: Vec::new(),
+                    bytes: 0,
                     message: false,
+                    fragmented: false,
                 });
             }
             b'O' => {
@@ -150,7 +192,7 @@ impl Decoder {
                 let table = self.relation(r.u32("insert relation")?)?;
                 expect_tag(&mut r, b'N', "insert new tuple")?;
                 let new = tuple(&mut r, &table)?;
-                self.push(table, ChangeKind::Insert { new })?;
+                return self.push(table, ChangeKind::Insert { new });
             }
             b'U' => {
                 let table = self.relation(r.u32("update relation")?)?;
@@ -176,7 +218,7 @@ impl Decoder {
                         }
                     }
                 }
-                self.push(table, ChangeKind::Update { old, new })?;
+                return self.push(table, ChangeKind::Update { old, new });
             }
             b'D' => {
                 let table = self.relation(r.u32("delete relation")?)?;
@@ -185,7 +227,7 @@ impl Decoder {
                     return Err(DecodeError::UnknownColumnKind(tag as char));
                 }
                 let old = tuple(&mut r, &table)?;
-                self.push(table, ChangeKind::Delete { old })?;
+                return self.push(table, ChangeKind::Delete { old });
             }
             b'T' => {
                 // not published by Meridian's publication (and refused on
@@ -218,9 +260,10 @@ impl Decoder {
                         end_lsn,
                         commit_time: open.commit_time,
                         changes: open.changes,
+                        continues: false,
                     },
                     origin: open.origin,
-                    message: open.message,
+                    message: open.message || open.fragmented,
                 });
             }
             other => return Err(DecodeError::UnknownMessage(other as char)),
@@ -239,9 +282,29 @@ impl Decoder {
             .ok_or(DecodeError::UnknownRelation(id))
     }
 
-    fn push(&mut self, table: Arc<Table>, kind: ChangeKind) -> Result<(), DecodeError> {
-        self.open()?.changes.push(Change { table, kind });
-        Ok(())
+    /// Adds a change to the open transaction; hands out a fragment when the
+    /// transaction has grown to a fragment's size.
+    fn push(&mut self, table: Arc<Table>, kind: ChangeKind) -> Result<Decoded, DecodeError> {
+        let (max_changes, max_bytes) = (self.fragment_changes, self.fragment_bytes);
+        let open = self.open()?;
+        open.bytes += kind.approx_bytes();
+        open.changes.push(Change { table, kind });
+        if open.changes.len() < max_changes && open.bytes < max_bytes {
+            return Ok(Decoded::Pending);
+        }
+        open.fragmented = true;
+        open.bytes = 0;
+        let changes = std::mem::take(&mut open.changes);
+        Ok(Decoded::Fragment {
+            transaction: Transaction {
+                commit_lsn: open.commit_lsn,
+                end_lsn: Lsn(open.commit_lsn.0 + 1),
+                commit_time: open.commit_time,
+                changes,
+                continues: true,
+            },
+            origin: open.origin.clone(),
+        })
     }
 }
 
@@ -487,6 +550,53 @@ mod tests {
                 new: vec![t("2"), t("a long note")]
             }
         );
+    }
+
+    /// A large transaction comes out in bounded fragments: every one but
+    /// the last continues, and none is skipped as already applied or taken
+    /// for the transaction's end.
+    #[test]
+    fn a_large_transaction_comes_in_fragments() {
+        let mut d = Decoder::new().with_fragments(2, usize::MAX);
+        d.decode(&begin()).unwrap();
+        d.decode(&relation()).unwrap();
+        let mut out = Vec::new();
+        for id in 1..=5 {
+            let insert = Msg::new(b'I')
+                .u32(16384)
+                .u8(b'N')
+                .i16(2)
+                .text(&id.to_string())
+                .u8(b'n')
+                .0;
+            match d.decode(&insert).unwrap() {
+                Decoded::Pending => {}
+                Decoded::Fragment { transaction, .. } => out.push(transaction),
+                other => panic!("{other:?}"),
+            }
+        }
+        let Decoded::Committed {
+            transaction,
+            message,
+            ..
+        } = d.decode(&commit(0x200)).unwrap()
+        else {
+            panic!("commit must end the transaction");
+        };
+        assert!(
+            message,
+            "the end of a fragmented transaction is always delivered"
+        );
+        out.push(transaction);
+        let sizes: Vec<_> = out.iter().map(|t| (t.changes.len(), t.continues)).collect();
+        assert_eq!(sizes, [(2, true), (2, true), (1, false)]);
+        // begin() announces commit lsn 0x100
+        assert!(
+            out[..2]
+                .iter()
+                .all(|t| t.commit_lsn == Lsn(0x100) && t.end_lsn == Lsn(0x101))
+        );
+        assert_eq!(out[2].end_lsn, Lsn(0x200));
     }
 
     #[test]

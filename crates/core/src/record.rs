@@ -28,6 +28,7 @@
 //! grow, except when a source replays after a restart, which the consumer
 //! skips as already applied.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::change::{ChangeKind, Transaction, Value};
@@ -80,13 +81,24 @@ fn headers(
     ]
 }
 
-/// The records of one (already filtered) transaction: one per change, or,
-/// for a transaction without changes (a heartbeat), one per partition.
+/// Most value bytes (roughly) in one record: a partition's share of a
+/// transaction larger than this is split over several records, so no
+/// record comes near a broker's message size limit (1 MB by default).
+pub const RECORD_MAX_BYTES: usize = 512 << 10;
+
+/// The records of one (already filtered) transaction or fragment: one per
+/// partition its changes hash to (several when a partition's share exceeds
+/// [`RECORD_MAX_BYTES`]), or, for a transaction without changes (a
+/// heartbeat, the end of a fragmented transaction), one per partition.
+/// Records are indexed from `first_index` on, so the fragments of one
+/// transaction (which share its position's LSN) keep distinct, increasing
+/// positions: pass the index after the previous fragment's last.
 pub fn records(
     source: &str,
     transaction: Transaction,
     policy_version: u64,
     partitions: i32,
+    first_index: u32,
 ) -> Vec<Outgoing> {
     if transaction.changes.is_empty() {
         let position = Position {
@@ -104,28 +116,40 @@ pub fn records(
             })
             .collect();
     }
-    // (partition, first key, changes), in order of first appearance
-    let mut groups: Vec<(i32, Vec<u8>, Vec<crate::Change>)> = Vec::new();
+    // (partition, first key, changes, bytes), in order of first appearance;
+    // a full group is closed and a new one opened for the partition
+    let mut groups: Vec<(i32, Vec<u8>, Vec<crate::Change>, usize)> = Vec::new();
+    let mut open: HashMap<i32, usize> = HashMap::new();
     for (key, change) in transaction.changes.into_iter().flat_map(split_key_change) {
         let partition = partition_of(&key, partitions);
-        match groups.iter_mut().find(|(p, _, _)| *p == partition) {
-            Some((_, _, changes)) => changes.push(change),
-            None => groups.push((partition, key, vec![change])),
+        let bytes = change.kind.approx_bytes();
+        match open.get(&partition) {
+            Some(&g) if groups[g].3 < RECORD_MAX_BYTES => {
+                groups[g].2.push(change);
+                groups[g].3 += bytes;
+            }
+            _ => {
+                open.insert(partition, groups.len());
+                groups.push((partition, key, vec![change], bytes));
+            }
         }
     }
+    let groups: Vec<(i32, Vec<u8>, Vec<crate::Change>)> =
+        groups.into_iter().map(|(p, k, c, _)| (p, k, c)).collect();
     groups
         .into_iter()
         .enumerate()
         .map(|(i, (partition, key, changes))| {
             let position = Position {
                 lsn: transaction.end_lsn,
-                index: i as u32,
+                index: first_index + i as u32,
             };
             let part = Transaction {
                 commit_lsn: transaction.commit_lsn,
                 end_lsn: transaction.end_lsn,
                 commit_time: transaction.commit_time,
                 changes,
+                continues: transaction.continues,
             };
             let value = codec::encode(std::slice::from_ref(&part));
             Outgoing {
@@ -351,6 +375,7 @@ mod tests {
             end_lsn: Lsn(0x108),
             commit_time: 7,
             changes,
+            continues: false,
         }
     }
 
@@ -378,7 +403,7 @@ mod tests {
         let mut changes: Vec<Change> = ids.iter().map(|id| insert(id)).collect();
         changes.push(insert("7")); // a second change of row 7
         let t = transaction(changes.clone());
-        let out = records("eu", t, 3, 4);
+        let out = records("eu", t, 3, 4, 0);
         assert_eq!(out.len(), 4, "40 rows over 4 partitions");
         let mut seen = Vec::new();
         for (i, r) in out.iter().enumerate() {
@@ -416,7 +441,7 @@ mod tests {
             },
         };
         // 1 partition: one record, in order: insert 1, delete 1, insert 2
-        let out = records("eu", transaction(vec![insert("1"), moved.clone()]), 0, 1);
+        let out = records("eu", transaction(vec![insert("1"), moved.clone()]), 0, 1, 0);
         let kinds: Vec<ChangeKind> = decode(&consumed(&out[0]), Some(&out[0].value), "eu")
             .unwrap()
             .transaction
@@ -432,7 +457,7 @@ mod tests {
             matches!(&kinds[2], ChangeKind::Insert { new } if new[0] == Value::Text("2".into()))
         );
         // many partitions: the delete goes where key 1 lives, the insert where key 2 does
-        let out = records("eu", transaction(vec![moved]), 0, 64);
+        let out = records("eu", transaction(vec![moved]), 0, 64, 0);
         let partition_1 = partition_of(&key(&insert("1")), 64);
         let partition_2 = partition_of(&key(&insert("2")), 64);
         assert_ne!(partition_1, partition_2, "keys on different partitions");
@@ -455,7 +480,7 @@ mod tests {
                 new: row("2", Value::Unchanged),
             },
         };
-        let out = records("eu", transaction(vec![toasted]), 0, 64);
+        let out = records("eu", transaction(vec![toasted]), 0, 64, 0);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].partition, Some(partition_1), "with the old row");
         // a full-identity update that keeps its key stays one change
@@ -466,14 +491,14 @@ mod tests {
                 new: row("1", Value::Text("new".into())),
             },
         };
-        let out = records("eu", transaction(vec![same_key]), 0, 4);
+        let out = records("eu", transaction(vec![same_key]), 0, 4, 0);
         let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
         assert_eq!(back.transaction.changes.len(), 1);
     }
 
     #[test]
     fn heartbeats_go_to_every_partition() {
-        let out = records("na", transaction(vec![]), 0, 3);
+        let out = records("na", transaction(vec![]), 0, 3, 0);
         let partitions: Vec<Option<i32>> = out.iter().map(|r| r.partition).collect();
         assert_eq!(partitions, vec![Some(0), Some(1), Some(2)]);
         let back = decode(&consumed(&out[1]), Some(&out[1].value), "na").unwrap();
@@ -488,7 +513,7 @@ mod tests {
 
     #[test]
     fn bad_records_are_explained_without_their_values() {
-        let r = &records("eu", transaction(vec![insert("1")]), 1, 4)[0];
+        let r = &records("eu", transaction(vec![insert("1")]), 1, 4, 0)[0];
         let headers = consumed(r);
         let mut flipped = r.value.clone();
         let last = flipped.len() - 1;
@@ -550,5 +575,28 @@ mod tests {
             matches!(&e, RecordError::Version(m) if m.contains("version 9")),
             "{e}"
         );
+    }
+
+    /// A partition's share of a large transaction is split over several
+    /// records with increasing positions, none far above the record limit.
+    #[test]
+    fn a_large_share_is_split_over_bounded_records() {
+        let big = "x".repeat(100_000);
+        let changes: Vec<Change> = (0..20)
+            .map(|i| Change {
+                table: table(),
+                kind: ChangeKind::Insert {
+                    new: vec![Value::Text(i.to_string()), Value::Text(big.clone())],
+                },
+            })
+            .collect();
+        let out = records("eu", transaction(changes), 0, 1, 7);
+        assert!(out.len() >= 4, "{}", out.len());
+        assert!(
+            out.iter()
+                .all(|r| r.value.len() < RECORD_MAX_BYTES + 200_000)
+        );
+        let indexes: Vec<u32> = out.iter().map(|r| r.position.index).collect();
+        assert_eq!(indexes, (7..7 + out.len() as u32).collect::<Vec<_>>());
     }
 }

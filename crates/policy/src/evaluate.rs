@@ -187,6 +187,7 @@ impl Enforcer {
                     end_lsn: t.end_lsn,
                     commit_time: t.commit_time,
                     changes,
+                    continues: t.continues,
                 }
             })
             .collect();

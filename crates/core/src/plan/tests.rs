@@ -30,6 +30,7 @@ fn tx_of(end: u64, changes: Vec<Change>) -> Transaction {
         end_lsn: Lsn(end),
         commit_time: end as i64,
         changes,
+        continues: false,
     }
 }
 

@@ -64,6 +64,7 @@ fn tx(kinds: Vec<ChangeKind>) -> Vec<Transaction> {
         commit_lsn: Lsn(1),
         end_lsn: Lsn(2),
         commit_time: 0,
+        continues: false,
         changes: kinds
             .into_iter()
             .map(|kind| Change {
