@@ -38,7 +38,9 @@ pub(crate) async fn check(file: &Path, config: &Path, against: Option<&str>) -> 
 }
 
 /// Compares the policy with a live store: every table and column a rule
-/// names must exist; columns no rule names are listed (they never cross).
+/// names must exist, and every column action must fit the column (a hash
+/// into a text column, nothing NULL into a NOT NULL one); columns no rule
+/// names are listed (they never cross).
 async fn check_against_store(
     policy: &meridian_policy::Policy,
     topology: &meridian_core::topology::Topology,
@@ -98,6 +100,11 @@ async fn check_against_store(
                 }
             }
         }
+    }
+    let columns = residency::store_columns(&pool, &topology.tables).await?;
+    for misfit in meridian_policy::fit::check(policy, &columns) {
+        println!("error: {misfit}");
+        problems += 1;
     }
     pool.close().await;
     if problems > 0 {

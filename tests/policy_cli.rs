@@ -190,3 +190,39 @@ fn check_against_a_live_store_finds_missing_and_unmentioned_columns() {
         "{out}"
     );
 }
+
+/// Review finding 3d: actions a destination could not write (a hash into a
+/// bigint, a NULL into a NOT NULL column) are refused before any row is sent.
+#[test]
+fn check_against_a_live_store_refuses_actions_the_columns_cannot_take() {
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.url("postgres");
+    let status = Command::new(meridian_testkit::postgres::find_bindir().unwrap().join("psql"))
+        .args([&url, "-qc", "CREATE TABLE orders (id bigint PRIMARY KEY, region text, status text, email bigint, note text NOT NULL)"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dir = workdir(POLICY);
+    let (ok, out) = meridian(
+        &dir,
+        &[
+            "policy",
+            "check",
+            "policy.toml",
+            "--config",
+            "topology.toml",
+            "--against",
+            &url,
+        ],
+        true,
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("public.orders.email is hashed, but a hash is 64 hex characters and the column is bigint"),
+        "{out}"
+    );
+    assert!(
+        out.contains("public.orders.note is nulled, but the column is NOT NULL"),
+        "{out}"
+    );
+}

@@ -18,6 +18,8 @@ pub struct AdminService {
     pub region: String,
     pub topology: Topology,
     pub policy: SharedPolicy,
+    /// The store's columns, read at start, for checking reloaded policies.
+    pub columns: residency::StoreColumns,
     pub telemetry: Arc<Telemetry>,
 }
 
@@ -27,7 +29,7 @@ impl Admin for AdminService {
         &self,
         _: Request<ReloadPolicyRequest>,
     ) -> Result<Response<ReloadPolicyReply>, Status> {
-        let version = residency::reload(&self.topology, &self.policy)
+        let version = residency::reload(&self.topology, &self.columns, &self.policy)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         Ok(Response::new(ReloadPolicyReply {
             region: self.region.clone(),

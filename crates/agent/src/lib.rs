@@ -52,7 +52,16 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let me = topology.region(region).map_err(anyhow::Error::msg)?.clone();
-    let policy = residency::load(&topology)?;
+    let store = me.store.expose().to_owned();
+    let pool = PgPoolOptions::new()
+        .max_connections(3)
+        .connect(&store)
+        .await
+        .with_context(|| format!("cannot connect to region {region}'s store {}", me.store))?;
+    let columns = residency::store_columns(&pool, &topology.tables)
+        .await
+        .with_context(|| format!("reading the replicated tables of region {region}'s store"))?;
+    let policy = residency::load(&topology, &columns)?;
     match &policy {
         Some(p) => tracing::info!(region, version = p.version(), "residency policy loaded"),
         None => tracing::warn!(
@@ -61,13 +70,7 @@ pub async fn run(
         ),
     }
     let policy: residency::SharedPolicy = Arc::new(std::sync::RwLock::new(policy.map(Arc::new)));
-    residency::reload_on_hangup(topology.clone(), policy.clone());
-    let store = me.store.expose().to_owned();
-    let pool = PgPoolOptions::new()
-        .max_connections(3)
-        .connect(&store)
-        .await
-        .with_context(|| format!("cannot connect to region {region}'s store {}", me.store))?;
+    residency::reload_on_hangup(topology.clone(), columns.clone(), policy.clone());
     meridian_apply::migrate(&pool)
         .await
         .with_context(|| format!("migrating region {region}'s store"))?;
@@ -147,6 +150,7 @@ pub async fn run(
                 region: region.to_owned(),
                 topology: topology.clone(),
                 policy: policy.clone(),
+                columns: columns.clone(),
                 telemetry: telemetry.clone(),
             }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

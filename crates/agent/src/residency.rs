@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
-use meridian_core::topology::Topology;
+use meridian_core::topology::{TableSpec, Topology};
 use meridian_policy::evaluate::Counts;
+use meridian_policy::fit::StoreColumn;
 use meridian_policy::{Enforcer, Policy, Verdict};
 use sqlx::PgPool;
 
@@ -23,9 +24,50 @@ pub fn current(shared: &SharedPolicy) -> Option<Arc<Enforcer>> {
     shared.read().expect("policy lock").clone()
 }
 
-/// Reads and validates the topology's policy file, if it names one. The
-/// error lists every problem as file:line:column.
-pub fn load(topology: &Topology) -> anyhow::Result<Option<Enforcer>> {
+/// The replicated tables' columns as this region's store has them (read at
+/// agent start), to check the policy's column actions against.
+pub type StoreColumns = Arc<Vec<(String, Vec<StoreColumn>)>>;
+
+/// Reads the replicated tables' columns from the store.
+pub async fn store_columns(
+    pool: &PgPool,
+    tables: &[TableSpec],
+) -> Result<StoreColumns, sqlx::Error> {
+    let mut out = Vec::new();
+    for t in tables {
+        let (schema, name) = t.split_name();
+        let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                    a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+        )
+        .bind(schema)
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+        let columns = rows
+            .into_iter()
+            .map(|(name, ty, not_null, has_default)| StoreColumn {
+                name,
+                ty,
+                not_null,
+                has_default,
+            })
+            .collect();
+        out.push((t.name.clone(), columns));
+    }
+    Ok(Arc::new(out))
+}
+
+/// Reads and validates the topology's policy file, if it names one, also
+/// against the store's `columns` (a column action the destination could not
+/// write is refused). The error lists every problem, with file:line:column
+/// where the file is at fault.
+pub fn load(topology: &Topology, columns: &StoreColumns) -> anyhow::Result<Option<Enforcer>> {
     let Some(path) = &topology.policy else {
         return Ok(None);
     };
@@ -33,6 +75,13 @@ pub fn load(topology: &Topology) -> anyhow::Result<Option<Enforcer>> {
         std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {path}"))?;
     let hash_key = std::env::var(HASH_KEY_ENV).ok().filter(|k| !k.is_empty());
     let policy = parse(topology, &text, path, hash_key.is_some())?;
+    let misfits = meridian_policy::fit::check(&policy, columns);
+    if !misfits.is_empty() {
+        anyhow::bail!(
+            "residency policy {path} does not fit the store's columns:\n{}",
+            misfits.join("\n")
+        );
+    }
     let homes: Vec<(String, String)> = topology
         .tables
         .iter()
@@ -60,8 +109,12 @@ pub fn parse(
 
 /// Re-reads the policy file and puts it in force; returns its version (0:
 /// no policy). An invalid file is refused and the policy in force stays.
-pub fn reload(topology: &Topology, shared: &SharedPolicy) -> anyhow::Result<u64> {
-    match load(topology) {
+pub fn reload(
+    topology: &Topology,
+    columns: &StoreColumns,
+    shared: &SharedPolicy,
+) -> anyhow::Result<u64> {
+    match load(topology, columns) {
         Ok(policy) => {
             let version = policy.as_ref().map_or(0, |p| p.version());
             *shared.write().expect("policy lock") = policy.map(Arc::new);
@@ -76,14 +129,14 @@ pub fn reload(topology: &Topology, shared: &SharedPolicy) -> anyhow::Result<u64>
 }
 
 /// Reloads the policy on SIGHUP.
-pub fn reload_on_hangup(topology: Topology, shared: SharedPolicy) {
+pub fn reload_on_hangup(topology: Topology, columns: StoreColumns, shared: SharedPolicy) {
     tokio::spawn(async move {
         let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
         };
         while hangup.recv().await.is_some() {
-            let _ = reload(&topology, &shared);
+            let _ = reload(&topology, &columns, &shared);
         }
     });
 }

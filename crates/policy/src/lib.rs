@@ -12,9 +12,12 @@
 //!   file:line:column diagnostics.
 //! - [`evaluate`]: decisions and transformations per destination (sender),
 //!   and the re-check of what arrived (receiver).
+//! - [`fit`]: whether the column actions fit the store's column types and
+//!   nullability.
 
 pub mod evaluate;
 pub mod file;
+pub mod fit;
 
 pub use evaluate::{Decision, Enforcer, Explanation, Verdict, Violation};
 pub use file::{Action, Condition, Diagnostic, Policy, Rule};
