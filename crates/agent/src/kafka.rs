@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use meridian_apply::{Applier, ApplyError, Checkpoint, Letter, RecordProgress};
 use meridian_capture::ReplicationStream;
 use meridian_core::pgoutput::Keys;
-use meridian_core::record::{self, Position, RecordError};
+use meridian_core::record::{self, Position};
 use meridian_core::{Lsn, Transaction};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -37,6 +37,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
+use crate::inbound::{self, RecordVerdict};
 use crate::link::{self, AbortOnDrop, LinkError, Outbound};
 use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
@@ -469,57 +470,65 @@ impl KafkaInbound {
         let mut fresh = Fresh::default();
         let mut applied: Vec<Transaction> = Vec::new();
         let mut watermark = Lsn(0);
+        let policy = residency::current(&self.policy);
         for r in records {
-            let incoming = match record::decode(&r.headers, r.value.as_deref(), &self.source) {
-                Ok(incoming) => incoming,
-                Err(RecordError::Version(reason)) => {
-                    // a newer source: wait for this agent's upgrade, skip nothing
-                    self.apply(applier, topic, partition, &fresh).await?;
-                    self.telemetry
-                        .error(&self.source, &self.destination, "version");
-                    return Err(LinkError::Refused {
-                        seq: r.offset as u64,
-                        reason,
-                    });
-                }
-                Err(RecordError::Bad(reason)) => {
+            let verdict = inbound::judge_record(
+                &r.headers,
+                r.value.as_deref(),
+                &self.source,
+                &self.destination,
+                position,
+                policy.as_deref(),
+            );
+            let incoming = match verdict {
+                RecordVerdict::Apply(incoming) => incoming,
+                RecordVerdict::Skip => continue, // a replay: applied before
+                RecordVerdict::DeadLetter {
+                    reason,
+                    keep_payload,
+                } => {
                     // apply what came before, then set the bad record aside
                     watermark = watermark.max(self.apply(applier, topic, partition, &fresh).await?);
                     applied.append(&mut fresh.transactions);
                     fresh.progress.clear();
-                    self.dead_letter(applier, topic, partition, r.offset, position, &reason, &r)
-                        .await
-                        .map_err(|e| LinkError::Store(e.into()))?;
+                    self.dead_letter(
+                        applier,
+                        (topic, partition, r.offset),
+                        position,
+                        &reason,
+                        keep_payload.then_some(&r),
+                    )
+                    .await
+                    .map_err(|e| LinkError::Store(e.into()))?;
                     continue;
                 }
-            };
-            if incoming.position <= position {
-                continue; // a replay: already applied
-            }
-            if let Some(policy) = residency::current(&self.policy) {
-                let single = std::slice::from_ref(&incoming.transaction);
-                if let Err(violation) = policy.check(&self.source, &self.destination, single) {
-                    let reason = format!("residency policy violation: {violation}");
-                    tracing::error!(source = %self.source, %topic, partition, offset = r.offset,
-                        %reason, "refused record; the partition waits until the policies agree");
-                    self.telemetry
-                        .error(&self.source, &self.destination, "policy_violation");
+                RecordVerdict::Refuse {
+                    reason,
+                    kind,
+                    forbidden,
+                } => {
+                    // apply what came before; this record waits
                     self.apply(applier, topic, partition, &fresh).await?;
-                    applier
-                        .record_violation(
-                            incoming.position.lsn,
-                            incoming.policy_version,
-                            policy.version(),
-                            &reason,
-                        )
-                        .await
-                        .map_err(|e| LinkError::Store(e.into()))?;
+                    tracing::error!(source = %self.source, %topic, partition, offset = r.offset,
+                        %reason, "refused record; the partition waits");
+                    self.telemetry.error(&self.source, &self.destination, kind);
+                    if let Some((f, incoming)) = forbidden {
+                        applier
+                            .record_violation(
+                                incoming.position.lsn,
+                                incoming.policy_version,
+                                f.receiver_version,
+                                &reason,
+                            )
+                            .await
+                            .map_err(|e| LinkError::Store(e.into()))?;
+                    }
                     return Err(LinkError::Refused {
                         seq: r.offset as u64,
                         reason,
                     });
                 }
-            }
+            };
             position = incoming.position;
             fresh.progress.push(RecordProgress {
                 next_offset: r.offset + 1,
@@ -577,27 +586,21 @@ impl KafkaInbound {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sets a damaged record aside (its bytes only when `keep` is given)
+    /// and moves the partition past it.
     async fn dead_letter(
         &self,
         applier: &mut Applier,
-        topic: &str,
-        partition: i32,
-        offset: i64,
+        (topic, partition, offset): (&str, i32, i64),
         position: Position,
         reason: &str,
-        record: &Consumed,
+        keep: Option<&Consumed>,
     ) -> Result<(), sqlx::Error> {
         let reason = format!("kafka record {topic}/{partition}@{offset}: {reason}");
         tracing::error!(source = %self.source, %reason, "record moved to meridian.dead_letters");
         self.telemetry.dead_letter(&self.source);
         self.telemetry
             .error(&self.source, &self.destination, "bad_record");
-        // under a policy, bytes that cannot be checked are not kept
-        let payload = match residency::current(&self.policy) {
-            Some(_) => &[][..],
-            None => record.value.as_deref().unwrap_or_default(),
-        };
         let after = [RecordProgress {
             next_offset: offset + 1,
             position,
@@ -606,7 +609,7 @@ impl KafkaInbound {
         let letter = Letter {
             end_lsn: position.lsn,
             reason: &reason,
-            payload,
+            payload: keep.and_then(|r| r.value.as_deref()).unwrap_or_default(),
         };
         let at = Checkpoint::Partition {
             topic,

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod guards;
 pub mod heartbeat;
 pub mod http;
+mod inbound;
 pub mod kafka;
 pub mod link;
 pub mod metrics;

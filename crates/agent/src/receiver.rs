@@ -19,15 +19,16 @@ use std::time::Instant;
 
 use meridian_apply::{Applier, ApplyError, Checkpoint, Letter};
 use meridian_capture::origin_name;
-use meridian_core::{Lsn, Transaction, codec};
+use meridian_core::{Lsn, Transaction};
 use meridian_proto::replication::{
-    Ack, Batch, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
+    Ack, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
     replication_server::Replication, source_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::inbound::{self, BatchVerdict};
 use crate::residency::{self, SharedPolicy};
 use crate::telemetry::{self, Telemetry};
 
@@ -194,36 +195,16 @@ async fn apply_stream(
             )));
         }
         expected += 1;
-        if codec::checksum(&batch.payload) != batch.crc32 {
-            tracing::warn!(source, seq = batch.seq, end_lsn = %Lsn(batch.end_lsn),
-                "rejected batch: crc32 mismatch (corrupted in transit); the source will resend it");
-            me.telemetry.error(source, &me.region, "crc_mismatch");
-            reply(
-                tx,
-                destination_message::Kind::Nack(Nack {
-                    seq: batch.seq,
-                    reason: "crc32 mismatch".into(),
-                }),
-            )
-            .await;
-            return Ok(());
-        }
-        let applied = match codec::decode(&batch.payload) {
-            Ok(transactions) => {
-                if let Some(reason) =
-                    refused_by_policy(me, applier, source, &batch, &transactions).await?
-                {
-                    reply(
-                        tx,
-                        destination_message::Kind::Nack(Nack {
-                            seq: batch.seq,
-                            reason,
-                        }),
-                    )
-                    .await;
-                    me.telemetry.error(source, &me.region, "policy_violation");
-                    return Ok(());
-                }
+        let policy = residency::current(&me.policy);
+        let verdict = inbound::judge_batch(
+            &batch.payload,
+            batch.crc32,
+            source,
+            &me.region,
+            policy.as_deref(),
+        );
+        let applied = match verdict {
+            BatchVerdict::Apply(transactions) => {
                 let started = Instant::now();
                 let watermark = apply_batch(me, applier, source, &transactions).await?;
                 me.telemetry.applied(
@@ -235,10 +216,26 @@ async fn apply_stream(
                 );
                 watermark
             }
-            Err(e @ codec::CodecError::Version(_)) => {
-                let reason = e.to_string();
-                tracing::error!(source, seq = batch.seq, %reason, "refused batch");
-                me.telemetry.error(source, &me.region, "version");
+            BatchVerdict::Refuse {
+                reason,
+                kind,
+                forbidden,
+            } => {
+                tracing::error!(source, seq = batch.seq, end_lsn = %Lsn(batch.end_lsn),
+                    sender_policy = batch.policy_version, %reason,
+                    "refused batch; the source sends it again from the watermark");
+                me.telemetry.error(source, &me.region, kind);
+                if let Some(f) = forbidden {
+                    applier
+                        .record_violation(
+                            Lsn(batch.end_lsn),
+                            batch.policy_version,
+                            f.receiver_version,
+                            &reason,
+                        )
+                        .await
+                        .map_err(|e| status(&e.into()))?;
+                }
                 reply(
                     tx,
                     destination_message::Kind::Nack(Nack {
@@ -249,19 +246,16 @@ async fn apply_stream(
                 .await;
                 return Ok(());
             }
-            Err(e) => {
-                // bytes that cannot be decoded cannot be checked against the
-                // residency policy either: under a policy they are not kept
-                let (reason, payload) = match residency::current(&me.policy) {
-                    Some(_) => (
-                        format!(
-                            "undecodable batch: {e}; payload not kept (it cannot be checked against the residency policy)"
-                        ),
-                        &[][..],
-                    ),
-                    None => (format!("undecodable batch: {e}"), &batch.payload[..]),
-                };
+            BatchVerdict::DeadLetter {
+                reason,
+                keep_payload,
+            } => {
                 me.telemetry.error(source, &me.region, "undecodable");
+                let payload = if keep_payload {
+                    &batch.payload[..]
+                } else {
+                    &[][..]
+                };
                 dead_letter(me, applier, source, Lsn(batch.end_lsn), reason, payload).await?
             }
         };
@@ -307,37 +301,6 @@ async fn dead_letter(
         .map_err(|e| status(&e.into()))?;
     me.telemetry.dead_letter(source);
     Ok(watermark)
-}
-
-/// Re-checks a batch against this region's residency policy. A batch with
-/// anything forbidden is refused whole and recorded (without values); the
-/// source keeps it and retries, so nothing is lost while the policies disagree.
-async fn refused_by_policy(
-    me: &Receiver,
-    applier: &mut Applier,
-    source: &str,
-    batch: &Batch,
-    transactions: &[Transaction],
-) -> Result<Option<String>, Status> {
-    let Some(policy) = residency::current(&me.policy) else {
-        return Ok(None);
-    };
-    let Err(violation) = policy.check(source, &me.region, transactions) else {
-        return Ok(None);
-    };
-    let reason = format!("residency policy violation: {violation}");
-    tracing::error!(source, end_lsn = %Lsn(batch.end_lsn), sender_policy = batch.policy_version,
-        receiver_policy = policy.version(), %reason, "refused batch");
-    applier
-        .record_violation(
-            Lsn(batch.end_lsn),
-            batch.policy_version,
-            policy.version(),
-            &reason,
-        )
-        .await
-        .map_err(|e| status(&e.into()))?;
-    Ok(Some(reason))
 }
 
 /// Applies one decoded batch (rejected transactions to dead letters);

@@ -1,0 +1,358 @@
+//! What to do with what arrived, for both transports: pure decisions, so
+//! the no-gap rules are tested as values. The gRPC receiver and the Kafka
+//! partitions only carry out the verdicts (apply, reply, record).
+//!
+//! - A damaged batch in transit (crc32 mismatch) is refused: the source
+//!   resends it. A damaged Kafka record is set aside: the broker holds no
+//!   better copy.
+//! - A batch or record in a format this agent does not read yet is refused
+//!   and waits for the upgrade; nothing is skipped.
+//! - Bytes that pass their crc32 but do not decode are set aside, their
+//!   payload kept only without a residency policy (what cannot be decoded
+//!   cannot be checked).
+//! - Anything the residency policy forbids here is refused whole.
+//! - A Kafka record at or below the partition's stored position is a replay
+//!   and skipped.
+
+use meridian_core::record::{self, Incoming, Position, RecordError};
+use meridian_core::{Transaction, codec};
+use meridian_policy::Enforcer;
+
+/// What arrived is forbidden by this region's residency policy.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Forbidden {
+    /// The reason, without values.
+    pub reason: String,
+    pub receiver_version: u64,
+}
+
+/// The fate of one gRPC batch.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BatchVerdict {
+    Apply(Vec<Transaction>),
+    /// Nack it and end the stream: the source starts again from the
+    /// watermark. `kind` labels the error metric.
+    Refuse {
+        reason: String,
+        kind: &'static str,
+        forbidden: Option<Forbidden>,
+    },
+    /// Set it aside in the dead letters and move on.
+    DeadLetter {
+        reason: String,
+        keep_payload: bool,
+    },
+}
+
+/// Judges a batch's payload against its crc32 and the residency policy.
+pub(crate) fn judge_batch(
+    payload: &[u8],
+    crc32: u32,
+    source: &str,
+    destination: &str,
+    policy: Option<&Enforcer>,
+) -> BatchVerdict {
+    if codec::checksum(payload) != crc32 {
+        return BatchVerdict::Refuse {
+            reason: "crc32 mismatch".into(),
+            kind: "crc_mismatch",
+            forbidden: None,
+        };
+    }
+    match codec::decode(payload) {
+        Ok(transactions) => match forbidden(&transactions, source, destination, policy) {
+            Some(f) => BatchVerdict::Refuse {
+                reason: f.reason.clone(),
+                kind: "policy_violation",
+                forbidden: Some(f),
+            },
+            None => BatchVerdict::Apply(transactions),
+        },
+        Err(e @ codec::CodecError::Version(_)) => BatchVerdict::Refuse {
+            reason: e.to_string(),
+            kind: "version",
+            forbidden: None,
+        },
+        Err(e) => match policy {
+            Some(_) => BatchVerdict::DeadLetter {
+                reason: format!(
+                    "undecodable batch: {e}; payload not kept (it cannot be checked against the residency policy)"
+                ),
+                keep_payload: false,
+            },
+            None => BatchVerdict::DeadLetter {
+                reason: format!("undecodable batch: {e}"),
+                keep_payload: true,
+            },
+        },
+    }
+}
+
+/// The fate of one Kafka record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RecordVerdict {
+    Apply(Incoming),
+    /// At or below the partition's position: applied before.
+    Skip,
+    /// Stop the partition at this record until the cause goes away (a newer
+    /// format, a policy that forbids it).
+    Refuse {
+        reason: String,
+        kind: &'static str,
+        forbidden: Option<(Forbidden, Incoming)>,
+    },
+    /// Damaged: set aside and move on.
+    DeadLetter {
+        reason: String,
+        keep_payload: bool,
+    },
+}
+
+/// Judges a consumed record against the partition's stored position and
+/// the residency policy.
+pub(crate) fn judge_record(
+    headers: &[(String, Vec<u8>)],
+    value: Option<&[u8]>,
+    source: &str,
+    destination: &str,
+    stored: Position,
+    policy: Option<&Enforcer>,
+) -> RecordVerdict {
+    let incoming = match record::decode(headers, value, source) {
+        Ok(incoming) => incoming,
+        Err(RecordError::Version(reason)) => {
+            return RecordVerdict::Refuse {
+                reason,
+                kind: "version",
+                forbidden: None,
+            };
+        }
+        Err(RecordError::Bad(reason)) => {
+            return RecordVerdict::DeadLetter {
+                reason,
+                keep_payload: policy.is_none(),
+            };
+        }
+    };
+    if incoming.position <= stored {
+        return RecordVerdict::Skip;
+    }
+    match forbidden(
+        std::slice::from_ref(&incoming.transaction),
+        source,
+        destination,
+        policy,
+    ) {
+        Some(f) => RecordVerdict::Refuse {
+            reason: f.reason.clone(),
+            kind: "policy_violation",
+            forbidden: Some((f, incoming)),
+        },
+        None => RecordVerdict::Apply(incoming),
+    }
+}
+
+fn forbidden(
+    transactions: &[Transaction],
+    source: &str,
+    destination: &str,
+    policy: Option<&Enforcer>,
+) -> Option<Forbidden> {
+    let policy = policy?;
+    let violation = policy.check(source, destination, transactions).err()?;
+    Some(Forbidden {
+        reason: format!("residency policy violation: {violation}"),
+        receiver_version: policy.version(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use meridian_core::change::{Change, ChangeKind, Column, Table, Value};
+    use meridian_core::{Lsn, Transaction};
+    use meridian_policy::Policy;
+    use meridian_policy::file::Context;
+
+    fn transaction(email: &str) -> Transaction {
+        let table = Arc::new(Table {
+            schema: "public".into(),
+            name: "orders".into(),
+            columns: ["id", "region", "email"]
+                .iter()
+                .map(|n| Column {
+                    name: (*n).into(),
+                    type_oid: 25,
+                    key: *n == "id",
+                })
+                .collect(),
+        });
+        Transaction {
+            commit_lsn: Lsn(0x100),
+            end_lsn: Lsn(0x108),
+            commit_time: 0,
+            changes: vec![Change {
+                table,
+                kind: ChangeKind::Insert {
+                    new: vec![
+                        Value::Text("1".into()),
+                        Value::Text("eu".into()),
+                        Value::Text(email.into()),
+                    ],
+                },
+            }],
+            continues: false,
+        }
+    }
+
+    /// eu orders reach na without their email.
+    fn policy() -> Enforcer {
+        let regions = ["na".to_owned(), "eu".to_owned()];
+        let tables = [(
+            "public.orders".to_owned(),
+            vec!["id".to_owned()],
+            "region".to_owned(),
+        )];
+        let context = Context {
+            regions: &regions,
+            tables: &tables,
+            has_hash_key: false,
+        };
+        let policy = Policy::parse(
+            r#"version = 3
+[[rules]]
+table = "public.orders"
+from = ["eu"]
+to = ["na"]
+columns = { id = "keep", region = "keep" }"#,
+            "policy.toml",
+            &context,
+        )
+        .expect("valid policy");
+        Enforcer::new(policy, None, &[("public.orders".into(), "region".into())])
+    }
+
+    #[test]
+    fn batches_damaged_newer_undecodable_forbidden_and_good() {
+        let good = codec::encode(&[transaction("a@example.com")]);
+        let crc = codec::checksum(&good);
+        let p = policy();
+        assert!(matches!(
+            judge_batch(&good, crc ^ 1, "eu", "na", None),
+            BatchVerdict::Refuse {
+                kind: "crc_mismatch",
+                ..
+            }
+        ));
+        let mut newer = good.clone();
+        newer[2] = 9;
+        let verdict = judge_batch(&newer, codec::checksum(&newer), "eu", "na", None);
+        assert!(
+            matches!(
+                verdict,
+                BatchVerdict::Refuse {
+                    kind: "version",
+                    ..
+                }
+            ),
+            "{verdict:?}"
+        );
+        let garbage = b"MB\x01garbage".to_vec();
+        let crc_g = codec::checksum(&garbage);
+        assert!(matches!(
+            judge_batch(&garbage, crc_g, "eu", "na", None),
+            BatchVerdict::DeadLetter {
+                keep_payload: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            judge_batch(&garbage, crc_g, "eu", "na", Some(&p)),
+            BatchVerdict::DeadLetter {
+                keep_payload: false,
+                ..
+            }
+        ));
+        // the email is forbidden in na: refused whole, no value in the reason
+        match judge_batch(&good, crc, "eu", "na", Some(&p)) {
+            BatchVerdict::Refuse {
+                kind: "policy_violation",
+                reason,
+                forbidden: Some(f),
+            } => {
+                assert_eq!(f.receiver_version, 3);
+                assert!(!reason.contains("a@example.com"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let trimmed = codec::encode(&p.filter("eu", "na", &[transaction("a@example.com")]).0);
+        let verdict = judge_batch(&trimmed, codec::checksum(&trimmed), "eu", "na", Some(&p));
+        assert!(
+            matches!(verdict, BatchVerdict::Apply(ref t) if t.len() == 1),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn records_replayed_damaged_newer_forbidden_and_good() {
+        let out = record::records("eu", transaction("a@example.com"), 3, 1, 0).remove(0);
+        let headers: Vec<(String, Vec<u8>)> = out
+            .headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let before = Position {
+            lsn: Lsn(0x100),
+            index: 0,
+        };
+        let judge = |value: &[u8], stored, policy| {
+            judge_record(&headers, Some(value), "eu", "na", stored, policy)
+        };
+        assert!(matches!(
+            judge(&out.value, before, None),
+            RecordVerdict::Apply(_)
+        ));
+        assert_eq!(judge(&out.value, out.position, None), RecordVerdict::Skip);
+        let p = policy();
+        assert!(matches!(
+            judge(&out.value, before, Some(&p)),
+            RecordVerdict::Refuse {
+                kind: "policy_violation",
+                forbidden: Some(_),
+                ..
+            }
+        ));
+        let mut damaged = out.value.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(matches!(
+            judge(&damaged, before, Some(&p)),
+            RecordVerdict::DeadLetter {
+                keep_payload: false,
+                ..
+            }
+        ));
+        // a newer format (with its own valid crc32) waits for the upgrade
+        let mut newer = out.value.clone();
+        newer[2] = 9;
+        let headers_newer: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(k, v)| {
+                if k == record::CRC32 {
+                    (k.clone(), codec::checksum(&newer).to_string().into_bytes())
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect();
+        assert!(matches!(
+            judge_record(&headers_newer, Some(&newer), "eu", "na", before, None),
+            RecordVerdict::Refuse {
+                kind: "version",
+                ..
+            }
+        ));
+    }
+}
