@@ -25,7 +25,8 @@ CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, status text NO
 -- alone send them as 'unchanged'
 ALTER TABLE orders ALTER COLUMN body SET STORAGE EXTERNAL;
 CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, region text NOT NULL,
-                    name text, name_len integer GENERATED ALWAYS AS (length(name)) STORED);
+                    name text, name_len integer GENERATED ALWAYS AS (length(name)) STORED,
+                    revision bigint GENERATED ALWAYS AS IDENTITY (START WITH 100));
 CREATE TABLE events (id bigint, region text NOT NULL, kind text, PRIMARY KEY (id, region))
     PARTITION BY LIST (region);
 CREATE TABLE events_na PARTITION OF events FOR VALUES IN ('na');
@@ -65,7 +66,7 @@ name = "items"
 table = "public.items"
 from = ["na", "eu", "apac"]
 to = ["na", "eu", "apac"]
-columns = { id = "keep", region = "keep", name = "keep" }
+columns = { id = "keep", region = "keep", name = "keep", revision = "keep" }
 
 [[rules]]
 name = "events"
@@ -203,6 +204,28 @@ async fn shapes_identity_toast_and_partitions(kafka: bool) -> anyhow::Result<()>
     for pool in [na, eu, apac] {
         wait_for(pool, items, "1|na|abc|3 1000001|eu|hello|5", &d).await?;
     }
+
+    // a non-key identity value changes only by delete and insert: the
+    // destinations replace the row
+    exec(
+        na,
+        "BEGIN;
+         DELETE FROM items WHERE id = 1;
+         INSERT INTO items (id, region, name) OVERRIDING SYSTEM VALUE VALUES (1, 'na', 'abcd');
+         COMMIT;",
+    )
+    .await?;
+    let revision = "SELECT format('%s|%s', name, revision) FROM items WHERE id = 1";
+    let at_na: String = sqlx::query_scalar(revision).fetch_one(na).await?;
+    for pool in [eu, apac] {
+        wait_for(pool, revision, &at_na, &d).await?;
+    }
+
+    // a row that moves to a rule sending fewer columns loses the others
+    // at the destination (they are not allowed there any more)
+    exec(eu, "UPDATE orders SET status = 'draft' WHERE id = 3").await?;
+    let three = "SELECT format('%s|%s|%s', status, amount, body) FROM orders WHERE id = 3";
+    wait_for(na, three, "draft||", &d).await?;
 
     // finding 5a: a key change that leaves the TOASTed body unchanged moves
     // the row, body and all

@@ -198,11 +198,28 @@ pub fn build(
         .map(|t| t.name.as_str())
         .collect::<Vec<_>>()
         .join(", ");
-    let set: Vec<String> = targets
+    let mut set: Vec<String> = targets
         .iter()
         .filter(|t| !t.key && !t.column.identity_always)
         .map(|t| format!("{0} = EXCLUDED.{0}", t.name))
         .collect();
+    // a destination column the change does not carry (the policy does not
+    // send it to this destination) holds its default, also on update: a
+    // value an earlier image brought under another rule must not stay
+    let mut unsent: Vec<&String> = shape
+        .columns
+        .iter()
+        .filter(|(name, c)| {
+            !c.generated && !c.identity_always && !table.columns.iter().any(|tc| &tc.name == *name)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    unsent.sort();
+    set.extend(
+        unsent
+            .into_iter()
+            .map(|name| format!("{} = DEFAULT", quote_ident(name))),
+    );
     let on_conflict = if set.is_empty() {
         format!("ON CONFLICT ({conflict}) DO NOTHING")
     } else {
@@ -224,6 +241,49 @@ pub fn build(
                 .map(|i| Param::Column(ops.deletes.iter().map(|k| text(&k[i])).collect()))
                 .collect(),
             rows: ops.deletes.len(),
+        });
+    }
+
+    // an identity value cannot be updated in place (PostgreSQL allows only
+    // DEFAULT there): a row whose identity value changed (deleted and
+    // inserted again at the source) is replaced
+    let identities: Vec<&Target> = targets
+        .iter()
+        .filter(|t| !t.key && t.column.identity_always)
+        .collect();
+    if !ops.upserts.is_empty() && !identities.is_empty() {
+        let n = keys.len() + identities.len();
+        let (args, alias) = unnest_args(1, n, "v");
+        let mut cond: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("t.{} = d.v{i}::{}", t.name, t.column.ty))
+            .collect();
+        let changed = identities
+            .iter()
+            .enumerate()
+            .map(|(j, t)| {
+                format!(
+                    "t.{} IS DISTINCT FROM d.v{}::{}",
+                    t.name,
+                    keys.len() + j,
+                    t.column.ty
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        cond.push(format!("({changed})"));
+        out.deletes.push(Statement {
+            sql: format!(
+                "DELETE FROM {name} AS t USING unnest({args}) AS d({alias}) WHERE {}",
+                cond.join(" AND ")
+            ),
+            params: keys
+                .iter()
+                .chain(&identities)
+                .map(|t| Param::Column(ops.upserts.iter().map(|r| text(&r[t.index])).collect()))
+                .collect(),
+            rows: ops.upserts.len(),
         });
     }
 
@@ -508,6 +568,30 @@ mod tests {
             "{sql}"
         );
         assert_eq!(s.upserts[0].params.len(), 3);
+        // a changed identity value replaces the row
+        assert_eq!(
+            s.deletes[0].sql,
+            r#"DELETE FROM "public"."orders" AS t USING unnest($1::text[], $2::text[]) AS d(v0, v1) WHERE t."id" = d.v0::bigint AND (t."seq" IS DISTINCT FROM d.v1::bigint)"#
+        );
+    }
+
+    /// A column the policy does not send to this destination holds its
+    /// default, also when an earlier image of the row carried it.
+    #[test]
+    fn columns_not_sent_are_reset_to_their_default() {
+        let shape = TableShape::of(&[("id", "bigint"), ("note", "text"), ("secret", "text")]);
+        let ops = TableOps {
+            upserts: vec![vec![t("1"), t("x")]],
+            ..TableOps::default()
+        };
+        let s = build(&table(), &shape, &ops, None).unwrap();
+        assert!(
+            s.upserts[0]
+                .sql
+                .ends_with(r#"DO UPDATE SET "note" = EXCLUDED."note", "secret" = DEFAULT"#),
+            "{}",
+            s.upserts[0].sql
+        );
     }
 
     #[test]
