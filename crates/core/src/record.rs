@@ -196,7 +196,20 @@ fn split_key_change(change: crate::Change) -> Vec<(Vec<u8>, crate::Change)> {
             return vec![(old_key, delete), (new_key, insert)];
         }
         if old_key != new_key {
-            return vec![(old_key, change)];
+            // Values still unchanged here were not found at the source
+            // under the new key (capture reads them back): the row has been
+            // deleted or moved on since, and a later change in the new key's
+            // partition settles that key. Writing the new key from the old
+            // key's partition could land after that later change; so only
+            // the old key's delete is sent, in the old key's order.
+            let ChangeKind::Update { old: Some(old), .. } = change.kind else {
+                unreachable!("matched above")
+            };
+            let delete = crate::Change {
+                table: change.table,
+                kind: ChangeKind::Delete { old },
+            };
+            return vec![(old_key, delete)];
         }
     }
     vec![(key(&change), change)]
@@ -472,7 +485,9 @@ mod tests {
         ));
         assert!(out.iter().any(|r| r.partition == Some(partition_2)));
 
-        // unchanged TOASTed values live only in the old row: one record, old key
+        // a key change whose unchanged TOAST values the source no longer
+        // has (the row moved on or was deleted since): only the old key's
+        // delete, in the old key's partition; a later change settles the new
         let toasted = Change {
             table: table(),
             kind: ChangeKind::Update {
@@ -483,6 +498,11 @@ mod tests {
         let out = records("eu", transaction(vec![toasted]), 0, 64, 0);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].partition, Some(partition_1), "with the old row");
+        let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
+        assert!(matches!(
+            back.transaction.changes[0].kind,
+            ChangeKind::Delete { .. }
+        ));
         // a full-identity update that keeps its key stays one change
         let same_key = Change {
             table: table(),
