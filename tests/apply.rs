@@ -27,6 +27,8 @@ ALTER TABLE orders ALTER COLUMN body SET STORAGE EXTERNAL;
 CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, region text NOT NULL,
                     name text, name_len integer GENERATED ALWAYS AS (length(name)) STORED,
                     revision bigint GENERATED ALWAYS AS IDENTITY (START WITH 100));
+CREATE TABLE docs (id bigint PRIMARY KEY, region text NOT NULL, title text, body text);
+ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
 CREATE TABLE events (id bigint, region text NOT NULL, kind text, PRIMARY KEY (id, region))
     PARTITION BY LIST (region);
 CREATE TABLE events_na PARTITION OF events FOR VALUES IN ('na');
@@ -68,6 +70,15 @@ from = ["na", "eu", "apac"]
 to = ["na", "eu", "apac"]
 columns = { id = "keep", region = "keep", name = "keep", revision = "keep" }
 
+# docs cross only with a body: a condition on a TOASTed column
+[[rules]]
+name = "docs-with-body"
+table = "public.docs"
+from = ["na"]
+to = ["eu"]
+when = [{ column = "body", is_null = false }]
+columns = { id = "keep", region = "keep", title = "keep", body = "keep" }
+
 [[rules]]
 name = "events"
 table = "public.events"
@@ -85,6 +96,7 @@ async fn start_shapes(kafka: bool) -> anyhow::Result<Deployment> {
             tables: &[
                 ("public.orders", "id", "region"),
                 ("public.items", "id", "region"),
+                ("public.docs", "id", "region"),
                 ("public.events", "id,region", "region"),
             ],
             proxied: &[],
@@ -255,6 +267,18 @@ async fn shapes_identity_toast_and_partitions(kafka: bool) -> anyhow::Result<()>
     exec(eu, "UPDATE orders SET status = 'paid' WHERE id = 200").await?;
     let body2_md5 = md5(na, &body2).await?;
     wait_for(na, scoped, &format!("paid|2.00|{body2_md5}"), &d).await?;
+
+    // finding 18: a condition on a TOASTed column that an update leaves
+    // unchanged is evaluated on the real value: the update crosses
+    exec(
+        na,
+        &format!("INSERT INTO docs VALUES (1, 'na', 'first', '{body}')"),
+    )
+    .await?;
+    let title = "SELECT format('%s|%s', title, md5(body)) FROM docs WHERE id = 1";
+    wait_for(eu, title, &format!("first|{body_md5}"), &d).await?;
+    exec(na, "UPDATE docs SET title = 'second' WHERE id = 1").await?;
+    wait_for(eu, title, &format!("second|{body_md5}"), &d).await?;
 
     // finding 20: a partitioned table replicates through its root
     exec(apac, "INSERT INTO events VALUES (7, 'apac', 'signup')").await?;

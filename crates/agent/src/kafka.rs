@@ -424,6 +424,10 @@ impl KafkaInbound {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
+            // a stored offset the broker no longer has (retention, a
+            // recreated topic) is an error the partition stops on, never a
+            // silent jump to the end (review finding 8)
+            .set("auto.offset.reset", "error")
             // an idle partition answers within 100 ms: low latency, few requests
             .set("fetch.wait.max.ms", "100")
             .create()
