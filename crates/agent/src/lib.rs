@@ -18,6 +18,7 @@ pub mod link;
 pub mod metrics;
 pub mod monitor;
 pub mod receiver;
+mod reselect;
 pub mod residency;
 pub mod telemetry;
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use meridian_capture::{CaptureError, ReplicationStream, Reselect};
+use meridian_capture::{CaptureError, ReplicationStream};
 use meridian_core::pgoutput::Keys;
 use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::MAX_MESSAGE_BYTES;
+use crate::reselect::Reselect;
 use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
 use std::sync::Arc;

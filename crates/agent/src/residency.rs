@@ -33,31 +33,22 @@ pub async fn store_columns(
     pool: &PgPool,
     tables: &[TableSpec],
 ) -> Result<StoreColumns, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
     let mut out = Vec::new();
     for t in tables {
         let (schema, name) = t.split_name();
-        let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                    a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''
-               FROM pg_attribute a
-               JOIN pg_class c ON c.oid = a.attrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum",
-        )
-        .bind(schema)
-        .bind(name)
-        .fetch_all(pool)
-        .await?;
-        let columns = rows
+        let shape = meridian_apply::statements::load_shape(&mut conn, schema, name).await?;
+        let mut columns: Vec<StoreColumn> = shape
+            .columns
             .into_iter()
-            .map(|(name, ty, not_null, has_default)| StoreColumn {
+            .map(|(name, c)| StoreColumn {
                 name,
-                ty,
-                not_null,
-                has_default,
+                ty: c.ty,
+                not_null: c.not_null,
+                has_default: c.has_default,
             })
             .collect();
+        columns.sort_by(|a, b| a.name.cmp(&b.name));
         out.push((t.name.clone(), columns));
     }
     Ok(Arc::new(out))

@@ -27,6 +27,10 @@ pub struct DestinationColumn {
     pub identity_always: bool,
     /// `GENERATED ALWAYS AS (...) STORED`: computed by the destination.
     pub generated: bool,
+    pub not_null: bool,
+    /// Has a default, or is an identity or generated column: an insert
+    /// without it still gets a value.
+    pub has_default: bool,
 }
 
 /// The destination's view of a table: its columns by name. Empty when the
@@ -49,6 +53,8 @@ impl TableShape {
                             ty: (*t).to_owned(),
                             identity_always: false,
                             generated: false,
+                            not_null: false,
+                            has_default: false,
                         },
                     )
                 })
@@ -57,15 +63,19 @@ impl TableShape {
     }
 }
 
-/// Reads a table's columns from the destination catalog.
+/// Reads a table's columns from a store's catalog: the one catalog query of
+/// apply, the policy's column checks and the reading back of unchanged
+/// values.
 pub async fn load_shape(
     conn: &mut PgConnection,
     schema: &str,
     name: &str,
 ) -> Result<TableShape, sqlx::Error> {
-    let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
+    type Row = (String, String, bool, bool, bool, bool);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                a.attidentity = 'a', a.attgenerated <> ''
+                a.attidentity = 'a', a.attgenerated <> '', a.attnotnull,
+                a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''
            FROM pg_attribute a
            JOIN pg_class c ON c.oid = a.attrelid
            JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -78,16 +88,20 @@ pub async fn load_shape(
     Ok(TableShape {
         columns: rows
             .into_iter()
-            .map(|(name, ty, identity_always, generated)| {
-                (
-                    name,
-                    DestinationColumn {
-                        ty,
-                        identity_always,
-                        generated,
-                    },
-                )
-            })
+            .map(
+                |(name, ty, identity_always, generated, not_null, has_default)| {
+                    (
+                        name,
+                        DestinationColumn {
+                            ty,
+                            identity_always,
+                            generated,
+                            not_null,
+                            has_default,
+                        },
+                    )
+                },
+            )
             .collect(),
     })
 }

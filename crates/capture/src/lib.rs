@@ -6,8 +6,6 @@
 //! - [`stream`]: the replication connection itself (streaming replication
 //!   protocol, `START_REPLICATION ... LOGICAL`), yielding committed
 //!   transactions and reporting back the position that is safe to confirm.
-//! - [`reselect`]: values an update left unchanged (TOAST), read back from
-//!   the store so every change carries whole rows.
 //! - [`conninfo`]: connection parameters from a `postgres://` URL.
 //!
 //! Contract: transactions come in commit order, each exactly once per stream;
@@ -17,10 +15,8 @@
 //! so replicated rows never loop back.
 
 pub mod conninfo;
-pub mod reselect;
 pub mod source;
 pub mod stream;
 
-pub use reselect::Reselect;
 pub use source::{ensure_publication, ensure_slot, origin_name, publication_name, slot_name};
 pub use stream::{CaptureError, ReplicationStream};

@@ -17,19 +17,20 @@
 
 use std::collections::HashMap;
 
+use meridian_apply::statements::load_shape;
 use meridian_core::Transaction;
 use meridian_core::change::{ChangeKind, Table, Value, quote_ident};
 use sqlx::PgPool;
 
 /// Reads unchanged values back from one source store.
-pub struct Reselect {
+pub(crate) struct Reselect {
     pool: PgPool,
     /// Column types per table, as the store describes them.
     types: HashMap<(String, String), HashMap<String, String>>,
 }
 
 impl Reselect {
-    pub fn new(pool: PgPool) -> Self {
+    pub(crate) fn new(pool: PgPool) -> Self {
         Reselect {
             pool,
             types: HashMap::new(),
@@ -38,7 +39,10 @@ impl Reselect {
 
     /// Fills the `Unchanged` values of the transaction's updates from the
     /// store. Returns how many values were filled.
-    pub async fn fill(&mut self, transaction: &mut Transaction) -> Result<usize, sqlx::Error> {
+    pub(crate) async fn fill(
+        &mut self,
+        transaction: &mut Transaction,
+    ) -> Result<usize, sqlx::Error> {
         let mut filled = 0;
         for change in &mut transaction.changes {
             let ChangeKind::Update { new, .. } = &mut change.kind else {
@@ -77,18 +81,10 @@ impl Reselect {
     async fn types(&mut self, table: &Table) -> Result<&HashMap<String, String>, sqlx::Error> {
         let key = (table.schema.clone(), table.name.clone());
         if !self.types.contains_key(&key) {
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-                   FROM pg_attribute a
-                   JOIN pg_class c ON c.oid = a.attrelid
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-            )
-            .bind(&table.schema)
-            .bind(&table.name)
-            .fetch_all(&self.pool)
-            .await?;
-            self.types.insert(key.clone(), rows.into_iter().collect());
+            let mut conn = self.pool.acquire().await?;
+            let shape = load_shape(&mut conn, &table.schema, &table.name).await?;
+            let types = shape.columns.into_iter().map(|(n, c)| (n, c.ty)).collect();
+            self.types.insert(key.clone(), types);
         }
         Ok(&self.types[&key])
     }
