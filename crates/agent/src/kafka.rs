@@ -194,7 +194,7 @@ impl KafkaLink {
         let confirmed = stream.confirmed();
         self.acked
             .fetch_max(confirmed.load(Ordering::Acquire), Ordering::AcqRel);
-        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(64);
+        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(16);
         let mut capture = tokio::spawn(link::capture(stream, changes_tx, self.store.clone()));
         let _abort = AbortOnDrop(capture.abort_handle());
         self.telemetry
@@ -325,6 +325,9 @@ pub struct KafkaInbound {
 
 /// Records applied in one destination transaction, at most.
 const MAX_APPLY_RECORDS: usize = 5_000;
+/// Record bytes applied in one destination transaction, at most (one
+/// record may go over it).
+const MAX_APPLY_BYTES: usize = 2 << 20;
 
 impl KafkaInbound {
     /// Consumes the link's topic until shutdown, one task per partition.
@@ -430,6 +433,10 @@ impl KafkaInbound {
             .set("auto.offset.reset", "error")
             // an idle partition answers within 100 ms: low latency, few requests
             .set("fetch.wait.max.ms", "100")
+            // prefetch per partition consumer: enough to keep apply busy,
+            // bounded so memory does not grow with a large transaction
+            .set("queued.max.messages.kbytes", "4096")
+            .set("fetch.max.bytes", "4194304")
             .create()
             .map_err(kafka)?;
         let mut assignment = TopicPartitionList::new();
@@ -443,10 +450,15 @@ impl KafkaInbound {
             let first = consumer.recv().await.map_err(kafka)?;
             let mut batch = vec![detach(&first)];
             drop(first);
+            let mut bytes = batch[0].value.as_ref().map_or(0, Vec::len);
             let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
-            while batch.len() < MAX_APPLY_RECORDS {
+            while batch.len() < MAX_APPLY_RECORDS && bytes < MAX_APPLY_BYTES {
                 match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(detach(&m)),
+                    Ok(Ok(m)) => {
+                        let record = detach(&m);
+                        bytes += record.value.as_ref().map_or(0, Vec::len);
+                        batch.push(record);
+                    }
                     Ok(Err(e)) => return Err(kafka(e)),
                     Err(_) => break,
                 }
