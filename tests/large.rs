@@ -89,5 +89,5 @@ async fn a_transaction_larger_than_any_message_replicates_in_bounded_memory_over
 #[tokio::test]
 async fn a_transaction_larger_than_any_record_replicates_in_bounded_memory_over_kafka()
 -> anyhow::Result<()> {
-    one_large_transaction(true, rows(100_000)).await
+    one_large_transaction(true, rows(500_000)).await
 }
