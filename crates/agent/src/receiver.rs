@@ -226,6 +226,9 @@ async fn apply_stream(
                     "refused batch; the source sends it again from the watermark");
                 me.telemetry.error(source, &me.region, kind);
                 if let Some(f) = forbidden {
+                    // the stream ends with this refusal: end an open large
+                    // transaction first, so the record is not rolled back with it
+                    applier.abandon().await.map_err(|e| status(&e.into()))?;
                     applier
                         .record_violation(
                             Lsn(batch.end_lsn),

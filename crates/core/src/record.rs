@@ -100,6 +100,11 @@ pub fn records(
     partitions: i32,
     first_index: u32,
 ) -> Vec<Outgoing> {
+    if transaction.changes.is_empty() && transaction.continues {
+        // a fragment the policy emptied: nothing to send, and no position to
+        // claim (its commit + 1 would sort after the fragments that follow)
+        return Vec::new();
+    }
     if transaction.changes.is_empty() {
         let position = Position {
             lsn: transaction.end_lsn,
@@ -514,6 +519,15 @@ mod tests {
         let out = records("eu", transaction(vec![same_key]), 0, 4, 0);
         let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
         assert_eq!(back.transaction.changes.len(), 1);
+    }
+
+    /// A fragment the policy emptied makes no record (as a heartbeat at
+    /// commit + 1 it would hide the fragments after it).
+    #[test]
+    fn an_emptied_fragment_makes_no_record() {
+        let mut t = transaction(vec![]);
+        t.continues = true;
+        assert!(records("eu", t, 0, 4, 0).is_empty());
     }
 
     #[test]
