@@ -91,3 +91,70 @@ async fn a_transaction_larger_than_any_record_replicates_in_bounded_memory_over_
 -> anyhow::Result<()> {
     one_large_transaction(true, rows(500_000)).await
 }
+
+/// An update that leaves large TOASTed values unchanged: the values are
+/// read back at the source and handed on in bounded fragments, so neither
+/// agent's memory nor a message grows with them (600 rows of 1 MB each:
+/// one 600 MB transaction once the values are filled in).
+#[tokio::test]
+async fn an_update_leaving_large_values_unchanged_stays_bounded() -> anyhow::Result<()> {
+    let mut d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: "CREATE TABLE docs (id bigint PRIMARY KEY, region text NOT NULL, status text, body text);
+                     ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
+            tables: &[("public.docs", "id", "region")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await?;
+    let na = d.pool("na").clone();
+    for chunk in 0..6 {
+        sqlx::raw_sql(&format!(
+            "INSERT INTO docs SELECT g, 'na', 'a', repeat(md5(g::text), 32768)
+               FROM generate_series({}, {}) g",
+            chunk * 100 + 1,
+            chunk * 100 + 100
+        ))
+        .execute(&na)
+        .await?;
+    }
+    sqlx::raw_sql("UPDATE docs SET status = 'b'")
+        .execute(&na)
+        .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM docs WHERE status = 'b'")
+            .fetch_one(d.pool("eu"))
+            .await?;
+        if done == 600 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{done} of 600 updated at eu; eu's agent:\n{}",
+            d.agent_log("eu")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let bodies: i64 = sqlx::query_scalar("SELECT count(*) FROM docs WHERE length(body) = 1048576")
+        .fetch_one(d.pool("eu"))
+        .await?;
+    assert_eq!(bodies, 600);
+    for region in ["na", "eu"] {
+        let rss = d.agent(region).peak_rss_bytes().expect("agent's VmHWM");
+        eprintln!("{region} agent peak RSS: {} MiB", rss >> 20);
+        assert!(
+            rss < RSS_LIMIT,
+            "{region}'s agent reached {} MiB",
+            rss >> 20
+        );
+    }
+    Ok(())
+}

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use meridian_capture::{CaptureError, ReplicationStream};
+use meridian_core::change::{ChangeKind, Value};
+use meridian_core::pgoutput::FRAGMENT_BYTES;
 use meridian_core::pgoutput::Keys;
 use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
@@ -299,7 +301,9 @@ impl Link {
 
 /// Reads committed transactions from the slot into `out`, keeping the
 /// replication connection's status reports going while `out` is full. Values
-/// an update left unchanged (TOAST) are read back from the store first.
+/// an update left unchanged (TOAST) are read back from the store first
+/// ([`Reselect`]); what that fills is handed on in fragments of at most
+/// [`FRAGMENT_BYTES`], so memory stays bounded however large the values.
 pub(crate) async fn capture(
     mut stream: ReplicationStream,
     out: mpsc::Sender<Transaction>,
@@ -310,19 +314,74 @@ pub(crate) async fn capture(
         .connect_lazy(&store)?;
     let mut reselect = Reselect::new(pool);
     loop {
-        let mut transaction = stream.next().await?;
-        reselect.fill(&mut transaction).await?;
-        let permit = loop {
-            tokio::select! {
-                permit = out.reserve() => match permit {
-                    Ok(p) => break p,
-                    Err(_) => return Ok(()),
-                },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => stream.send_status(false).await?,
+        let transaction = stream.next().await?;
+        let unchanged = transaction.changes.iter().any(|c| {
+            matches!(&c.kind, ChangeKind::Update { new, .. } if new.contains(&Value::Unchanged))
+        });
+        if !unchanged {
+            if !hand_on(&mut stream, &out, transaction).await? {
+                return Ok(());
             }
+            continue;
+        }
+        let Transaction {
+            commit_lsn,
+            end_lsn,
+            commit_time,
+            changes,
+            continues,
+        } = transaction;
+        let piece = |changes, continues| Transaction {
+            commit_lsn,
+            end_lsn: if continues {
+                Lsn(commit_lsn.0 + 1)
+            } else {
+                end_lsn
+            },
+            commit_time,
+            changes,
+            continues,
         };
-        permit.send(transaction);
+        let mut filled = Vec::new();
+        let mut bytes = 0;
+        for mut change in changes {
+            reselect.fill(&mut change).await?;
+            bytes += change.kind.approx_bytes();
+            filled.push(change);
+            if bytes >= FRAGMENT_BYTES {
+                bytes = 0;
+                let part = piece(std::mem::take(&mut filled), true);
+                if !hand_on(&mut stream, &out, part).await? {
+                    return Ok(());
+                }
+            }
+        }
+        if (!filled.is_empty() || !continues)
+            && !hand_on(&mut stream, &out, piece(filled, continues)).await?
+        {
+            return Ok(());
+        }
     }
+}
+
+/// Sends one transaction on, keeping status reports going while `out` is
+/// full; false when the receiving side is gone.
+async fn hand_on(
+    stream: &mut ReplicationStream,
+    out: &mpsc::Sender<Transaction>,
+    transaction: Transaction,
+) -> Result<bool, CaptureError> {
+    let permit = loop {
+        tokio::select! {
+            permit = out.reserve() => match permit {
+                Ok(p) => break p,
+                Err(_) => return Ok(false),
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => stream.send_status(false).await?,
+        }
+    };
+    permit.send(transaction);
+    Ok(true)
 }
 
 /// The error and its causes, `: `-separated (tonic's transport errors say

@@ -10,16 +10,18 @@
 //! (`REPLICA IDENTITY FULL` tables need none of this: the decoder takes the
 //! values from the whole old tuple.)
 //!
-//! The value read is the row's current one, which may be newer than the
-//! change: the newer change follows in the stream and writes the same value,
-//! so destinations converge. A row deleted since keeps its `Unchanged`
-//! values; its delete follows.
+//! A value is read back only while the row in the store is still exactly
+//! the change's image in every column the change carries (compared in
+//! SQL). If the row changed since, the values stay unchanged: a value is
+//! never paired with a row state it did not belong to (which could let a
+//! value the policy forbids ride on an earlier, allowed state), and the
+//! later changes settle the row. The capture task splits what it fills into
+//! bounded fragments, so filled values never make a message unbounded.
 
 use std::collections::HashMap;
 
 use meridian_apply::statements::load_shape;
-use meridian_core::Transaction;
-use meridian_core::change::{ChangeKind, Table, Value, quote_ident};
+use meridian_core::change::{Change, ChangeKind, Table, Value, quote_ident};
 use sqlx::PgPool;
 
 /// Reads unchanged values back from one source store.
@@ -37,45 +39,52 @@ impl Reselect {
         }
     }
 
-    /// Fills the `Unchanged` values of the transaction's updates from the
-    /// store. Returns how many values were filled.
-    pub(crate) async fn fill(
-        &mut self,
-        transaction: &mut Transaction,
-    ) -> Result<usize, sqlx::Error> {
-        let mut filled = 0;
-        for change in &mut transaction.changes {
-            let ChangeKind::Update { new, .. } = &mut change.kind else {
-                continue;
-            };
-            if !new.contains(&Value::Unchanged) {
-                continue;
-            }
-            let table = change.table.clone();
-            let types = self.types(&table).await?;
-            let Some(sql) = query(&table, new, types) else {
-                continue;
-            };
-            let mut q = sqlx::query_as::<_, (Vec<Option<String>>,)>(&sql);
-            for i in table.key_indexes() {
-                q = q.bind(match &new[i] {
-                    Value::Text(s) => Some(s.clone()),
-                    _ => None,
-                });
-            }
-            let Some((values,)) = q.fetch_optional(&self.pool).await? else {
-                continue; // deleted since: its delete follows
-            };
-            let mut values = values.into_iter();
-            for v in new.iter_mut().filter(|v| **v == Value::Unchanged) {
-                *v = match values.next().flatten() {
-                    Some(text) => Value::Text(text),
-                    None => Value::Null,
-                };
-                filled += 1;
-            }
+    /// Fills the `Unchanged` values of one change from the store, if the
+    /// row there is still exactly the change's image in every column the
+    /// change carries. Otherwise (the row changed or went since, or a
+    /// column is gone) the values stay `Unchanged`: the changes that follow
+    /// settle the row, and a value is never paired with a row state it did
+    /// not belong to. Returns whether it filled.
+    pub(crate) async fn fill(&mut self, change: &mut Change) -> Result<bool, sqlx::Error> {
+        let ChangeKind::Update { new, .. } = &mut change.kind else {
+            return Ok(false);
+        };
+        if !new.contains(&Value::Unchanged) {
+            return Ok(false);
         }
-        Ok(filled)
+        let table = change.table.clone();
+        let types = self.types(&table).await?;
+        let Some(sql) = query(&table, new, types) else {
+            return Ok(false);
+        };
+        let mut q = sqlx::query_as::<_, (Vec<Option<String>>,)>(&sql);
+        for v in new.iter().filter(|v| **v != Value::Unchanged) {
+            q = q.bind(match v {
+                Value::Text(s) => Some(s.clone()),
+                _ => None,
+            });
+        }
+        let values = match q.fetch_optional(&self.pool).await {
+            Ok(Some((values,))) => values,
+            Ok(None) => return Ok(false), // changed or deleted since
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("42")) => {
+                // a column or type the store no longer has: read the
+                // catalog again next time, leave the values unchanged
+                tracing::debug!(table = %table.name, "cannot read back unchanged values: schema changed");
+                self.types
+                    .remove(&(table.schema.clone(), table.name.clone()));
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut values = values.into_iter();
+        for v in new.iter_mut().filter(|v| **v == Value::Unchanged) {
+            *v = match values.next().flatten() {
+                Some(text) => Value::Text(text),
+                None => Value::Null,
+            };
+        }
+        Ok(true)
     }
 
     async fn types(&mut self, table: &Table) -> Result<&HashMap<String, String>, sqlx::Error> {
@@ -90,25 +99,28 @@ impl Reselect {
     }
 }
 
-/// `SELECT ARRAY[c1::text, ...] FROM t WHERE k1 = $1::type AND ...` for the
-/// row's unchanged columns; None if a key column's type is unknown.
+/// `SELECT ARRAY[u1::text, ...] FROM t WHERE k1 = $1::type AND
+/// c2::text IS NOT DISTINCT FROM ($2::type)::text AND ...`: the unchanged
+/// columns of the row, only if every column the change carries still holds
+/// the change's value (compared through the column type's own text form, so
+/// types without an equality operator work too). Parameters: the carried
+/// values in column order. None if a column's type is unknown.
 fn query(table: &Table, row: &[Value], types: &HashMap<String, String>) -> Option<String> {
-    let wanted: Vec<String> = table
-        .columns
-        .iter()
-        .zip(row)
-        .filter(|(_, v)| **v == Value::Unchanged)
-        .map(|(c, _)| format!("{}::text", quote_ident(&c.name)))
-        .collect();
+    let mut wanted = Vec::new();
     let mut cond = Vec::new();
-    for (n, i) in table.key_indexes().enumerate() {
-        let c = &table.columns[i];
-        cond.push(format!(
-            "{} = ${}::{}",
-            quote_ident(&c.name),
-            n + 1,
-            types.get(&c.name)?
-        ));
+    for (c, v) in table.columns.iter().zip(row) {
+        let name = quote_ident(&c.name);
+        if *v == Value::Unchanged {
+            wanted.push(format!("{name}::text"));
+            continue;
+        }
+        let ty = types.get(&c.name)?;
+        let n = cond.len() + 1;
+        cond.push(if c.key {
+            format!("{name} = ${n}::{ty}")
+        } else {
+            format!("{name}::text IS NOT DISTINCT FROM (${n}::{ty})::text")
+        });
     }
     Some(format!(
         "SELECT ARRAY[{}]::text[] FROM {} WHERE {}",
@@ -124,7 +136,7 @@ mod tests {
     use meridian_core::change::Column;
 
     #[test]
-    fn asks_only_for_unchanged_columns_by_typed_key() {
+    fn asks_for_unchanged_columns_only_while_the_row_is_the_changes_image() {
         let table = Table {
             schema: "public".into(),
             name: "docs".into(),
@@ -143,9 +155,18 @@ mod tests {
             Value::Text("t".into()),
             Value::Unchanged,
         ];
+        assert!(
+            query(&table, &row, &types).is_none(),
+            "title's type unknown"
+        );
+        let types = [
+            ("id".to_owned(), "bigint".to_owned()),
+            ("title".to_owned(), "text".to_owned()),
+        ]
+        .into();
         assert_eq!(
             query(&table, &row, &types).unwrap(),
-            r#"SELECT ARRAY["body"::text]::text[] FROM "public"."docs" WHERE "id" = $1::bigint"#
+            r#"SELECT ARRAY["body"::text]::text[] FROM "public"."docs" WHERE "id" = $1::bigint AND "title"::text IS NOT DISTINCT FROM ($2::text)::text"#
         );
     }
 }
