@@ -29,6 +29,8 @@ CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, region t
                     revision bigint GENERATED ALWAYS AS IDENTITY (START WITH 100));
 CREATE TABLE docs (id bigint PRIMARY KEY, region text NOT NULL, title text, body text);
 ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+CREATE TABLE cases (id bigint PRIMARY KEY, region text NOT NULL, status text, body text);
+ALTER TABLE cases ALTER COLUMN body SET STORAGE EXTERNAL;
 CREATE TABLE events (id bigint, region text NOT NULL, kind text, PRIMARY KEY (id, region))
     PARTITION BY LIST (region);
 CREATE TABLE events_na PARTITION OF events FOR VALUES IN ('na');
@@ -70,6 +72,15 @@ from = ["na", "eu", "apac"]
 to = ["na", "eu", "apac"]
 columns = { id = "keep", region = "keep", name = "keep", revision = "keep" }
 
+# eu cases reach na only while public
+[[rules]]
+name = "public-cases"
+table = "public.cases"
+from = ["eu"]
+to = ["na"]
+when = [{ column = "status", in = ["public"] }]
+columns = { id = "keep", region = "keep", status = "keep", body = "keep" }
+
 # docs cross only with a body: a condition on a TOASTed column
 [[rules]]
 name = "docs-with-body"
@@ -97,6 +108,7 @@ async fn start_shapes(kafka: bool) -> anyhow::Result<Deployment> {
                 ("public.orders", "id", "region"),
                 ("public.items", "id", "region"),
                 ("public.docs", "id", "region"),
+                ("public.cases", "id", "region"),
                 ("public.events", "id,region", "region"),
             ],
             proxied: &[],
@@ -280,6 +292,29 @@ async fn shapes_identity_toast_and_partitions(kafka: bool) -> anyhow::Result<()>
     exec(na, "UPDATE docs SET title = 'second' WHERE id = 1").await?;
     wait_for(eu, title, &format!("second|{body_md5}"), &d).await?;
 
+    // a TOASTed value read back at the source never rides on an earlier row
+    // state: the body written while the case was a draft never reaches na
+    let secret = big(3);
+    exec(
+        eu,
+        &format!(
+            "INSERT INTO cases VALUES (1, 'eu', 'draft', '{body}');
+             BEGIN;
+             UPDATE cases SET status = 'public' WHERE id = 1;
+             UPDATE cases SET status = 'draft', body = '{secret}' WHERE id = 1;
+             COMMIT;
+             INSERT INTO cases VALUES (2, 'eu', 'public', 'marker');"
+        ),
+    )
+    .await?;
+    wait_for(na, "SELECT body FROM cases WHERE id = 2", "marker", &d).await?;
+    let secret_md5 = md5(eu, &secret).await?;
+    let leaked: i64 = sqlx::query_scalar("SELECT count(*) FROM cases WHERE md5(body) = $1")
+        .bind(&secret_md5)
+        .fetch_one(na)
+        .await?;
+    assert_eq!(leaked, 0, "a draft's body reached na");
+
     // finding 20: a partitioned table replicates through its root
     exec(apac, "INSERT INTO events VALUES (7, 'apac', 'signup')").await?;
     let events = "SELECT string_agg(format('%s|%s|%s', id, region, kind), ' ') FROM events";
@@ -290,6 +325,14 @@ async fn shapes_identity_toast_and_partitions(kafka: bool) -> anyhow::Result<()>
         .fetch_one(na)
         .await?;
     assert_eq!(in_leaf, 1, "routed to its partition at the destination");
+    // TRUNCATE is refused on the partitions too, not only on the root
+    for table in ["events", "events_apac"] {
+        let e = sqlx::raw_sql(&format!("TRUNCATE {table}"))
+            .execute(apac)
+            .await
+            .expect_err("TRUNCATE must be refused");
+        assert!(e.to_string().contains("not replicated"), "{table}: {e}");
+    }
 
     // nothing of this went to dead letters
     for pool in [na, eu, apac] {

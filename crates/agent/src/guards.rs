@@ -34,13 +34,23 @@ pub async fn install(
             table.home_column.replace('\'', "''"),
         );
         sqlx::query(&sql).execute(pool).await?;
-        let sql = format!(
-            "CREATE OR REPLACE TRIGGER meridian_no_truncate BEFORE TRUNCATE ON {}.{} \
-             FOR EACH STATEMENT EXECUTE FUNCTION meridian.refuse_truncate()",
-            quote_ident(schema),
-            quote_ident(name),
-        );
-        sqlx::query(&sql).execute(pool).await?;
+        // the table and, if it is partitioned, every partition (a statement
+        // trigger on the root does not fire for a partition truncated alone)
+        let relations: Vec<String> = sqlx::query_scalar(
+            "SELECT p.relid::regclass::text
+               FROM pg_partition_tree(format('%I.%I', $1::text, $2::text)::regclass) p",
+        )
+        .bind(schema)
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+        for relation in relations {
+            let sql = format!(
+                "CREATE OR REPLACE TRIGGER meridian_no_truncate BEFORE TRUNCATE ON {relation} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION meridian.refuse_truncate()"
+            );
+            sqlx::query(&sql).execute(pool).await?;
+        }
     }
     for table in global {
         let Some((schema, name)) = table.split_once('.') else {
