@@ -172,7 +172,7 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
         }],
         continues: false,
     };
-    let good = record::records("na", transaction, 0, 4, 0).remove(0);
+    let good = record::records("na", transaction, &[], 0, 4).remove(0);
     let headers = |value: &[u8], crc: Option<u32>| -> Headers<'_> {
         good.headers
             .iter()

@@ -37,7 +37,9 @@ pub async fn install(
         // the table and, if it is partitioned, every partition (a statement
         // trigger on the root does not fire for a partition truncated alone)
         let relations: Vec<String> = sqlx::query_scalar(
-            "SELECT p.relid::regclass::text
+            "SELECT format('%I.%I', $1::text, $2::text)::regclass::text
+              UNION
+             SELECT p.relid::regclass::text
                FROM pg_partition_tree(format('%I.%I', $1::text, $2::text)::regclass) p",
         )
         .bind(schema)

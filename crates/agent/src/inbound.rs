@@ -297,7 +297,7 @@ columns = { id = "keep", region = "keep" }"#,
 
     #[test]
     fn records_replayed_damaged_newer_forbidden_and_good() {
-        let out = record::records("eu", transaction("a@example.com"), 3, 1, 0).remove(0);
+        let out = record::records("eu", transaction("a@example.com"), &[], 3, 1).remove(0);
         let headers: Vec<(String, Vec<u8>)> = out
             .headers
             .iter()

@@ -203,9 +203,9 @@ impl KafkaLink {
             partitions, "kafka link producing");
 
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        // (commit position, next record index) of the transaction whose
-        // fragments are being produced
-        let mut next_index = (Lsn(0), 0u32);
+        // (commit position, ordinal of the next change) of the transaction
+        // whose fragments are being produced
+        let mut first_ordinal = (Lsn(0), 0u32);
         let mut in_flight_bytes = 0usize;
         loop {
             tokio::select! {
@@ -235,7 +235,7 @@ impl KafkaLink {
                     && in_flight_bytes < MAX_UNACKNOWLEDGED_BYTES =>
                 {
                     let Some(transaction) = next else { return Err(LinkError::Closed) };
-                    in_flight_bytes += self.produce(&producer, &topic, partitions, transaction, &mut next_index, &mut in_flight)?;
+                    in_flight_bytes += self.produce(&producer, &topic, partitions, transaction, &mut first_ordinal, &mut in_flight)?;
                 }
             }
         }
@@ -248,38 +248,54 @@ impl KafkaLink {
         topic: &str,
         partitions: i32,
         transaction: Transaction,
-        next_index: &mut (Lsn, u32),
+        first_ordinal: &mut (Lsn, u32),
         in_flight: &mut VecDeque<InFlight>,
     ) -> Result<usize, LinkError> {
-        let (transaction, policy_version) = match residency::current(&self.policy) {
-            Some(policy) => {
-                let (mut kept, counts) = policy.filter(
-                    &self.source,
-                    &self.destination,
-                    std::slice::from_ref(&transaction),
-                );
-                self.audit.record(&self.destination, counts);
-                (
-                    kept.pop().expect("one transaction in, one out"),
-                    policy.version(),
-                )
-            }
-            None => (transaction, 0),
-        };
+        // number the changes by their place in the source transaction
+        // (across its fragments), before the policy drops any
+        if first_ordinal.0 != transaction.commit_lsn {
+            *first_ordinal = (transaction.commit_lsn, 0);
+        }
+        let base = first_ordinal.1;
+        first_ordinal.1 += transaction.changes.len() as u32;
+        let (transaction, ordinals, policy_version): (Transaction, Vec<u32>, u64) =
+            match residency::current(&self.policy) {
+                Some(policy) => {
+                    let (mut kept, mut origins, counts) = policy.filter_traced(
+                        &self.source,
+                        &self.destination,
+                        std::slice::from_ref(&transaction),
+                    );
+                    self.audit.record(&self.destination, counts);
+                    let ordinals = origins
+                        .pop()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|o| base + o)
+                        .collect();
+                    (
+                        kept.pop().expect("one transaction in, one out"),
+                        ordinals,
+                        policy.version(),
+                    )
+                }
+                None => {
+                    let ordinals = (0..transaction.changes.len() as u32)
+                        .map(|i| base + i)
+                        .collect();
+                    (transaction, ordinals, 0)
+                }
+            };
         let end_lsn = transaction.end_lsn;
         let continues = transaction.continues;
-        if next_index.0 != transaction.commit_lsn {
-            *next_index = (transaction.commit_lsn, 0);
-        }
         let tables = telemetry::changes_per_table(std::slice::from_ref(&transaction));
         let records = record::records(
             &self.source,
             transaction,
+            &ordinals,
             policy_version,
             partitions,
-            next_index.1,
         );
-        next_index.1 += records.len() as u32;
         let bytes: usize = records.iter().map(|r| r.value.len()).sum();
         let count = records.len();
         for (i, r) in records.into_iter().enumerate() {

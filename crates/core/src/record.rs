@@ -90,15 +90,20 @@ pub const RECORD_MAX_BYTES: usize = 512 << 10;
 /// partition its changes hash to (several when a partition's share exceeds
 /// [`RECORD_MAX_BYTES`]), or, for a transaction without changes (a
 /// heartbeat, the end of a fragmented transaction), one per partition.
-/// Records are indexed from `first_index` on, so the fragments of one
-/// transaction (which share its position's LSN) keep distinct, increasing
-/// positions: pass the index after the previous fragment's last.
+///
+/// `ordinals[i]` numbers change `i` by its place among the source
+/// transaction's changes as captured (across fragments, before the policy
+/// dropped any; missing entries count as `i`). A record's position index is
+/// the ordinal of its last change, so a record produced again after a
+/// restart has the position of the changes it holds, however the records
+/// are cut this time (read-back values and a reloaded policy change their
+/// sizes): a destination skips only records whose every change it applied.
 pub fn records(
     source: &str,
     transaction: Transaction,
+    ordinals: &[u32],
     policy_version: u64,
     partitions: i32,
-    first_index: u32,
 ) -> Vec<Outgoing> {
     if transaction.changes.is_empty() && transaction.continues {
         // a fragment the policy emptied: nothing to send, and no position to
@@ -121,33 +126,41 @@ pub fn records(
             })
             .collect();
     }
-    // (partition, first key, changes, bytes), in order of first appearance;
-    // a full group is closed and a new one opened for the partition
-    let mut groups: Vec<(i32, Vec<u8>, Vec<crate::Change>, usize)> = Vec::new();
+    // (partition, first key, changes, bytes, last ordinal), in order of
+    // first appearance; a full group is closed and a new one opened for the
+    // partition, never between two halves of one key change
+    type Group = (i32, Vec<u8>, Vec<crate::Change>, usize, u32);
+    let mut groups: Vec<Group> = Vec::new();
     let mut open: HashMap<i32, usize> = HashMap::new();
-    for (key, change) in transaction.changes.into_iter().flat_map(split_key_change) {
+    let numbered = transaction
+        .changes
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let ordinal = ordinals.get(i).copied().unwrap_or(i as u32);
+            split_key_change(c).into_iter().map(move |kc| (ordinal, kc))
+        });
+    for (ordinal, (key, change)) in numbered {
         let partition = partition_of(&key, partitions);
         let bytes = change.kind.approx_bytes();
         match open.get(&partition) {
-            Some(&g) if groups[g].3 < RECORD_MAX_BYTES => {
+            Some(&g) if groups[g].3 < RECORD_MAX_BYTES || groups[g].4 == ordinal => {
                 groups[g].2.push(change);
                 groups[g].3 += bytes;
+                groups[g].4 = ordinal;
             }
             _ => {
                 open.insert(partition, groups.len());
-                groups.push((partition, key, vec![change], bytes));
+                groups.push((partition, key, vec![change], bytes, ordinal));
             }
         }
     }
-    let groups: Vec<(i32, Vec<u8>, Vec<crate::Change>)> =
-        groups.into_iter().map(|(p, k, c, _)| (p, k, c)).collect();
     groups
         .into_iter()
-        .enumerate()
-        .map(|(i, (partition, key, changes))| {
+        .map(|(partition, key, changes, _, last)| {
             let position = Position {
                 lsn: transaction.end_lsn,
-                index: first_index + i as u32,
+                index: last,
             };
             let part = Transaction {
                 commit_lsn: transaction.commit_lsn,
@@ -421,16 +434,21 @@ mod tests {
         let mut changes: Vec<Change> = ids.iter().map(|id| insert(id)).collect();
         changes.push(insert("7")); // a second change of row 7
         let t = transaction(changes.clone());
-        let out = records("eu", t, 3, 4, 0);
+        let out = records("eu", t, &[], 3, 4);
         assert_eq!(out.len(), 4, "40 rows over 4 partitions");
         let mut seen = Vec::new();
-        for (i, r) in out.iter().enumerate() {
+        for r in &out {
             let back = decode(&consumed(r), Some(&r.value), "eu").unwrap();
+            // indexed by the place of the record's last change in the input
+            let last = changes
+                .iter()
+                .rposition(|c| Some(partition_of(&key(c), 4)) == r.partition)
+                .unwrap();
             assert_eq!(
                 back.position,
                 Position {
                     lsn: Lsn(0x108),
-                    index: i as u32
+                    index: last as u32
                 }
             );
             assert_eq!(back.policy_version, 3);
@@ -459,7 +477,13 @@ mod tests {
             },
         };
         // 1 partition: one record, in order: insert 1, delete 1, insert 2
-        let out = records("eu", transaction(vec![insert("1"), moved.clone()]), 0, 1, 0);
+        let out = records(
+            "eu",
+            transaction(vec![insert("1"), moved.clone()]),
+            &[],
+            0,
+            1,
+        );
         let kinds: Vec<ChangeKind> = decode(&consumed(&out[0]), Some(&out[0].value), "eu")
             .unwrap()
             .transaction
@@ -475,7 +499,7 @@ mod tests {
             matches!(&kinds[2], ChangeKind::Insert { new } if new[0] == Value::Text("2".into()))
         );
         // many partitions: the delete goes where key 1 lives, the insert where key 2 does
-        let out = records("eu", transaction(vec![moved]), 0, 64, 0);
+        let out = records("eu", transaction(vec![moved]), &[], 0, 64);
         let partition_1 = partition_of(&key(&insert("1")), 64);
         let partition_2 = partition_of(&key(&insert("2")), 64);
         assert_ne!(partition_1, partition_2, "keys on different partitions");
@@ -500,7 +524,7 @@ mod tests {
                 new: row("2", Value::Unchanged),
             },
         };
-        let out = records("eu", transaction(vec![toasted]), 0, 64, 0);
+        let out = records("eu", transaction(vec![toasted]), &[], 0, 64);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].partition, Some(partition_1), "with the old row");
         let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
@@ -516,7 +540,7 @@ mod tests {
                 new: row("1", Value::Text("new".into())),
             },
         };
-        let out = records("eu", transaction(vec![same_key]), 0, 4, 0);
+        let out = records("eu", transaction(vec![same_key]), &[], 0, 4);
         let back = decode(&consumed(&out[0]), Some(&out[0].value), "eu").unwrap();
         assert_eq!(back.transaction.changes.len(), 1);
     }
@@ -527,12 +551,12 @@ mod tests {
     fn an_emptied_fragment_makes_no_record() {
         let mut t = transaction(vec![]);
         t.continues = true;
-        assert!(records("eu", t, 0, 4, 0).is_empty());
+        assert!(records("eu", t, &[], 0, 4).is_empty());
     }
 
     #[test]
     fn heartbeats_go_to_every_partition() {
-        let out = records("na", transaction(vec![]), 0, 3, 0);
+        let out = records("na", transaction(vec![]), &[], 0, 3);
         let partitions: Vec<Option<i32>> = out.iter().map(|r| r.partition).collect();
         assert_eq!(partitions, vec![Some(0), Some(1), Some(2)]);
         let back = decode(&consumed(&out[1]), Some(&out[1].value), "na").unwrap();
@@ -547,7 +571,7 @@ mod tests {
 
     #[test]
     fn bad_records_are_explained_without_their_values() {
-        let r = &records("eu", transaction(vec![insert("1")]), 1, 4, 0)[0];
+        let r = &records("eu", transaction(vec![insert("1")]), &[], 1, 4)[0];
         let headers = consumed(r);
         let mut flipped = r.value.clone();
         let last = flipped.len() - 1;
@@ -624,13 +648,16 @@ mod tests {
                 },
             })
             .collect();
-        let out = records("eu", transaction(changes), 0, 1, 7);
+        let ordinals: Vec<u32> = (7..27).collect();
+        let out = records("eu", transaction(changes), &ordinals, 0, 1);
         assert!(out.len() >= 4, "{}", out.len());
         assert!(
             out.iter()
                 .all(|r| r.value.len() < RECORD_MAX_BYTES + 200_000)
         );
+        // each record is indexed by its last change's ordinal
         let indexes: Vec<u32> = out.iter().map(|r| r.position.index).collect();
-        assert_eq!(indexes, (7..7 + out.len() as u32).collect::<Vec<_>>());
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+        assert_eq!(indexes.last(), Some(&26));
     }
 }

@@ -167,6 +167,21 @@ impl Enforcer {
         destination: &str,
         transactions: &[Transaction],
     ) -> (Vec<Transaction>, Counts) {
+        let (out, _, counts) = self.filter_traced(source, destination, transactions);
+        (out, counts)
+    }
+
+    /// [`Enforcer::filter`], also saying for each change sent which change
+    /// of its input transaction it came from (its index there), per
+    /// transaction: what lets a Kafka link number its records by source
+    /// change, whatever the policy dropped.
+    pub fn filter_traced(
+        &self,
+        source: &str,
+        destination: &str,
+        transactions: &[Transaction],
+    ) -> (Vec<Transaction>, Vec<Vec<u32>>, Counts) {
+        let mut origins = Vec::with_capacity(transactions.len());
         // counted by table identity while filtering, named once at the end
         let mut tally: HashMap<(*const Table, Option<&str>, Verdict), (&Table, u64)> =
             HashMap::new();
@@ -175,13 +190,17 @@ impl Enforcer {
             .iter()
             .map(|t| {
                 let mut changes = Vec::with_capacity(t.changes.len());
-                for change in &t.changes {
+                let mut from = Vec::with_capacity(t.changes.len());
+                for (i, change) in t.changes.iter().enumerate() {
                     let (sent, verdict, rule) =
                         self.filter_change(source, destination, change, &mut projections);
                     let key = (Arc::as_ptr(&change.table), rule, verdict);
                     tally.entry(key).or_insert((&change.table, 0)).1 += 1;
+                    let before = changes.len();
                     changes.extend(sent);
+                    from.extend(std::iter::repeat_n(i as u32, changes.len() - before));
                 }
+                origins.push(from);
                 Transaction {
                     commit_lsn: t.commit_lsn,
                     end_lsn: t.end_lsn,
@@ -198,7 +217,7 @@ impl Enforcer {
                 .entry((name, rule.unwrap_or("-").to_owned(), verdict))
                 .or_default() += n;
         }
-        (out, counts)
+        (out, origins, counts)
     }
 
     fn filter_change<'a>(
