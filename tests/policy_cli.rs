@@ -202,7 +202,11 @@ fn check_against_a_live_store_refuses_actions_the_columns_cannot_take() {
         .status()
         .unwrap();
     assert!(status.success());
-    let dir = workdir(POLICY);
+    // its own folder: the other --against test writes the same files
+    let dir = std::env::temp_dir().join(format!("meridian-policy-cli-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("topology.toml"), TOPOLOGY).unwrap();
+    std::fs::write(dir.join("policy.toml"), POLICY).unwrap();
     let (ok, out) = meridian(
         &dir,
         &[
