@@ -24,13 +24,15 @@ fn rows(default: i64) -> i64 {
         .unwrap_or(default)
 }
 
-async fn one_large_transaction(kafka: bool, rows: i64) -> anyhow::Result<()> {
-    let mut d = Deployment::start(
+/// Two regions, na and eu, with `schema` and its one table `public.<table>`.
+async fn two_regions(schema: &str, table: &str, kafka: bool) -> anyhow::Result<Deployment> {
+    let table = format!("public.{table}");
+    Deployment::start(
         binary(),
         &Spec {
             regions: &["na", "eu"],
-            schema: "CREATE TABLE bulk (id bigint PRIMARY KEY, region text NOT NULL, payload text);",
-            tables: &[("public.bulk", "id", "region")],
+            schema,
+            tables: &[(table.as_str(), "id", "region")],
             proxied: &[],
             extra_topology: "",
             policy: None,
@@ -38,6 +40,43 @@ async fn one_large_transaction(kafka: bool, rows: i64) -> anyhow::Result<()> {
             global_schema: None,
             kafka,
         },
+    )
+    .await
+}
+
+const DOCS: &str =
+    "CREATE TABLE docs (id bigint PRIMARY KEY, region text NOT NULL, status text, body text);
+                    ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;";
+
+/// Polls the count `sql` returns in `region` until `done` holds; fails
+/// with the region's agent log after `timeout`.
+async fn wait_count(
+    d: &Deployment,
+    region: &str,
+    sql: &str,
+    done: impl Fn(i64) -> bool,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(d.pool(region)).await?;
+        if done(n) {
+            return Ok(n);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{region}: {sql} is still {n} after {timeout:?}; {region}'s agent:\n{}",
+            d.agent_log(region)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn one_large_transaction(kafka: bool, rows: i64) -> anyhow::Result<()> {
+    let mut d = two_regions(
+        "CREATE TABLE bulk (id bigint PRIMARY KEY, region text NOT NULL, payload text);",
+        "bulk",
+        kafka,
     )
     .await?;
     // one transaction: every row inserted, then half of them updated
@@ -98,22 +137,7 @@ async fn a_transaction_larger_than_any_record_replicates_in_bounded_memory_over_
 /// one 600 MB transaction once the values are filled in).
 #[tokio::test]
 async fn an_update_leaving_large_values_unchanged_stays_bounded() -> anyhow::Result<()> {
-    let mut d = Deployment::start(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: "CREATE TABLE docs (id bigint PRIMARY KEY, region text NOT NULL, status text, body text);
-                     ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
-            tables: &[("public.docs", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-    )
-    .await?;
+    let mut d = two_regions(DOCS, "docs", false).await?;
     let na = d.pool("na").clone();
     for chunk in 0..6 {
         sqlx::raw_sql(&format!(
@@ -128,21 +152,8 @@ async fn an_update_leaving_large_values_unchanged_stays_bounded() -> anyhow::Res
     sqlx::raw_sql("UPDATE docs SET status = 'b'")
         .execute(&na)
         .await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM docs WHERE status = 'b'")
-            .fetch_one(d.pool("eu"))
-            .await?;
-        if done == 600 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{done} of 600 updated at eu; eu's agent:\n{}",
-            d.agent_log("eu")
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let updated = "SELECT count(*) FROM docs WHERE status = 'b'";
+    wait_count(&d, "eu", updated, |n| n == 600, Duration::from_secs(600)).await?;
     let bodies: i64 = sqlx::query_scalar("SELECT count(*) FROM docs WHERE length(body) = 1048576")
         .fetch_one(d.pool("eu"))
         .await?;
@@ -165,68 +176,46 @@ async fn an_update_leaving_large_values_unchanged_stays_bounded() -> anyhow::Res
 /// are positioned by the source's changes, not by how they were cut).
 #[tokio::test]
 async fn a_kafka_source_restarted_mid_transaction_loses_nothing() -> anyhow::Result<()> {
-    let mut d = Deployment::start(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: "CREATE TABLE docs (id bigint PRIMARY KEY, region text NOT NULL, status text, body text);
-                     ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
-            tables: &[("public.docs", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: true,
-        },
-    )
-    .await?;
-    let (na, eu) = (d.pool("na").clone(), d.pool("eu").clone());
+    let mut d = two_regions(DOCS, "docs", true).await?;
+    let na = d.pool("na").clone();
+    let minutes = Duration::from_secs(300);
     sqlx::raw_sql(
         "INSERT INTO docs SELECT g, 'na', 'a', repeat(md5(g::text), 1024)
            FROM generate_series(1, 4000) g",
     )
     .execute(&na)
     .await?;
-    let count = |pool: sqlx::PgPool, sql: &'static str| async move {
-        sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    while count(eu.clone(), "SELECT count(*) FROM docs").await? < 4000 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rows never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_count(
+        &d,
+        "eu",
+        "SELECT count(*) FROM docs",
+        |n| n == 4000,
+        minutes,
+    )
+    .await?;
     // one large transaction whose bodies are read back at the source
     sqlx::raw_sql("UPDATE docs SET status = 'b'")
         .execute(&na)
         .await?;
-    while count(eu.clone(), "SELECT count(*) FROM docs WHERE status = 'b'").await? == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the update never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let updated = "SELECT count(*) FROM docs WHERE status = 'b'";
+    wait_count(&d, "eu", updated, |n| n > 0, minutes).await?;
     d.agent("na").kill9();
     // the read-back values shrink: the records come out cut differently
-    sqlx::raw_sql("UPDATE docs SET body = 'x' WHERE id <= 1000; INSERT INTO docs VALUES (0, 'na', 'marker', '')")
-        .execute(&na)
-        .await?;
+    sqlx::raw_sql(
+        "UPDATE docs SET body = 'x' WHERE id <= 1000;
+         INSERT INTO docs VALUES (0, 'na', 'marker', '')",
+    )
+    .execute(&na)
+    .await?;
     d.agent("na").restart()?;
-    while count(eu.clone(), "SELECT count(*) FROM docs WHERE id = 0").await? == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the marker never arrived; na's agent:\n{}",
-            d.agent_log("na")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let stale = count(eu.clone(), "SELECT count(*) FROM docs WHERE status = 'a'").await?;
-    assert_eq!(stale, 0, "rows of the restarted transaction were skipped");
-    let short = count(eu, "SELECT count(*) FROM docs WHERE body = 'x'").await?;
-    assert_eq!(short, 1000);
+    // partitions apply on their own: wait for every row (a row skipped as
+    // a replay never comes, and the wait fails)
+    let marker = "SELECT count(*) FROM docs WHERE id = 0";
+    wait_count(&d, "eu", marker, |n| n == 1, minutes).await?;
+    let stale = "SELECT count(*) FROM docs WHERE status = 'a'";
+    let ninety = Duration::from_secs(90);
+    wait_count(&d, "eu", stale, |n| n == 0, ninety).await?;
+    let short = "SELECT count(*) FROM docs WHERE body = 'x'";
+    wait_count(&d, "eu", short, |n| n == 1000, ninety).await?;
     Ok(())
 }
