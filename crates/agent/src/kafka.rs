@@ -87,11 +87,14 @@ impl Cluster {
         }
         let created = admin
             .create_topics(
+                // records reach RECORD_MAX_BYTES plus one change; the
+                // broker's default (about 1 MB) would refuse a large value
                 &[NewTopic::new(
                     topic,
                     self.partitions,
                     TopicReplication::Fixed(self.replication_factor),
-                )],
+                )
+                .set("max.message.bytes", "16777216")],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await
