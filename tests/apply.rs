@@ -365,6 +365,25 @@ async fn shapes_identity_toast_and_partitions_over_kafka() -> anyhow::Result<()>
 const NOTES_SCHEMA: &str = "
 CREATE TABLE notes (id bigint PRIMARY KEY, region text NOT NULL, body text, code text);";
 
+/// `regions` replicating `notes` over gRPC, without a policy.
+async fn start_notes(regions: &[&str]) -> anyhow::Result<Deployment> {
+    Deployment::start(
+        binary(),
+        &Spec {
+            regions,
+            schema: NOTES_SCHEMA,
+            tables: &[("public.notes", "id", "region")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await
+}
+
 fn cli(d: &Deployment, args: &[&str]) -> (bool, String) {
     let mut cmd = std::process::Command::new(binary());
     cmd.args(["dead-letters"])
@@ -393,21 +412,7 @@ async fn count(pool: &PgPool, sql: &str) -> anyhow::Result<i64> {
 /// past it, and comes back with `meridian dead-letters replay`.
 #[tokio::test]
 async fn schema_changes_wait_and_bad_data_is_dead_lettered_then_replayed() -> anyhow::Result<()> {
-    let d = Deployment::start(
-        binary(),
-        &Spec {
-            regions: &REGIONS,
-            schema: NOTES_SCHEMA,
-            tables: &[("public.notes", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-    )
-    .await?;
+    let d = start_notes(&REGIONS).await?;
     let (na, eu, apac) = (d.pool("na"), d.pool("eu"), d.pool("apac"));
     let ids = "SELECT string_agg(id::text, ' ' ORDER BY id) FROM notes";
 
@@ -579,21 +584,7 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
         Batch, Hello, SourceMessage, destination_message, replication_client::ReplicationClient,
         source_message,
     };
-    let mut d = Deployment::start(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: NOTES_SCHEMA,
-            tables: &[("public.notes", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-    )
-    .await?;
+    let mut d = start_notes(&["na", "eu"]).await?;
     exec(
         d.pool("na"),
         "INSERT INTO notes VALUES (1, 'na', 'x', NULL)",

@@ -157,28 +157,42 @@ fn explain_says_what_crosses_column_by_column() {
     assert!(out.contains("does not cross eu -> na"), "{out}");
 }
 
-#[test]
-fn check_against_a_live_store_finds_missing_and_unmentioned_columns() {
+/// `meridian policy check --against` a fresh cluster holding `create`, run
+/// in `dir` (each test its own: they run at once); (success, output).
+fn check_against(dir: &str, create: &str) -> (bool, String) {
     let cluster = PgCluster::start().unwrap();
     let url = cluster.url("postgres");
-    let status = Command::new(meridian_testkit::postgres::find_bindir().unwrap().join("psql"))
-        .args([&url, "-qc", "CREATE TABLE orders (id bigint PRIMARY KEY, region text, status text, email text, added_later text)"])
-        .status()
-        .unwrap();
+    let status = Command::new(
+        meridian_testkit::postgres::find_bindir()
+            .unwrap()
+            .join("psql"),
+    )
+    .args([&url, "-qc", create])
+    .status()
+    .unwrap();
     assert!(status.success());
-    let dir = workdir(POLICY);
-    let (ok, out) = meridian(
-        &dir,
-        &[
-            "policy",
-            "check",
-            "policy.toml",
-            "--config",
-            "topology.toml",
-            "--against",
-            &url,
-        ],
-        true,
+    let dir =
+        std::env::temp_dir().join(format!("meridian-policy-cli-{dir}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("topology.toml"), TOPOLOGY).unwrap();
+    std::fs::write(dir.join("policy.toml"), POLICY).unwrap();
+    let args = [
+        "policy",
+        "check",
+        "policy.toml",
+        "--config",
+        "topology.toml",
+        "--against",
+        &url,
+    ];
+    meridian(&dir, &args, true)
+}
+
+#[test]
+fn check_against_a_live_store_finds_missing_and_unmentioned_columns() {
+    let (ok, out) = check_against(
+        "missing",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text, status text, email text, added_later text)",
     );
     assert!(!ok, "the store lacks a column the policy names: {out}");
     assert!(
@@ -195,30 +209,9 @@ fn check_against_a_live_store_finds_missing_and_unmentioned_columns() {
 /// bigint, a NULL into a NOT NULL column) are refused before any row is sent.
 #[test]
 fn check_against_a_live_store_refuses_actions_the_columns_cannot_take() {
-    let cluster = PgCluster::start().unwrap();
-    let url = cluster.url("postgres");
-    let status = Command::new(meridian_testkit::postgres::find_bindir().unwrap().join("psql"))
-        .args([&url, "-qc", "CREATE TABLE orders (id bigint PRIMARY KEY, region text, status text, email bigint, note text NOT NULL)"])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    // its own folder: the other --against test writes the same files
-    let dir = std::env::temp_dir().join(format!("meridian-policy-cli-fit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("topology.toml"), TOPOLOGY).unwrap();
-    std::fs::write(dir.join("policy.toml"), POLICY).unwrap();
-    let (ok, out) = meridian(
-        &dir,
-        &[
-            "policy",
-            "check",
-            "policy.toml",
-            "--config",
-            "topology.toml",
-            "--against",
-            &url,
-        ],
-        true,
+    let (ok, out) = check_against(
+        "fit",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text, status text, email bigint, note text NOT NULL)",
     );
     assert!(!ok, "{out}");
     assert!(
