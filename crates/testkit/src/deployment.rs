@@ -160,6 +160,7 @@ impl Deployment {
         };
         for i in 0..deployment.regions.len() {
             deployment.wait_for_slots(i).await?;
+            deployment.wait_for_metrics(i).await?;
         }
         Ok(deployment)
     }
@@ -259,6 +260,24 @@ impl Deployment {
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until agent `i` serves `/metrics`: slots may exist before the
+    /// agent binds its metrics address.
+    async fn wait_for_metrics(&self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match crate::http_get(&self.metrics[i], "/metrics").await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => bail!(
+                    "agent {} serves no metrics at {} after 60 s ({e}); log:\n{}",
+                    self.regions[i],
+                    self.metrics[i],
+                    self.agents[i].log()
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
         }
     }
 
