@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use meridian_client::{Client, CommitToken, Error};
+use meridian_client::{Client, CommitToken, Error, sqlx};
 
 #[derive(Parser)]
 struct Args {
@@ -37,7 +37,7 @@ const TENANTS: [(i64, &str, &str); 3] = [
 ];
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client = Client::open(&args.config, &args.region)?;
     println!("order service running in {}", client.region());
@@ -48,57 +48,49 @@ async fn main() -> Result<(), Error> {
         if !change.complete() {
             eprintln!("warning: placement of {name} not pushed everywhere: {change:?}");
         }
+        // README: begin
+        // a routed write: it commits on the tenant's home store, wherever
+        // this service runs; the closure borrows freely
         client
             .tenant(name)
-            .write(move |tx| {
-                Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO tenants VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-                    )
+            .write(async |tx| -> Result<(), Error> {
+                sqlx::query("INSERT INTO tenants VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING")
                     .bind(id)
                     .bind(name)
-                    .bind(home)
-                    .execute(&mut **tx)
+                    .bind(tx.home().to_owned())
+                    .execute(&mut *tx)
                     .await?;
-                    Ok(())
-                })
+                Ok(())
             })
             .await?;
 
-        // 2. an order through the routed path: it commits in `home`
-        let committed = client
-            .tenant(name)
-            .write(move |tx| {
-                Box::pin(async move {
-                    let order: String = sqlx::query_scalar(
-                        "INSERT INTO orders (tenant_id, home_region, amount, items)
-                         VALUES ($1, $2, 25.50, '[{\"sku\": \"stapler\", \"qty\": 2}]')
-                         RETURNING id::text",
-                    )
-                    .bind(id)
-                    .bind(home)
-                    .fetch_one(&mut **tx)
-                    .await?;
-                    Ok(order)
-                })
-            })
-            .await?;
-        let header = committed.token.to_string();
-        println!(
-            "{name} (home {home}): order {} committed, token {header}",
-            committed.value
-        );
+        // the same without a closure: a handle, committed explicitly
+        let mut tx = client.tenant(name).begin().await?;
+        let order: String = sqlx::query_scalar(
+            "INSERT INTO orders (tenant_id, home_region, amount, items)
+             VALUES ($1, $2, 25.50, '[{\"sku\": \"stapler\", \"qty\": 2}]')
+             RETURNING id::text",
+        )
+        .bind(id)
+        .bind(home)
+        .fetch_one(&mut *tx)
+        .await?;
+        let token = tx.commit().await?;
+        let header = token.to_string(); // e.g. "2.na.16b3748.AZrK..."
 
-        // 3. another service, in another region, gets the token as a string
+        // another service, in another region, gets the token as a string and
+        // reads once that region applied exactly this transaction
         let token: CommitToken = header.parse()?;
         let elsewhere = next_region(home);
         let waited = Instant::now();
-        let store = client.read(elsewhere).after(&token).await?;
+        let store = client.read(elsewhere).after(&token).await?; // read-only
         let (amount, items): (String, Option<String>) =
             sqlx::query_as("SELECT amount::text, items::text FROM orders WHERE id = $1::uuid")
-                .bind(&committed.value)
+                .bind(&order)
                 .fetch_one(&store)
                 .await?;
+        // README: end
+        println!("{name} (home {home}): order {order} committed, token {header}");
         println!(
             "  read in {elsewhere} after {} ms: amount {amount}, items {}",
             waited.elapsed().as_millis(),
@@ -108,19 +100,20 @@ async fn main() -> Result<(), Error> {
         );
     }
 
-    // 4. a plan price, globally consistent; the closure may run more than once
+    // README: begin
+    // globally consistent data: SERIALIZABLE on the multi-region database;
+    // the closure runs again after a serialization failure
     let price: String = client
         .global()
-        .transaction(|tx| {
-            Box::pin(async move {
-                Ok(sqlx::query_scalar(
-                    "UPDATE plans SET price = price + 1 WHERE name = 'starter' RETURNING price::text",
-                )
-                .fetch_one(&mut **tx)
-                .await?)
-            })
+        .transaction(async |tx| -> Result<String, Error> {
+            Ok(sqlx::query_scalar(
+                "UPDATE plans SET price = price + 1 WHERE name = 'starter' RETURNING price::text",
+            )
+            .fetch_one(&mut *tx)
+            .await?)
         })
         .await?;
+    // README: end
     println!("plan 'starter' now costs {price} everywhere");
     Ok(())
 }

@@ -151,16 +151,14 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
             let row = tenant.clone();
             client
                 .tenant(&tenant)
-                .write(move |tx| {
-                    Box::pin(async move {
-                        sqlx::query("INSERT INTO tenants VALUES ($1, $2, $3)")
-                            .bind(id)
-                            .bind(row)
-                            .bind(region)
-                            .execute(&mut **tx)
-                            .await?;
-                        Ok(())
-                    })
+                .write(async move |tx| -> Result<_, meridian_client::Error> {
+                    sqlx::query("INSERT INTO tenants VALUES ($1, $2, $3)")
+                        .bind(id)
+                        .bind(row)
+                        .bind(region)
+                        .execute(&mut **tx)
+                        .await?;
+                    Ok(())
                 })
                 .await?;
             tenants.push((id, tenant, region));
@@ -177,15 +175,13 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
 
     let price: String = client
         .global()
-        .transaction(|tx| {
-            Box::pin(async move {
+        .transaction(async move |tx| -> Result<_, meridian_client::Error> {
                 Ok(sqlx::query_scalar(
                     "UPDATE plans SET price = round(price * 1.1, 2) WHERE name = 'pro' RETURNING price::text",
                 )
                 .fetch_one(&mut **tx)
                 .await?)
             })
-        })
         .await?;
     println!(
         "\nglobal path: plan 'pro' now costs {price} (SERIALIZABLE on the multi-region database)"
@@ -213,19 +209,17 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
         );
         let committed = client
             .tenant(&tenant)
-            .write(move |tx| {
-                Box::pin(async move {
-                    Ok(sqlx::query_scalar(
-                        "INSERT INTO orders (tenant_id, home_region, amount, items) \
+            .write(async move |tx| -> Result<_, meridian_client::Error> {
+                Ok(sqlx::query_scalar(
+                    "INSERT INTO orders (tenant_id, home_region, amount, items) \
                          VALUES ($1, $2, $3::numeric, $4::jsonb) RETURNING id::text",
-                    )
-                    .bind(tenant_id)
-                    .bind(home)
-                    .bind(amount)
-                    .bind(items)
-                    .fetch_one(&mut **tx)
-                    .await?)
-                })
+                )
+                .bind(tenant_id)
+                .bind(home)
+                .bind(amount)
+                .bind(items)
+                .fetch_one(&mut **tx)
+                .await?)
             })
             .await?;
         let id: String = committed.value;

@@ -501,6 +501,7 @@ async fn schema_changes_wait_and_bad_data_is_dead_lettered_then_replayed() -> an
     let token = meridian_client::CommitToken {
         region: "na".into(),
         lsn: bad_lsn.parse()?,
+        id: None,
         committed_at: std::time::SystemTime::now(),
     };
     let read = client
@@ -636,7 +637,7 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
     }
     let nack = nack.expect("a Nack");
     assert!(
-        nack.contains("version 9") && nack.contains("versions 1 to 2"),
+        nack.contains("version 9") && nack.contains("versions 1 to 3"),
         "{nack}"
     );
     let after: i64 =

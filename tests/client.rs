@@ -80,17 +80,15 @@ async fn order(
     let (tenant_id, region) = (tenant.to_owned(), region.to_owned());
     client
         .tenant(tenant)
-        .write(move |tx| {
-            Box::pin(async move {
-                let id = sqlx::query_scalar(
-                    "INSERT INTO orders (tenant, region, total) VALUES ($1, $2, 10) RETURNING id::text",
-                )
-                .bind(tenant_id)
-                .bind(region)
-                .fetch_one(&mut **tx)
-                .await?;
-                Ok(id)
-            })
+        .write(async move |tx| {
+            let id = sqlx::query_scalar(
+                "INSERT INTO orders (tenant, region, total) VALUES ($1, $2, 10) RETURNING id::text",
+            )
+            .bind(tenant_id)
+            .bind(region)
+            .fetch_one(&mut **tx)
+            .await?;
+            Ok(id)
         })
         .await
 }
@@ -150,11 +148,9 @@ async fn writes_go_to_the_tenants_home_region_and_wrong_ones_are_refused() -> an
     ] {
         let e = client
             .tenant("tenant-na")
-            .write(move |tx| {
-                Box::pin(async move {
-                    sqlx::query(sql).execute(&mut **tx).await?;
-                    Ok(())
-                })
+            .write(async move |tx| {
+                sqlx::query(sql).execute(&mut **tx).await?;
+                Ok(())
             })
             .await
             .unwrap_err();
@@ -266,24 +262,23 @@ async fn conflicting_global_transactions_both_commit_exactly_once() -> anyhow::R
     let client = Client::open(&d.config, "na")?;
     let barrier = Arc::new(tokio::sync::Barrier::new(2));
     let runs = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<tokio::task::JoinHandle<Result<i32, Error>>> = Vec::new();
     for writer in ["first", "second"] {
         let (client, barrier, runs) = (client.clone(), barrier.clone(), runs.clone());
         tasks.push(tokio::spawn(async move {
-            let mut attempt = 0;
             client
                 .global()
-                .transaction(move |tx| {
-                    attempt += 1;
-                    let first_attempt = attempt == 1;
+                // spawned: the future must be Send, so a boxed closure
+                .transaction_boxed(move |tx| {
                     let (barrier, runs) = (barrier.clone(), runs.clone());
                     Box::pin(async move {
+                        // borrows barrier, runs and writer; tx.attempt() counts runs
                         runs.fetch_add(1, Ordering::SeqCst);
                         let updates: i32 =
                             sqlx::query_scalar("SELECT updates FROM plans WHERE name = 'pro'")
                                 .fetch_one(&mut **tx)
                                 .await?;
-                        if first_attempt {
+                        if tx.attempt() == 1 {
                             // both have read before either writes: a conflict
                             barrier.wait().await;
                         }
@@ -294,7 +289,7 @@ async fn conflicting_global_transactions_both_commit_exactly_once() -> anyhow::R
                         .execute(&mut **tx)
                         .await?;
                         sqlx::query("INSERT INTO plan_changes (writer) VALUES ($1)")
-                            .bind(writer)
+                            .bind(writer.to_owned())
                             .execute(&mut **tx)
                             .await?;
                         Ok(updates + 1)
@@ -332,20 +327,19 @@ async fn conflicting_global_transactions_both_commit_exactly_once() -> anyhow::R
     let e = client
         .global()
         .max_attempts(3)
-        .transaction(|tx| {
-            Box::pin(async move {
+        .transaction(async move |tx| {
                 sqlx::query("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = 'simulated conflict'; END $$")
                     .execute(&mut **tx)
                     .await?;
                 Ok(())
             })
-        })
         .await
         .unwrap_err();
     assert!(
         matches!(e, Error::RetriesExhausted { attempts: 3, .. }),
         "{e:?}"
     );
+    assert!(e.to_string().contains("gave up after 3 attempts"), "{e}");
     Ok(())
 }
 
@@ -412,5 +406,471 @@ async fn a_client_with_a_stale_placement_follows_the_tenant_to_its_new_home() ->
         stderr.contains("unknown region \"mars\"") && stderr.contains("apac, eu, na"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// Waits until `region` has the order `id` (by direct SQL).
+async fn wait_order(d: &Deployment, region: &str, id: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(d.pool(region))
+            .await?;
+        if n == 1 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "order {id} never reached {region}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs `sql` (with `$1` = `id`) in a routed write for `tenant`, or in a
+/// row move to `move_to`; the rows it affected.
+async fn routed_sql(
+    client: &Client,
+    tenant: &str,
+    move_to: Option<&str>,
+    sql: &str,
+    id: &str,
+) -> Result<u64, Error> {
+    let body = async |tx: &mut meridian_client::RoutedTransaction| -> Result<u64, Error> {
+        Ok(sqlx::query(sql)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected())
+    };
+    let routed = client.tenant(tenant);
+    let committed = match move_to {
+        Some(to) => routed.move_rows(to, body).await?,
+        None => routed.write(body).await?,
+    };
+    Ok(committed.value)
+}
+
+/// `(region, total)` of order `id` in `region`.
+async fn order_row(d: &Deployment, region: &str, id: &str) -> anyhow::Result<(String, String)> {
+    Ok(
+        sqlx::query_as("SELECT region, total::text FROM orders WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(d.pool(region))
+            .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_writes_touch_only_the_tenants_rows_and_rows_move_only_by_a_row_move()
+-> anyhow::Result<()> {
+    let d = start().await?;
+    let client = Client::open(&d.config, "na")?;
+    place(&client, "tenant-eu", "eu").await?;
+    place(&client, "tenant-na", "na").await?;
+    let eu_row = order(&client, "tenant-eu", "eu").await?.value;
+    for region in REGIONS {
+        wait_order(&d, region, &eu_row).await?;
+    }
+
+    // through the client, on na's copy of an eu row: delete, take over, edit
+    for sql in [
+        "DELETE FROM orders WHERE id = $1::uuid",
+        "UPDATE orders SET region = 'na', total = 999 WHERE id = $1::uuid",
+        "UPDATE orders SET total = 999 WHERE id = $1::uuid",
+    ] {
+        let row = eu_row.clone();
+        let e = client
+            .tenant("tenant-na")
+            .write(async |tx| -> Result<(), Error> {
+                sqlx::query(sql).bind(&row).execute(&mut *tx).await?;
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(e.is_refusal() && !e.is_retryable(), "{sql}: {e:?}");
+        let Error::WrongHome { detail, hint } = &e else {
+            panic!("{sql}: expected WrongHome, got {e:?}");
+        };
+        assert!(
+            detail.contains("region is eu") && detail.contains("lives in region na"),
+            "{sql}: {e}"
+        );
+        assert!(
+            hint.as_deref().is_some_and(|h| h.contains("read-only")),
+            "{sql}: {e}"
+        );
+        assert!(e.to_string().contains("hint: "), "the hint is shown: {e}");
+    }
+    // the same with plain SQL on the handle, and with the caller's own error type
+    let mut tx = client.tenant("tenant-na").begin().await?;
+    assert_eq!((tx.tenant(), tx.home()), ("tenant-na", "na"));
+    let refused = sqlx::query("DELETE FROM orders WHERE id = $1::uuid")
+        .bind(&eu_row)
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(Error::from(refused).is_refusal());
+    drop(tx);
+    let e: anyhow::Error = client
+        .tenant("tenant-na")
+        .write(async |tx| -> anyhow::Result<()> {
+            sqlx::query("DELETE FROM orders WHERE id = $1::uuid")
+                .bind(&eu_row)
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("region is eu"), "{e:#}");
+    // nothing changed anywhere
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for region in REGIONS {
+        assert_eq!(
+            order_row(&d, region, &eu_row).await?,
+            ("eu".to_owned(), "10".to_owned()),
+            "{region}"
+        );
+    }
+
+    // the owner cannot re-home its row with a plain UPDATE...
+    let e = routed_sql(
+        &client,
+        "tenant-eu",
+        None,
+        "UPDATE orders SET region = 'na' WHERE id = $1::uuid",
+        &eu_row,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::WrongHome { hint: Some(h), .. } if h.contains("move_rows")),
+        "{e:?}"
+    );
+    // ...only with a row move, to the region it names
+    let e = routed_sql(
+        &client,
+        "tenant-eu",
+        Some("apac"),
+        "UPDATE orders SET region = 'na' WHERE id = $1::uuid",
+        &eu_row,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::WrongHome { .. }), "{e:?}");
+    let moved = client
+        .tenant("tenant-eu")
+        .move_rows("na", async |tx| -> Result<u64, Error> {
+            Ok(
+                sqlx::query("UPDATE orders SET region = 'na' WHERE id = $1::uuid")
+                    .bind(&eu_row)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+            )
+        })
+        .await?;
+    assert_eq!(moved.value, 1);
+    client.read("na").after(&moved.token).await?;
+    // now na's tenant owns it, and eu's may no longer touch it
+    routed_sql(
+        &client,
+        "tenant-na",
+        None,
+        "UPDATE orders SET total = 11 WHERE id = $1::uuid",
+        &eu_row,
+    )
+    .await?;
+    let e = routed_sql(
+        &client,
+        "tenant-eu",
+        None,
+        "DELETE FROM orders WHERE id = $1::uuid",
+        &eu_row,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::WrongHome { .. }), "{e:?}");
+    d.wait_converged("orders", "id", 1, Duration::from_secs(60))
+        .await?;
+    for region in REGIONS {
+        assert_eq!(
+            order_row(&d, region, &eu_row).await?,
+            ("na".to_owned(), "11".to_owned()),
+            "{region}"
+        );
+    }
+
+    // a read handle is read-only
+    let apac = client.read("apac").await?;
+    let e = sqlx::query("DELETE FROM orders")
+        .execute(&apac)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("read-only transaction"), "{e}");
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_waits_for_exactly_its_transaction_whatever_else_writes() -> anyhow::Result<()> {
+    let d = start().await?;
+    let client = Client::open(&d.config, "eu")?;
+    place(&client, "acme", "na").await?;
+    let warm = order(&client, "acme", "na").await?;
+    client.read("apac").after(&warm.token).await?;
+
+    let mut report = serde_json::Map::new();
+    for writers in [false, true] {
+        // another session in na writes every ~2 ms (not replicated data)
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noise = writers.then(|| {
+            let (pool, stop) = (d.pool("na").clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    sqlx::query("INSERT INTO fx_rates VALUES (gen_random_uuid()::text, 1)")
+                        .execute(&pool)
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                anyhow::Ok(())
+            })
+        });
+        let (mut waited, mut arrived) = (Vec::new(), Vec::new());
+        for _ in 0..40 {
+            let committed = order(&client, "acme", "na").await?;
+            let start = std::time::Instant::now();
+            let apac = d.pool("apac").clone();
+            let id = committed.value.clone();
+            let arrival = tokio::spawn(async move {
+                loop {
+                    let n: i64 =
+                        sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1::uuid")
+                            .bind(&id)
+                            .fetch_one(&apac)
+                            .await?;
+                    if n == 1 {
+                        return anyhow::Ok(start.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            });
+            let read = client.read("apac").after(&committed.token).await?;
+            waited.push(start.elapsed().as_secs_f64() * 1000.0);
+            // never early: the row is there when the wait ends
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1::uuid")
+                .bind(&committed.value)
+                .fetch_one(&read)
+                .await?;
+            assert_eq!(n, 1, "after() returned before the write arrived");
+            arrived.push(arrival.await??.as_secs_f64() * 1000.0);
+            // and it was recognized by its id
+            let tag = committed
+                .token
+                .id
+                .expect("a new token has an id")
+                .simple()
+                .to_string();
+            let recorded: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM meridian.applied_tokens WHERE source_region = 'na' AND token = $1::uuid",
+            )
+            .bind(tag)
+            .fetch_one(d.pool("apac"))
+            .await?;
+            assert_eq!(recorded, 1);
+        }
+        stop.store(true, Ordering::SeqCst);
+        if let Some(noise) = noise {
+            noise.await??;
+        }
+        waited.sort_by(f64::total_cmp);
+        arrived.sort_by(f64::total_cmp);
+        report.insert(
+            if writers { "with_writers" } else { "alone" }.to_owned(),
+            serde_json::json!({
+                "wait_ms_p50": percentile(&waited, 0.5),
+                "wait_ms_p99": percentile(&waited, 0.99),
+                "arrival_ms_p50": percentile(&arrived, 0.5),
+                "arrival_ms_p99": percentile(&arrived, 0.99),
+            }),
+        );
+    }
+    println!("token_wait {}", serde_json::Value::Object(report));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_reported_as_unknown_and_can_be_asked_about()
+-> anyhow::Result<()> {
+    let d = start().await?;
+    // a client whose connections to na pass through a proxy
+    let na = d.cluster("na").url("postgres");
+    let proxy =
+        meridian_testkit::TcpProxy::start(&format!("127.0.0.1:{}", d.cluster("na").port())).await?;
+    let proxied = na.replace(
+        &format!(":{}/", d.cluster("na").port()),
+        &format!("{}/", proxy.addr().trim_start_matches("127.0.0.1")),
+    );
+    let topology = std::fs::read_to_string(&d.config)?.replace(&na, &proxied);
+    let config = d.config.with_file_name("proxied-topology.toml");
+    std::fs::write(&config, topology)?;
+    let client = Client::open(&config, "eu")?;
+    place(&client, "acme", "na").await?;
+
+    for lose_request in [false, true] {
+        let mut tx = client.tenant("acme").begin().await?;
+        let id: String = sqlx::query_scalar(
+            "INSERT INTO orders (tenant, region, total) VALUES ('acme', 'na', 7) RETURNING id::text",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if lose_request {
+            proxy.pause(); // COMMIT never reaches the store
+        } else {
+            proxy.swallow_replies(); // COMMIT arrives, its answer does not
+        }
+        let committing = tokio::spawn(tx.commit());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.cut();
+        proxy.resume();
+        let e = committing.await?.unwrap_err();
+        let Error::CommitOutcomeUnknown { commit, .. } = &e else {
+            panic!("expected CommitOutcomeUnknown, got {e:?}");
+        };
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("commit_outcome"), "{e}");
+        assert_eq!(commit.store, "na");
+        let outcome = loop {
+            match client.commit_outcome(commit).await? {
+                meridian_client::CommitOutcome::InProgress => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                outcome => break outcome,
+            }
+        };
+        let exists: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(d.pool("na"))
+            .await?;
+        if lose_request {
+            assert_eq!(outcome, meridian_client::CommitOutcome::Aborted);
+            assert_eq!(exists, 0);
+        } else {
+            assert_eq!(outcome, meridian_client::CommitOutcome::Committed);
+            assert_eq!(exists, 1);
+            // and its token resolves elsewhere
+            let token = commit.token.clone().expect("routed writes have a token");
+            client.read("apac").after(&token).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_commit_whose_answer_is_lost_is_reported_as_unknown() -> anyhow::Result<()> {
+    let d = start().await?;
+    let global = d.global_pool().connect_options().get_port();
+    let proxy = meridian_testkit::TcpProxy::start(&format!("127.0.0.1:{global}")).await?;
+    let text = std::fs::read_to_string(&d.config)?;
+    let (head, tail) = text.split_once("[global]").expect("a [global] section");
+    let tail = tail.replacen(
+        &format!("127.0.0.1:{global}/"),
+        &format!("{}/", proxy.addr()),
+        1,
+    );
+    let config = d.config.with_file_name("proxied-global.toml");
+    std::fs::write(&config, format!("{head}[global]{tail}"))?;
+    let client = Client::open(&config, "eu")?;
+    client
+        .global()
+        .transaction(async |tx| -> Result<(), Error> {
+            sqlx::query("SELECT 1").execute(&mut *tx).await?;
+            Ok(())
+        })
+        .await?;
+
+    let (client2, swallowing) = (client.clone(), Arc::new(tokio::sync::Notify::new()));
+    let notify = swallowing.clone();
+    let run = tokio::spawn(async move {
+        client2
+            .global()
+            .transaction_boxed(move |tx| {
+                let notify = notify.clone();
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO plan_changes (writer) VALUES ('lost answer')")
+                        .execute(&mut **tx)
+                        .await?;
+                    notify.notify_one(); // the test now swallows the answers
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, Error>(())
+                })
+            })
+            .await
+    });
+    swallowing.notified().await;
+    proxy.swallow_replies();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.cut();
+    let e = run.await?.unwrap_err();
+    let Error::CommitOutcomeUnknown { commit, .. } = &e else {
+        panic!("expected CommitOutcomeUnknown, got {e:?}");
+    };
+    assert_eq!(commit.store, "global");
+    assert_eq!(
+        client.commit_outcome(commit).await?,
+        meridian_client::CommitOutcome::Committed
+    );
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM plan_changes WHERE writer = 'lost answer'")
+            .fetch_one(d.global_pool())
+            .await?;
+    assert_eq!(n, 1, "committed once, not retried");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_resolves_where_the_policy_keeps_the_rows_out() -> anyhow::Result<()> {
+    // na's orders stay out of apac
+    let policy = POLICY.replace(
+        "from = [\"na\", \"eu\", \"apac\"]\nto = [\"na\", \"eu\", \"apac\"]",
+        "from = [\"na\", \"eu\", \"apac\"]\nto = [\"na\", \"eu\"]",
+    );
+    assert_ne!(policy, POLICY);
+    let d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &REGIONS,
+            schema: SCHEMA,
+            tables: &[("public.orders", "id", "region")],
+            proxied: &[],
+            extra_topology: "[replication]\nheartbeat_ms = 60000\n",
+            policy: Some(&policy),
+            agent_env: &[],
+            global_schema: Some(GLOBAL_SCHEMA),
+            kafka: false,
+        },
+    )
+    .await?;
+    let client = Client::open(&d.config, "eu")?;
+    place(&client, "acme", "na").await?;
+    let committed = order(&client, "acme", "na").await?;
+    // heartbeats are a minute apart: only the token's own transaction can
+    // resolve it, and it carries no row for apac
+    let apac = client
+        .read("apac")
+        .after(&committed.token)
+        .timeout(Duration::from_secs(20))
+        .await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&apac)
+        .await?;
+    assert_eq!(n, 0, "the row stays out of apac");
+    client.read("eu").after(&committed.token).await?;
+    assert_eq!(count_orders(&d, "eu", "acme").await?, 1);
     Ok(())
 }

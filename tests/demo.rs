@@ -83,7 +83,7 @@ fn the_demo_replicates_between_three_regions_and_cleans_up() {
         "{stdout}"
     );
     assert!(!stdout.contains("NOT visible"), "{stdout}");
-    assert!(stdout.contains("commit token: 1.na."), "{stdout}");
+    assert!(stdout.contains("commit token: 2.na."), "{stdout}");
     assert!(
         stdout.contains("plan 'pro' now costs 53.90"),
         "the global path ran: {stdout}"
@@ -137,4 +137,35 @@ fn the_demo_runs_over_kafka() {
         .find(|l| l.contains("residency:"))
         .expect("an eu order was written");
     assert!(residency.contains("na: items = NULL"), "{residency}");
+}
+
+/// The README's client code is the example's, verbatim: the example is what
+/// the demo test runs, so the README's code runs against the demo.
+#[test]
+fn the_readme_client_code_is_the_example_that_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("examples/orders.rs")).unwrap();
+    let mut blocks = 0;
+    for part in example.split("// README: begin\n").skip(1) {
+        let block = part.split("// README: end").next().unwrap();
+        let lines: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+        let indent = lines
+            .iter()
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap();
+        let dedented: Vec<&str> = block
+            .trim_end()
+            .lines()
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect();
+        let dedented = dedented.join("\n");
+        assert!(
+            readme.contains(&dedented),
+            "README.md lacks this block of examples/orders.rs:\n{dedented}"
+        );
+        blocks += 1;
+    }
+    assert_eq!(blocks, 2);
 }

@@ -171,6 +171,7 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
             },
         }],
         continues: false,
+        token: None,
     };
     let good = record::records("na", transaction, &[], 0, 4).remove(0);
     let headers = |value: &[u8], crc: Option<u32>| -> Headers<'_> {

@@ -27,7 +27,7 @@ pub async fn install(
     for table in tables {
         let (schema, name) = table.split_name();
         let sql = format!(
-            "CREATE OR REPLACE TRIGGER meridian_home_check BEFORE INSERT OR UPDATE ON {}.{} \
+            "CREATE OR REPLACE TRIGGER meridian_home_check BEFORE INSERT OR UPDATE OR DELETE ON {}.{} \
              FOR EACH ROW EXECUTE FUNCTION meridian.check_home('{}')",
             quote_ident(schema),
             quote_ident(name),

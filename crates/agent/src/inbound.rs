@@ -204,6 +204,7 @@ mod tests {
                 },
             }],
             continues: false,
+            token: None,
         }
     }
 

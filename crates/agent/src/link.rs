@@ -330,8 +330,10 @@ pub(crate) async fn capture(
             commit_time,
             changes,
             continues,
+            token,
         } = transaction;
-        let piece = |changes, continues| Transaction {
+        // only the last piece of the transaction carries its token
+        let piece = |changes, continues: bool| Transaction {
             commit_lsn,
             end_lsn: if continues {
                 Lsn(commit_lsn.0 + 1)
@@ -341,6 +343,7 @@ pub(crate) async fn capture(
             commit_time,
             changes,
             continues,
+            token: if continues { None } else { token },
         };
         let mut filled = Vec::new();
         let mut bytes = 0;

@@ -100,5 +100,27 @@ pub async fn run(
             Ok(pending) => telemetry.set_pending_dead_letters(&sources, &pending),
             Err(e) => tracing::debug!(error = %e, "cannot read dead letters"),
         }
+        if let Err(e) = prune_tokens(&pool).await {
+            tracing::debug!(error = %e, "cannot prune applied tokens");
+        }
     }
+}
+
+/// How long a routed write's token id is kept where it was applied. A
+/// reader with an older token waits by position instead (the client's
+/// `TOKEN_RETENTION` matches).
+const TOKEN_RETENTION: &str = "1 day";
+
+/// Deletes token ids past their retention, a bounded number per tick so a
+/// backlog never holds a long transaction.
+async fn prune_tokens(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM meridian.applied_tokens WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM meridian.applied_tokens
+             WHERE applied_at < now() - $1::interval LIMIT 10000))",
+    )
+    .bind(TOKEN_RETENTION)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

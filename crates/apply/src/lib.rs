@@ -307,6 +307,7 @@ impl Applier {
             });
         }
         let watermark = if last.end_lsn > watermark {
+            record_tokens(&mut self.conn, &self.source, fragments).await?;
             raise_watermark(&mut self.conn, &self.source, last.end_lsn, last.commit_time).await?
         } else {
             watermark
@@ -399,6 +400,8 @@ impl Applier {
             load_shapes(&mut tx, plan, &mut self.shapes).await?;
             execute(&mut tx, plan, &self.shapes).await?;
             changes = plan.changes;
+            let new = transactions.iter().filter(|t| t.end_lsn > applied);
+            record_tokens(&mut tx, &self.source, new).await?;
         }
         let watermark = match (at, &plan) {
             (Checkpoint::Watermark, None) => {
@@ -447,7 +450,7 @@ impl Applier {
             payload: &payload,
         };
         Ok(self
-            .record_dead_letter(letter, sqlstate, at, t.commit_time)
+            .record_dead_letter(letter, sqlstate, at, t.commit_time, Some(t))
             .await?)
     }
 
@@ -458,7 +461,7 @@ impl Applier {
         letter: Letter<'a>,
         at: Checkpoint<'a>,
     ) -> BoxFuture<'a, Result<Lsn, sqlx::Error>> {
-        Box::pin(self.record_dead_letter(letter, None, at, 0))
+        Box::pin(self.record_dead_letter(letter, None, at, 0, None))
     }
 
     async fn record_dead_letter(
@@ -467,8 +470,12 @@ impl Applier {
         sqlstate: Option<&str>,
         at: Checkpoint<'_>,
         commit_time: i64,
+        transaction: Option<&Transaction>,
     ) -> Result<Lsn, sqlx::Error> {
         let mut tx = self.conn.begin().await?;
+        // a reader waiting for its token learns where it went (and, from
+        // the dead letter at that position, that it did not apply)
+        record_tokens(&mut tx, &self.source, transaction).await?;
         let (transport, topic, partition, offset) = match at {
             Checkpoint::Watermark => ("grpc", None, None, None),
             Checkpoint::Partition {
@@ -617,6 +624,33 @@ async fn apply_session_inner(url: &str, origin: &str) -> Result<PgConnection, sq
         .execute(&mut conn)
         .await?;
     Ok(conn)
+}
+
+/// Records the commit token ids the transactions carry, with their
+/// positions (already recorded ones stay).
+async fn record_tokens(
+    conn: &mut PgConnection,
+    source: &str,
+    transactions: impl IntoIterator<Item = &Transaction>,
+) -> Result<(), sqlx::Error> {
+    let (tokens, ends): (Vec<String>, Vec<i64>) = transactions
+        .into_iter()
+        .filter_map(|t| Some((format!("{:032x}", t.token?), t.end_lsn.0 as i64)))
+        .unzip();
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO meridian.applied_tokens (source_region, token, end_lsn)
+         SELECT $1, t::uuid, e FROM unnest($2::text[], $3::bigint[]) AS u(t, e)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(source)
+    .bind(tokens)
+    .bind(ends)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Raises the source's watermark to `end` (never lowers it); returns it.

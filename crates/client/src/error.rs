@@ -4,8 +4,12 @@ use std::time::Duration;
 
 use meridian_core::Lsn;
 
+use crate::UnknownCommit;
+
 /// What went wrong. Database errors that carry a meaning for routing are
 /// turned into their own variants; everything else stays [`Error::Database`].
+/// Each message says what to do; print errors with their `Display` form
+/// (an `anyhow::Result` from `main` does).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The topology or policy could not be read.
@@ -32,13 +36,15 @@ pub enum Error {
     /// The placement changed again while this write was being routed.
     #[error("tenant {tenant:?} is moving between regions; retry the write")]
     PlacementMoving { tenant: String },
-    /// A routed write touched a row of another home region.
-    #[error("write refused: {detail}")]
+    /// A routed write touched a row of another home region: inserted one,
+    /// updated or deleted one (a region's copy of another region's row is
+    /// read-only), or changed a row's home outside a row move.
+    #[error("write refused: {detail}{}", hint_suffix(.hint))]
     WrongHome {
-        tenant: String,
-        tenant_home: String,
         /// The store's words: table, the row's home, the tenant's home.
         detail: String,
+        /// What to do instead.
+        hint: Option<String>,
     },
     /// A routed write touched a global table.
     #[error(
@@ -73,22 +79,127 @@ pub enum Error {
         wanted: Lsn,
         dead_letter: i64,
     },
+    /// COMMIT was sent but no answer came back (the connection broke): the
+    /// transaction may or may not have committed. Do not retry blindly;
+    /// ask [`crate::Client::commit_outcome`].
+    #[error(
+        "the outcome of a commit in {} is unknown: the connection failed after COMMIT was sent \
+         ({source}); the write may have committed. Do not retry blindly: ask \
+         client.commit_outcome(..) about transaction {} in {}",
+        .commit.store, .commit.xid, .commit.store
+    )]
+    CommitOutcomeUnknown {
+        commit: Box<UnknownCommit>,
+        source: sqlx::Error,
+    },
     /// The global path kept failing with serialization errors.
-    #[error("global transaction failed {attempts} times with serialization errors; last: {last}")]
+    #[error(
+        "global transaction gave up after {attempts} attempt{} ending in serialization \
+         failures (raise Options::global_max_attempts, or make the transaction touch \
+         fewer contended rows); last: {}",
+        if *.attempts == 1 { "" } else { "s" }, store_message(.last)
+    )]
     RetriesExhausted { attempts: u32, last: sqlx::Error },
     #[error("bad commit token {token:?}: {problem}")]
     BadToken { token: String, problem: String },
     /// The caller's closure gave up for its own reasons.
     #[error("{0}")]
     Aborted(Box<dyn std::error::Error + Send + Sync>),
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    /// Any other error of a store or of the connection to it. The message
+    /// keeps the store's HINT and DETAIL.
+    #[error("{}", store_message(.0))]
+    Database(#[source] sqlx::Error),
+}
+
+fn hint_suffix(hint: &Option<String>) -> String {
+    hint.as_ref()
+        .map_or_else(String::new, |h| format!(" (hint: {h})"))
+}
+
+/// A store error with its DETAIL and HINT, which sqlx's Display drops.
+fn store_message(e: &sqlx::Error) -> String {
+    let sqlx::Error::Database(db) = e else {
+        return e.to_string();
+    };
+    let mut text = db.message().to_owned();
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        if let Some(detail) = pg.detail() {
+            text.push_str(&format!(" (detail: {detail})"));
+        }
+        if let Some(hint) = pg.hint() {
+            text.push_str(&format!(" (hint: {hint})"));
+        }
+    }
+    if let Some(code) = db.code() {
+        text.push_str(&format!(" [SQLSTATE {code}]"));
+    }
+    text
+}
+
+/// Store errors that carry a routing meaning become their own variants
+/// (a refused row, a global table); the rest stay [`Error::Database`].
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Error {
+        let sqlx::Error::Database(db) = &e else {
+            return Error::Database(e);
+        };
+        let message = db.message();
+        match db.code().as_deref() {
+            Some("MR001") => Error::WrongHome {
+                detail: message.to_owned(),
+                hint: db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .and_then(|pg| pg.hint())
+                    .map(str::to_owned),
+            },
+            Some("MR002") => Error::GlobalTable {
+                table: message
+                    .split_once(" is a global table")
+                    .map_or(message, |(t, _)| t)
+                    .replace('"', ""),
+            },
+            _ => Error::Database(e),
+        }
+    }
 }
 
 impl Error {
     /// Wraps an application error, to abort a transaction from a closure.
     pub fn aborted(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
         Error::Aborted(error.into())
+    }
+
+    /// Whether running the same operation again, unchanged, may succeed: a
+    /// serialization failure or deadlock, a placement that moved meanwhile,
+    /// a read whose write has not arrived yet, a store that could not be
+    /// reached. Never true for [`Error::CommitOutcomeUnknown`] (find out
+    /// first) or for refusals.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::PlacementMoving { .. } | Error::NotYetReplicated { .. } => true,
+            Error::Database(e) => {
+                crate::retry::is_retryable(e)
+                    || matches!(
+                        e,
+                        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether Meridian refused the operation by design: a row of another
+    /// home region, a global table on the routed path, a tenant without a
+    /// placement, a TRUNCATE of a replicated table. Retrying never helps;
+    /// the message says what to do instead.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::WrongHome { .. }
+                | Error::GlobalTable { .. }
+                | Error::NoPlacement { .. }
+                | Error::PlacementNotPushed { .. }
+        ) || self.sqlstate().as_deref() == Some("MR005")
     }
 
     /// The SQLSTATE of a database error.
@@ -115,17 +226,6 @@ pub(crate) fn routed(error: Error, tenant: &str, home: &str, global: &[String]) 
     };
     let message = db.message();
     match db.code().as_deref() {
-        Some("MR001") => Error::WrongHome {
-            tenant: tenant.to_owned(),
-            tenant_home: home.to_owned(),
-            detail: message.to_owned(),
-        },
-        Some("MR002") => Error::GlobalTable {
-            table: message
-                .split_once(" is a global table")
-                .map_or(message, |(t, _)| t)
-                .replace('"', ""),
-        },
         Some("MR004") => Error::PlacementNotPushed {
             tenant: tenant.to_owned(),
             region: home.to_owned(),

@@ -2,108 +2,164 @@
 //!
 //! - **Routed writes**: [`Client::tenant`] runs a transaction on the tenant's
 //!   home-region store, wherever the caller runs, and returns a
-//!   [`CommitToken`]. The store refuses rows whose home column names another
-//!   region, and writes to global tables.
+//!   [`CommitToken`]. The store checks every row the transaction touches,
+//!   before and after: only the tenant's own rows, never a copy of another
+//!   region's row, never a global table. A row changes home only through
+//!   [`Tenant::move_rows`].
 //! - **Read-your-writes across regions**: [`Client::read`] gives a region's
-//!   store, optionally [`after`](Read::after) it has applied a token.
+//!   store, read-only, optionally [`after`](Read::after) it applied exactly
+//!   the transaction a token names.
 //! - **Global consistency**: [`Client::global`] runs SERIALIZABLE
 //!   transactions on the multi-region database and retries serialization
 //!   failures.
-//! - **Placements**: each tenant's home region lives in the multi-region
-//!   database; the client caches it ([`Client::placements`] manages it).
+//! - **Ambiguous commits** are their own error
+//!   ([`Error::CommitOutcomeUnknown`]); [`Client::commit_outcome`] tells.
 //!
-//! The client reads the same topology file as the agents (regions, stores,
-//! `[global]`, and the residency policy for the list of global tables).
+//! # Your first service
+//!
+//! Start the demo (`cargo run --release -- demo`); it prints the path of
+//! its topology file. Then:
+//!
+//! ```text
+//! cargo new orders && cd orders
+//! cargo add meridian-client --path ../meridian/crates/client
+//! cargo add tokio --features macros,rt-multi-thread
+//! cargo add anyhow
+//! ```
+//!
+//! The client is built on sqlx 0.8 and re-exports it: write
+//! `use meridian_client::sqlx;` (or depend on `sqlx = "0.8"` with the
+//! `postgres` feature; a different sqlx version has different types).
 //!
 //! ```no_run
-//! use meridian_client::{Client, CommitToken, Error};
+//! use meridian_client::{sqlx, Client, CommitToken, Error};
 //!
-//! # async fn example() -> Result<(), Error> {
-//! // this service runs in eu
-//! let client = Client::open("meridian.toml", "eu")?;
+//! #[tokio::main]
+//! async fn main() -> anyhow::Result<()> {
+//!     // the topology file the agents read; this service runs in eu
+//!     let client = Client::open("/tmp/meridian-demo/topology.toml", "eu")?;
 //!
-//! // tenant acme lives in na: the transaction runs on na's store
-//! let committed = client
-//!     .tenant("acme")
-//!     .write(|tx| {
-//!         Box::pin(async move {
-//!             let id: i64 = sqlx::query_scalar(
-//!                 "INSERT INTO orders (tenant, region, total) VALUES ($1, 'na', 42.5) RETURNING id",
+//!     // a tenant's home region lives in the multi-region database
+//!     client.placements().set("initech", "na").await?;
+//!
+//!     // a routed write: it commits on na's store, wherever this runs.
+//!     // The closure borrows freely; `?` works on sqlx errors.
+//!     let amount = 25.5_f64;
+//!     let committed = client
+//!         .tenant("initech")
+//!         .write(async |tx| -> Result<String, Error> {
+//!             let id = sqlx::query_scalar(
+//!                 "INSERT INTO orders (tenant_id, home_region, amount)
+//!                  VALUES (1001, $1, $2::float8::numeric) RETURNING id::text",
 //!             )
-//!             .bind("acme")
-//!             .fetch_one(&mut **tx)
+//!             .bind(tx.home().to_owned())
+//!             .bind(amount)
+//!             .fetch_one(&mut *tx)
 //!             .await?;
 //!             Ok(id)
 //!         })
-//!     })
-//!     .await?;
-//! let order_id = committed.value;
+//!         .await?;
 //!
-//! // the token travels to another service as a short string (an HTTP header)...
-//! let header = committed.token.to_string();
+//!     // the same without a closure: a handle, committed explicitly
+//!     let mut tx = client.tenant("initech").begin().await?;
+//!     sqlx::query("UPDATE orders SET amount = amount + 1 WHERE id = $1::uuid")
+//!         .bind(&committed.value)
+//!         .execute(&mut *tx)
+//!         .await?;
+//!     let token = tx.commit().await?;
 //!
-//! // ...which reads in apac once apac has applied the write (or times out)
-//! let token: CommitToken = header.parse()?;
-//! let apac = client.read("apac").after(&token).await?;
-//! let total: f64 = sqlx::query_scalar("SELECT total FROM orders WHERE id = $1")
-//!     .bind(order_id)
-//!     .fetch_one(&apac)
-//!     .await?;
+//!     // the token travels to another service as a string (an HTTP header)...
+//!     let header = token.to_string();
+//!     // ...which reads in apac once apac applied that very transaction
+//!     let token: CommitToken = header.parse()?;
+//!     let apac = client.read("apac").after(&token).await?;
+//!     let amount: String = sqlx::query_scalar("SELECT amount::text FROM orders WHERE id = $1::uuid")
+//!         .bind(&committed.value)
+//!         .fetch_one(&apac)
+//!         .await?;
+//!     println!("apac sees {amount}");
 //!
-//! // globally consistent data: SERIALIZABLE on the multi-region database.
-//! // The closure may run more than once: keep side effects out of it.
-//! let new_price: f64 = client
-//!     .global()
-//!     .transaction(|tx| {
-//!         Box::pin(async move {
-//!             let price: f64 = sqlx::query_scalar("SELECT price FROM plans WHERE name = 'pro'")
-//!                 .fetch_one(&mut **tx)
-//!                 .await?;
-//!             sqlx::query("UPDATE plans SET price = $1 WHERE name = 'pro'")
-//!                 .bind(price * 1.1)
-//!                 .execute(&mut **tx)
-//!                 .await?;
-//!             Ok(price * 1.1)
+//!     // globally consistent data: SERIALIZABLE on the multi-region
+//!     // database; the closure runs again after a serialization failure
+//!     let price: String = client
+//!         .global()
+//!         .transaction(async |tx| -> Result<String, Error> {
+//!             Ok(sqlx::query_scalar(
+//!                 "UPDATE plans SET price = price + 1 WHERE name = 'pro' RETURNING price::text",
+//!             )
+//!             .fetch_one(&mut *tx)
+//!             .await?)
 //!         })
-//!     })
-//!     .await?;
-//! # let _ = (total, new_price);
-//! # Ok(())
-//! # }
+//!         .await?;
+//!     println!("plan pro now costs {price}");
+//!     Ok(())
+//! }
 //! ```
 //!
-//! Closures receive `&mut` [`PgTransaction`] and return a boxed future (the
-//! `Box::pin(async move { ... })` above), which lets them borrow the
-//! transaction across `.await`s. `?` converts `sqlx::Error` into [`Error`];
-//! [`Error::aborted`] wraps an application error.
+//! `examples/orders.rs` at the repository root is the same service, run
+//! by the test suite against a deployment shaped like the demo.
+//!
+//! # Closures, handles and errors
+//!
+//! - Closures are async closures (`async |tx| { ... }`). The error type is
+//!   yours, as long as it converts from [`Error`] (and `sqlx::Error`, for
+//!   `?` on queries); name it in the closure (`-> Result<T, Error>`), as
+//!   type inference cannot pick it. Store refusals arrive as typed
+//!   [`Error`]s when the closure's error type is [`Error`].
+//! - A future that must be `Send` (`tokio::spawn`, web handlers) cannot
+//!   hold an async closure that borrows its argument with today's rustc
+//!   (rust-lang/rust#110338). There, use the handle
+//!   ([`Tenant::begin`], [`RoutedTransaction::commit`]) or the boxed forms
+//!   [`Tenant::write_boxed`] and [`Global::transaction_boxed`].
+//! - Queries run on `&mut *tx` (the connection) or `&mut tx`, as with sqlx.
+//! - [`Error::is_retryable`] and [`Error::is_refusal`] sort errors; every
+//!   message says what to do. Return `anyhow::Result` from `main` to print
+//!   errors with their message (a plain `Result<(), Error>` prints the
+//!   `Debug` form).
+//!
+//! The client reads the same topology file as the agents (regions, stores,
+//! each store's `ca` for TLS, `[global]`, and the residency policy for the
+//! list of global tables).
 
 mod error;
+mod executor;
+mod global;
 pub mod placement;
+mod read;
 pub mod retry;
+mod routed;
+mod tls;
 mod token;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use meridian_core::Lsn;
-use meridian_core::topology::Topology;
-use meridian_policy::Policy;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+/// The sqlx this crate is built on (0.8): use it, or depend on the same
+/// version, so that `sqlx::Error` and the query types are the same types.
+pub use sqlx;
+
 pub use error::Error;
+pub use global::{Global, GlobalTransaction};
+pub use meridian_core::Lsn;
+pub use meridian_core::topology::Topology;
+pub use meridian_policy::Policy;
 pub use placement::{Placement, PlacementChange, Placements};
+pub use read::{Read, ReadOnly};
 pub use retry::Backoff;
-pub use token::CommitToken;
+pub use routed::{Committed, RoutedTransaction, Tenant};
+pub use token::{CommitToken, TOKEN_RETENTION};
 
 /// A transaction on a PostgreSQL store.
 pub type PgTransaction = sqlx::Transaction<'static, sqlx::Postgres>;
 
-/// What closures return: `Box::pin(async move { ... })`.
+/// A boxed future, as [`Read`] resolves to.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Tuning. The defaults suit services talking to stores across a WAN.
@@ -136,6 +192,8 @@ impl Default for Options {
 /// Connection pools (connected lazily) and the placement cache.
 pub(crate) struct Stores {
     regions: BTreeMap<String, PgPool>,
+    /// The same stores, with read-only sessions (for [`Read`]).
+    readers: BTreeMap<String, PgPool>,
     global: Option<PgPool>,
     placements: RwLock<HashMap<String, Placement>>,
     /// The global database's migrations ran (once per process is enough).
@@ -144,30 +202,43 @@ pub(crate) struct Stores {
 
 impl Stores {
     fn new(topology: &Topology, options: &Options) -> Result<Stores, Error> {
-        let pool = |url: &str| {
+        let pool = |connect: sqlx::postgres::PgConnectOptions| {
             PgPoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
-                .connect_lazy(url)
+                .connect_lazy_with(connect)
         };
         let mut regions = BTreeMap::new();
+        let mut readers = BTreeMap::new();
         for (name, r) in &topology.regions {
-            let p = pool(r.store.expose())
-                .map_err(|e| Error::Config(format!("regions.{name}.store: {e}")))?;
-            regions.insert(name.clone(), p);
+            let key = format!("regions.{name}.store");
+            let connect = tls::connect_options(&key, r.store.expose(), r.ca.as_deref())?;
+            let read_only = connect
+                .clone()
+                .options([("default_transaction_read_only", "on")]);
+            regions.insert(name.clone(), pool(connect));
+            readers.insert(name.clone(), pool(read_only));
         }
         let global = match &topology.global {
-            Some(g) => Some(
-                pool(g.store.expose()).map_err(|e| Error::Config(format!("global.store: {e}")))?,
-            ),
+            Some(g) => Some(pool(tls::connect_options(
+                "global.store",
+                g.store.expose(),
+                g.ca.as_deref(),
+            )?)),
             None => None,
         };
         Ok(Stores {
             regions,
+            readers,
             global,
             placements: RwLock::default(),
             global_migrated: Default::default(),
         })
+    }
+
+    fn reader(&self, name: &str) -> Result<&PgPool, Error> {
+        self.region(name)?;
+        Ok(&self.readers[name])
     }
 
     fn region(&self, name: &str) -> Result<&PgPool, Error> {
@@ -304,245 +375,50 @@ fn read_policy(topology: &Topology, path: &str) -> Result<Policy, Error> {
     })
 }
 
-/// A committed routed write: the closure's value and where it committed.
-#[derive(Debug)]
-pub struct Committed<T> {
-    pub value: T,
-    pub token: CommitToken,
+/// Whether a transaction whose commit went unanswered committed; see
+/// [`Client::commit_outcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Rolled back (or never reached the store): safe to write again.
+    Aborted,
+    /// Still open on the store (its session has not ended yet): ask again.
+    InProgress,
 }
 
-/// Routed writes for one tenant; see [`Client::tenant`].
-pub struct Tenant<'a> {
-    client: &'a Client,
-    tenant: String,
+/// A transaction whose COMMIT was sent but not answered; carried by
+/// [`Error::CommitOutcomeUnknown`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownCommit {
+    /// The region whose store ran it, or `global`.
+    pub store: String,
+    /// The transaction's id on that store.
+    pub xid: u64,
+    /// The token it has if it committed (routed writes).
+    pub token: Option<CommitToken>,
 }
 
-impl Tenant<'_> {
-    /// The tenant's current placement (cached).
-    pub async fn home(&self) -> Result<Placement, Error> {
-        self.client.placement(&self.tenant, false).await
-    }
-
-    /// Runs `f` in one transaction on the tenant's home-region store and
-    /// commits. The store refuses, and the whole transaction rolls back:
-    /// a row whose home column is not the tenant's home region
-    /// ([`Error::WrongHome`], naming the region), a write to a global table
-    /// ([`Error::GlobalTable`]). A placement that changed since it was cached
-    /// is refreshed from the global database before `f` runs; `f` runs at
-    /// most once.
-    pub async fn write<T, F>(self, f: F) -> Result<Committed<T>, Error>
-    where
-        T: Send,
-        F: for<'t> FnOnce(&'t mut PgTransaction) -> BoxFuture<'t, Result<T, Error>>,
-    {
-        let client = self.client;
-        let tenant = self.tenant.as_str();
-        let mut placement = client.placement(tenant, false).await?;
-        let mut refreshes = 0;
-        let mut tx = loop {
-            let mut tx = client.stores.region(&placement.home)?.begin().await?;
-            let fenced = sqlx::query("SELECT meridian.begin_routed_write($1, $2, $3)")
-                .bind(tenant)
-                .bind(&placement.home)
-                .bind(placement.epoch)
-                .execute(&mut *tx)
-                .await;
-            match fenced {
-                Ok(_) => break tx,
-                Err(e) if error::sqlstate(&e).as_deref() == Some("MR003") => {
-                    refreshes += 1;
-                    if refreshes > 3 {
-                        return Err(Error::PlacementMoving {
-                            tenant: tenant.to_owned(),
-                        });
-                    }
-                    tracing::debug!(tenant, stale_home = %placement.home, "stale placement; refreshing");
-                    placement = client.placement(tenant, true).await?;
-                }
-                Err(e) => return Err(self.refused(e.into(), &placement.home)),
-            }
+impl Client {
+    /// Whether the transaction of an [`Error::CommitOutcomeUnknown`]
+    /// committed, from its store (`pg_xact_status`). Ask before writing the
+    /// same thing again.
+    pub async fn commit_outcome(&self, commit: &UnknownCommit) -> Result<CommitOutcome, Error> {
+        let pool = match commit.store.as_str() {
+            "global" => self.stores.global.as_ref().ok_or(Error::NoGlobalDatabase)?,
+            region => self.stores.region(region)?,
         };
-        let value = match f(&mut tx).await {
-            Ok(value) => value,
-            Err(e) => return Err(self.refused(e, &placement.home)),
-        };
-        tx.commit()
-            .await
-            .map_err(|e| self.refused(e.into(), &placement.home))?;
-        let committed_at = SystemTime::now();
-        // at or past the commit record: WAL positions only grow
-        let lsn: i64 = sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint")
-            .fetch_one(client.stores.region(&placement.home)?)
+        let status: Option<String> = sqlx::query_scalar("SELECT pg_xact_status($1::text::xid8)")
+            .bind(commit.xid.to_string())
+            .fetch_one(pool)
             .await?;
-        Ok(Committed {
-            value,
-            token: CommitToken {
-                region: placement.home,
-                lsn: Lsn(lsn as u64),
-                committed_at,
-            },
-        })
-    }
-
-    fn refused(&self, e: Error, home: &str) -> Error {
-        error::routed(e, &self.tenant, home, &self.client.global_tables)
-    }
-}
-
-/// Reads in one region; see [`Client::read`]. Await it for the region's
-/// store (a pool).
-pub struct Read<'a> {
-    client: &'a Client,
-    region: String,
-    after: Option<CommitToken>,
-    timeout: Duration,
-}
-
-impl Read<'_> {
-    /// Waits, when awaited, until the region has applied `token`'s write
-    /// (immediately in the token's own region). Rows the residency policy
-    /// keeps out of the region stay absent after the wait. Fails with
-    /// [`Error::DeadLettered`] instead of resolving when a transaction from
-    /// the token's region at or before it waits in the region's dead letters.
-    pub fn after(mut self, token: &CommitToken) -> Self {
-        self.after = Some(token.clone());
-        self
-    }
-
-    /// How long [`Read::after`] waits before [`Error::NotYetReplicated`].
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    async fn wait(self) -> Result<PgPool, Error> {
-        let stores = &self.client.stores;
-        let pool = stores.region(&self.region)?.clone();
-        let Some(token) = self.after else {
-            return Ok(pool);
-        };
-        stores.region(&token.region)?;
-        if token.region == self.region {
-            return Ok(pool);
-        }
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let applied: Option<i64> = sqlx::query_scalar(
-                "SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1",
-            )
-            .bind(&token.region)
-            .fetch_optional(&pool)
-            .await?;
-            let applied = Lsn(applied.unwrap_or(0) as u64);
-            if applied >= token.lsn {
-                // the watermark moves past dead letters; the token must not
-                let dead_letter: Option<i64> = sqlx::query_scalar(
-                    "SELECT min(id) FROM meridian.dead_letters
-                      WHERE source_region = $1 AND status = 'pending' AND end_lsn <= $2",
-                )
-                .bind(&token.region)
-                .bind(token.lsn.0 as i64)
-                .fetch_one(&pool)
-                .await?;
-                return match dead_letter {
-                    None => Ok(pool),
-                    Some(dead_letter) => Err(Error::DeadLettered {
-                        region: self.region,
-                        source_region: token.region,
-                        wanted: token.lsn,
-                        dead_letter,
-                    }),
-                };
-            }
-            let waited = started.elapsed();
-            if waited >= self.timeout {
-                return Err(Error::NotYetReplicated {
-                    region: self.region,
-                    source_region: token.region,
-                    wanted: token.lsn,
-                    applied,
-                    waited,
-                });
-            }
-            tokio::time::sleep(pause.min(self.timeout - waited)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-}
-
-impl<'a> IntoFuture for Read<'a> {
-    type Output = Result<PgPool, Error>;
-    type IntoFuture = BoxFuture<'a, Result<PgPool, Error>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.wait())
-    }
-}
-
-/// The multi-region database; see [`Client::global`].
-pub struct Global<'a> {
-    client: &'a Client,
-    max_attempts: u32,
-}
-
-impl Global<'_> {
-    /// Most runs of the transaction, the first included (at least 1).
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
-        self
-    }
-
-    /// The multi-region database's pool, for reads and non-transactional work.
-    pub fn pool(&self) -> Result<&PgPool, Error> {
-        self.client
-            .stores
-            .global
-            .as_ref()
-            .ok_or(Error::NoGlobalDatabase)
-    }
-
-    /// Runs `f` in a SERIALIZABLE transaction and commits. On a serialization
-    /// failure (SQLSTATE 40001, or a deadlock, 40P01), from any statement or
-    /// the commit, the transaction is rolled back and **`f` runs again** from
-    /// the start, after a jittered exponential backoff, up to the attempt
-    /// limit ([`Error::RetriesExhausted`]). So `f` must be safe to repeat:
-    /// no side effects outside the transaction, no state carried between runs.
-    pub async fn transaction<T, F>(self, mut f: F) -> Result<T, Error>
-    where
-        T: Send,
-        F: for<'t> FnMut(&'t mut PgTransaction) -> BoxFuture<'t, Result<T, Error>>,
-    {
-        let pool = self.pool()?;
-        let backoff = self.client.options.global_backoff;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let outcome = async {
-                let mut tx = pool.begin().await?;
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
-                    .execute(&mut *tx)
-                    .await?;
-                let value = f(&mut tx).await?;
-                tx.commit().await?;
-                Ok::<T, Error>(value)
-            }
-            .await;
-            match outcome {
-                Err(Error::Database(e)) if retry::is_retryable(&e) => {
-                    if attempt >= self.max_attempts {
-                        return Err(Error::RetriesExhausted {
-                            attempts: attempt,
-                            last: e,
-                        });
-                    }
-                    let pause = backoff.delay(attempt);
-                    tracing::debug!(attempt, pause_ms = pause.as_millis() as u64, error = %e,
-                        "global transaction conflicted; retrying");
-                    tokio::time::sleep(pause).await;
-                }
-                other => return other,
-            }
+        match status.as_deref() {
+            Some("committed") => Ok(CommitOutcome::Committed),
+            Some("aborted") => Ok(CommitOutcome::Aborted),
+            Some("in progress") => Ok(CommitOutcome::InProgress),
+            _ => Err(Error::Config(format!(
+                "{} no longer knows transaction {} (too old); check the data itself",
+                commit.store, commit.xid
+            ))),
         }
     }
 }

@@ -113,6 +113,11 @@ pub struct Transaction {
     pub changes: Vec<Change>,
     /// More changes of this transaction follow in the next fragment.
     pub continues: bool,
+    /// The commit token id a routed write tagged the transaction with (a
+    /// `meridian.token` logical decoding message); the destination records
+    /// it on apply so a reader can wait for exactly this transaction. Only
+    /// the last fragment carries it.
+    pub token: Option<u128>,
 }
 
 impl Transaction {

@@ -15,9 +15,12 @@ use crate::Lsn;
 use crate::change::{Change, ChangeKind, Column, Row, Table, Transaction, Value};
 
 const MAGIC: &[u8; 2] = b"MB";
-/// The newest format this agent writes and reads. Version 2 adds a
-/// fragment flag per transaction; version 1 batches are still read.
-const VERSION: u8 = 2;
+/// The newest format this agent writes and reads. Version 2 adds a flags
+/// byte per transaction (bit 0: a fragment, more follows); version 3 adds
+/// bit 1 (a commit token id follows, 16 bytes). Each batch is written in
+/// the oldest version that holds it, so receivers one release behind read
+/// every batch but those; versions 1 and 2 are still read.
+const VERSION: u8 = 3;
 
 /// Bytes that are not a batch this version can read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,10 +63,14 @@ pub fn encode(transactions: &[Transaction]) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
-    // version 1 (no fragment flags) while no transaction is fragmented, so
-    // receivers of the previous release read every batch but those
-    let fragmented = transactions.iter().any(|t| t.continues);
-    out.push(if fragmented { VERSION } else { 1 });
+    let version = if transactions.iter().any(|t| t.token.is_some()) {
+        3
+    } else if transactions.iter().any(|t| t.continues) {
+        2
+    } else {
+        1
+    };
+    out.push(version);
     put_u32(&mut out, tables.len() as u32);
     for table in &tables {
         put_str(&mut out, &table.schema);
@@ -80,8 +87,11 @@ pub fn encode(transactions: &[Transaction]) -> Vec<u8> {
         out.extend(t.commit_lsn.0.to_be_bytes());
         out.extend(t.end_lsn.0.to_be_bytes());
         out.extend(t.commit_time.to_be_bytes());
-        if fragmented {
-            out.push(t.continues as u8);
+        if version >= 2 {
+            out.push(t.continues as u8 | (t.token.is_some() as u8) << 1);
+        }
+        if let Some(token) = t.token {
+            out.extend(token.to_be_bytes());
         }
         put_u32(&mut out, t.changes.len() as u32);
         for c in &t.changes {
@@ -118,10 +128,15 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
     if r.take(2, "magic")? != MAGIC {
         return Err(CodecError::BadMagic);
     }
-    let flags = match r.u8("version")? {
-        1 => false,
-        VERSION => true,
+    let version = match r.u8("version")? {
+        v @ 1..=VERSION => v,
         v => return Err(CodecError::Version(v)),
+    };
+    // the flag bits each version defines
+    let known_flags: u8 = match version {
+        1 => 0,
+        2 => 0b01,
+        _ => 0b11,
     };
     let ntables = r.u32("table count")?;
     let mut tables = Vec::new();
@@ -149,18 +164,22 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
         let commit_lsn = Lsn(r.u64("commit lsn")?);
         let end_lsn = Lsn(r.u64("end lsn")?);
         let commit_time = r.u64("commit time")? as i64;
-        let continues = match flags {
-            false => false,
-            true => match r.u8("fragment flag")? {
-                0 => false,
-                1 => true,
-                tag => {
-                    return Err(CodecError::Tag {
-                        what: "fragment flag",
-                        tag,
-                    });
-                }
-            },
+        let flags = match version {
+            1 => 0,
+            _ => r.u8("transaction flags")?,
+        };
+        if flags & !known_flags != 0 {
+            return Err(CodecError::Tag {
+                what: "transaction flags",
+                tag: flags,
+            });
+        }
+        let continues = flags & 0b01 != 0;
+        let token = match flags & 0b10 != 0 {
+            true => Some(u128::from_be_bytes(
+                r.take(16, "commit token")?.try_into().expect("16 bytes"),
+            )),
+            false => None,
         };
         let nchanges = r.u32("change count")?;
         let mut changes = Vec::new();
@@ -205,6 +224,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
             commit_time,
             changes,
             continues,
+            token,
         });
     }
     if !r.0.is_empty() {
@@ -347,21 +367,63 @@ mod tests {
                     any::<i64>(),
                     proptest::collection::vec(change, 0..8),
                     any::<bool>(),
+                    proptest::option::of(any::<u128>()),
                 ),
                 0..4,
             )
             .prop_map(|txs| {
                 txs.into_iter()
-                    .map(|(c, e, t, changes, continues)| Transaction {
+                    .map(|(c, e, t, changes, continues, token)| Transaction {
                         commit_lsn: Lsn(c),
                         end_lsn: Lsn(e),
                         commit_time: t,
                         changes,
                         continues,
+                        token,
                     })
                     .collect()
             })
         })
+    }
+
+    #[test]
+    fn writes_the_oldest_version_that_holds_the_batch() {
+        let plain = Transaction {
+            commit_lsn: Lsn(1),
+            end_lsn: Lsn(2),
+            commit_time: 3,
+            changes: Vec::new(),
+            continues: false,
+            token: None,
+        };
+        let fragment = Transaction {
+            continues: true,
+            ..plain.clone()
+        };
+        let tagged = Transaction {
+            token: Some(u128::MAX - 7),
+            ..plain.clone()
+        };
+        for (batch, version) in [
+            (vec![plain.clone()], 1),
+            (vec![plain.clone(), fragment.clone()], 2),
+            (vec![fragment, tagged.clone()], 3),
+        ] {
+            let bytes = encode(&batch);
+            assert_eq!(bytes[2], version);
+            assert_eq!(decode(&bytes).unwrap(), batch);
+        }
+        // a flag bit its version does not define is an error, not ignored
+        let mut bytes = encode(&[tagged]);
+        let flags = bytes.len() - 16 - 4 - 1;
+        bytes[flags] |= 0b100;
+        assert!(matches!(
+            decode(&bytes),
+            Err(CodecError::Tag {
+                what: "transaction flags",
+                ..
+            })
+        ));
     }
 
     proptest! {

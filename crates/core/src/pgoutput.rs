@@ -74,6 +74,20 @@ pub enum Decoded {
     },
 }
 
+/// Prefix of the logical decoding message with which a routed write tags
+/// its transaction; the content is the token id, 32 lowercase hex digits.
+pub const TOKEN_PREFIX: &str = "meridian.token";
+
+/// A token id from a `meridian.token` message's content; None if the
+/// content is not one (the message is then only a message).
+fn parse_token(content: &[u8]) -> Option<u128> {
+    let text = std::str::from_utf8(content).ok()?;
+    if text.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(text, 16).ok()
+}
+
 /// Primary key columns by `(schema, table)`.
 pub type Keys = HashMap<(String, String), Vec<String>>;
 
@@ -110,6 +124,8 @@ struct Open {
     message: bool,
     /// Fragments of this transaction were handed out already.
     fragmented: bool,
+    /// A routed write's commit token id.
+    token: Option<u128>,
 }
 
 impl Decoder {
@@ -150,6 +166,7 @@ impl Decoder {
                     bytes: 0,
                     message: false,
                     fragmented: false,
+                    token: None,
                 });
             }
             b'O' => {
@@ -241,11 +258,20 @@ impl Decoder {
                 );
                 return Err(DecodeError::Truncate { table, tables: n });
             }
-            // logical decoding message (heartbeats); content not needed
+            // logical decoding message: heartbeats, and the commit token
+            // id of a routed write
             b'M' => {
                 let transactional = r.u8("message flags")? & 1 == 1;
+                let _lsn = r.u64("message lsn")?;
+                let prefix = r.cstr("message prefix")?;
+                let len = r.u32("message length")? as usize;
+                let content = r.take(len, "message content")?;
                 if transactional {
-                    self.open()?.message = true;
+                    let open = self.open()?;
+                    open.message = true;
+                    if prefix == TOKEN_PREFIX {
+                        open.token = parse_token(content);
+                    }
                 }
             }
             b'C' => {
@@ -261,6 +287,7 @@ impl Decoder {
                         commit_time: open.commit_time,
                         changes: open.changes,
                         continues: false,
+                        token: open.token,
                     },
                     origin: open.origin,
                     message: open.message || open.fragmented,
@@ -302,6 +329,7 @@ impl Decoder {
                 commit_time: open.commit_time,
                 changes,
                 continues: true,
+                token: None,
             },
             origin: open.origin.clone(),
         })
@@ -632,6 +660,38 @@ mod tests {
         };
         assert!(message && transaction.changes.is_empty());
         assert_eq!(transaction.end_lsn, Lsn(0x300));
+        assert_eq!(transaction.token, None);
+    }
+
+    #[test]
+    fn carries_a_routed_writes_token_to_its_commit() {
+        let token = 0x0123_4567_89ab_cdef_0011_2233_4455_6677u128;
+        for (content, expected) in [
+            (format!("{token:032x}"), Some(token)),
+            ("not a token".to_owned(), None),
+            (format!("{token:031x}"), None),
+        ] {
+            let mut d = Decoder::new();
+            d.decode(&begin()).unwrap();
+            let mut message = Msg::new(b'M')
+                .u8(1)
+                .u64(0x250)
+                .cstr(TOKEN_PREFIX)
+                .u32(content.len() as u32)
+                .0;
+            message.extend(content.as_bytes());
+            d.decode(&message).unwrap();
+            let Decoded::Committed {
+                transaction,
+                message,
+                ..
+            } = d.decode(&commit(0x300)).unwrap()
+            else {
+                panic!("expected commit");
+            };
+            assert!(message, "{content}");
+            assert_eq!(transaction.token, expected, "{content}");
+        }
     }
 
     #[test]

@@ -168,6 +168,7 @@ pub fn records(
                 commit_time: transaction.commit_time,
                 changes,
                 continues: transaction.continues,
+                token: transaction.token,
             };
             let value = codec::encode(std::slice::from_ref(&part));
             Outgoing {
@@ -407,6 +408,7 @@ mod tests {
             commit_time: 7,
             changes,
             continues: false,
+            token: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! ```toml
 //! [regions.na]
 //! store = "postgres://meridian@na-db:5432/app"   # or MERIDIAN_NA_STORE in the environment
+//! ca = "certs/na-ca.pem"                         # optional: verify the store's TLS certificate
 //! listen = "0.0.0.0:7401"                        # the agent's gRPC address
 //! connect = "na-agent.internal:7401"             # optional: what peers dial
 //!
@@ -14,12 +15,14 @@
 //!
 //! [global]                                       # optional: the multi-region database
 //! store = "postgres://meridian@global-db:26257/app"  # or MERIDIAN_GLOBAL_STORE
+//! ca = "certs/global-ca.pem"                     # optional, as for regions
 //! ```
 //!
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -103,6 +106,10 @@ pub struct LinkSpec {
 pub struct Global {
     /// Its connection URL.
     pub store: Dsn,
+    /// The CA certificate (PEM) that signed the database's TLS certificate,
+    /// relative to the topology file's folder; see [`Region::ca`]. Kept when
+    /// `MERIDIAN_GLOBAL_STORE` overrides `store`.
+    pub ca: Option<PathBuf>,
 }
 
 /// One region: its store and its agent.
@@ -111,6 +118,13 @@ pub struct Global {
 pub struct Region {
     /// Connection URL of the region's PostgreSQL store.
     pub store: Dsn,
+    /// The CA certificate (PEM) that signed the store's TLS certificate,
+    /// relative to the topology file's folder (or absolute). With one, the
+    /// client library connects with `sslmode=verify-full`: TLS only, a
+    /// certificate chaining to this CA, and the URL's host named in it
+    /// (`verify-ca` in the URL is kept; weaker modes are raised). [`Topology::load`]
+    /// resolves the path and checks that the file exists. Agents do not read it.
+    pub ca: Option<PathBuf>,
     /// Address the region's agent listens on for peers (`host:port`).
     pub listen: String,
     /// Address peers dial to reach the agent; defaults to `listen`.
@@ -186,6 +200,16 @@ fn check_url(key: &str, store: &Dsn) -> Result<(), String> {
     }
 }
 
+fn check_ca(key: &str, ca: Option<&Path>) -> Result<(), String> {
+    match ca {
+        Some(ca) if ca.as_os_str().is_empty() => Err(format!(
+            "{key}: found an empty path; expected the PEM file of the CA that signed the \
+             store's certificate, like \"certs/ca.pem\" (or remove the key)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A PostgreSQL connection URL. Its `Debug` and `Display` hide the password.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -258,6 +282,7 @@ impl Topology {
                 )));
             }
             check_url(&format!("regions.{name}.store"), &region.store).map_err(err)?;
+            check_ca(&format!("regions.{name}.ca"), region.ca.as_deref()).map_err(err)?;
             for (key, addr) in [
                 ("listen", Some(&region.listen)),
                 ("connect", region.connect.as_ref()),
@@ -310,6 +335,7 @@ impl Topology {
         }
         if let Some(global) = &topology.global {
             check_url("global.store", &global.store).map_err(err)?;
+            check_ca("global.ca", global.ca.as_deref()).map_err(err)?;
         }
         for (i, link) in topology.links.iter().enumerate() {
             for (key, region) in [("source", &link.source), ("destination", &link.destination)] {
@@ -352,9 +378,10 @@ impl Topology {
     }
 
     /// Reads and parses a topology file, applies the environment's store
-    /// overrides ([`Topology::override_stores`]) and resolves the policy path
-    /// against the file's folder. The one function of this crate that does I/O.
-    pub fn load(path: &std::path::Path) -> Result<Topology, TopologyError> {
+    /// overrides ([`Topology::override_stores`]), resolves the policy and CA
+    /// paths against the file's folder and checks that every CA file exists.
+    /// The one function of this crate that does I/O.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
             file: file.clone(),
@@ -362,9 +389,34 @@ impl Topology {
         })?;
         let mut topology = Topology::parse(&text, &file)?;
         topology.override_stores(|k| std::env::var(k).ok());
+        let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(policy) = &topology.policy {
-            let dir = path.parent().unwrap_or(std::path::Path::new("."));
             topology.policy = Some(dir.join(policy).display().to_string());
+        }
+        let cas = topology
+            .regions
+            .iter_mut()
+            .map(|(name, r)| (format!("regions.{name}.ca"), &mut r.ca))
+            .chain(
+                topology
+                    .global
+                    .as_mut()
+                    .map(|g| ("global.ca".to_owned(), &mut g.ca)),
+            );
+        for (key, ca) in cas {
+            let Some(ca) = ca else { continue };
+            *ca = dir.join(&*ca);
+            if !ca.is_file() {
+                return Err(TopologyError {
+                    file,
+                    message: format!(
+                        "{key}: {} is not a file; expected the PEM file of the CA that signed \
+                         the store's certificate (a path relative to the topology file's folder, \
+                         or absolute): fix the path or remove the key",
+                        ca.display()
+                    ),
+                });
+            }
         }
         Ok(topology)
     }
@@ -378,7 +430,15 @@ impl Topology {
             }
         }
         if let Some(url) = lookup("MERIDIAN_GLOBAL_STORE") {
-            self.global = Some(Global { store: Dsn(url) });
+            match &mut self.global {
+                Some(global) => global.store = Dsn(url),
+                None => {
+                    self.global = Some(Global {
+                        store: Dsn(url),
+                        ca: None,
+                    })
+                }
+            }
         }
     }
 
@@ -499,5 +559,83 @@ mod tests {
         t.override_stores(|k| (k == "MERIDIAN_EU_STORE").then(|| "postgres://other/db".to_owned()));
         assert_eq!(t.regions["eu"].store.expose(), "postgres://other/db");
         assert!(t.region("apac").unwrap_err().contains("eu, na"));
+    }
+
+    #[test]
+    fn the_global_override_keeps_the_ca() {
+        let text = format!("{GOOD}\n[global]\nstore = \"postgres://g/db\"\nca = \"g.pem\"\n");
+        let mut t = Topology::parse(&text, "t.toml").unwrap();
+        t.override_stores(|k| (k == "MERIDIAN_GLOBAL_STORE").then(|| "postgres://h/db".to_owned()));
+        let global = t.global.unwrap();
+        assert_eq!(global.store.expose(), "postgres://h/db");
+        assert_eq!(global.ca.as_deref(), Some(Path::new("g.pem")));
+
+        let mut t = Topology::parse(GOOD, "t.toml").unwrap();
+        t.override_stores(|k| (k == "MERIDIAN_GLOBAL_STORE").then(|| "postgres://h/db".to_owned()));
+        assert_eq!(t.global.unwrap().ca, None);
+    }
+
+    #[test]
+    fn parses_store_cas() {
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:7401\"",
+            "listen = \"127.0.0.1:7401\"\nca = \"certs/na.pem\"",
+        ) + "[global]\nstore = \"postgres://g/db\"\nca = \"/etc/ca.pem\"\n";
+        let t = Topology::parse(&text, "t.toml").unwrap();
+        assert_eq!(
+            t.regions["na"].ca.as_deref(),
+            Some(Path::new("certs/na.pem"))
+        );
+        assert_eq!(t.regions["eu"].ca, None);
+        assert_eq!(
+            t.global.unwrap().ca.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+
+        let empty = text.replace("\"certs/na.pem\"", "\"\"");
+        let e = Topology::parse(&empty, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("regions.na.ca: found an empty path"), "{e}");
+        let empty = text.replace("\"/etc/ca.pem\"", "\"\"");
+        let e = Topology::parse(&empty, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("global.ca: found an empty path"), "{e}");
+        let typo = text.replace("ca = \"certs", "cafile = \"certs");
+        let e = Topology::parse(&typo, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("cafile"), "{e}");
+    }
+
+    /// `load` resolves CA paths against the file's folder and refuses missing files.
+    #[test]
+    fn load_resolves_and_checks_cas() {
+        let dir = std::env::temp_dir().join(format!("meridian-topology-ca-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("certs")).unwrap();
+        std::fs::write(dir.join("certs/na.pem"), "not checked here").unwrap();
+        let file = dir.join("topology.toml");
+        let with = |global_ca: &str| {
+            let text =
+                GOOD.replace(
+                    "listen = \"127.0.0.1:7401\"",
+                    "listen = \"127.0.0.1:7401\"\nca = \"certs/na.pem\"",
+                ) + &format!("[global]\nstore = \"postgres://g/db\"\nca = \"{global_ca}\"\n");
+            std::fs::write(&file, text).unwrap();
+            Topology::load(&file)
+        };
+
+        let t = with("certs/na.pem").unwrap();
+        assert_eq!(
+            t.regions["na"].ca.as_deref(),
+            Some(&*dir.join("certs/na.pem"))
+        );
+        assert_eq!(
+            t.global.unwrap().ca.as_deref(),
+            Some(&*dir.join("certs/na.pem"))
+        );
+
+        let e = with("certs/missing.pem").unwrap_err().to_string();
+        let missing = dir.join("certs/missing.pem").display().to_string();
+        assert!(e.contains("global.ca: ") && e.contains(&missing), "{e}");
+        assert!(e.contains("relative to the topology file's folder"), "{e}");
+        let e = with("certs").unwrap_err().to_string();
+        assert!(e.contains("is not a file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -207,6 +207,7 @@ impl Enforcer {
                     commit_time: t.commit_time,
                     changes,
                     continues: t.continues,
+                    token: t.token,
                 }
             })
             .collect();

@@ -1,5 +1,6 @@
 //! Throw-away PostgreSQL clusters (`initdb` + `pg_ctl`) with
-//! `wal_level = logical`, each in its own temporary folder and port.
+//! `wal_level = logical`, each in its own temporary folder and port;
+//! optionally TLS-only, with a certificate from a test CA ([`TestCa`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,6 +13,8 @@ pub struct PgCluster {
     bindir: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// `ca.pem` in the cluster's folder, for a TLS cluster.
+    ca: Option<PathBuf>,
 }
 
 /// Options for [`PgCluster::start_with`].
@@ -22,6 +25,60 @@ pub struct PgOptions {
     pub fsync: bool,
     /// Extra `postgresql.conf` lines.
     pub extra_conf: Vec<String>,
+    /// TLS only: a new [`TestCa`] signs a certificate for `localhost` and
+    /// `127.0.0.1`, and TCP connections without TLS are refused (`hostssl`
+    /// lines only in `pg_hba.conf`, replication included, so agents cannot
+    /// use it). [`PgCluster::ca_path`] is the CA.
+    pub tls: bool,
+}
+
+/// A certificate authority for test clusters (ECDSA P-256, made with rcgen).
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new CA; `name` is its common name.
+    pub fn new(name: &str) -> anyhow::Result<TestCa> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let mut params = CertificateParams::new(Vec::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(TestCa {
+            cert,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// The CA's certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate for `names` (host names or IP addresses) and its
+    /// private key, both PEM.
+    pub fn server_cert(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, *first);
+        }
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
 /// Where the PostgreSQL server binaries are: `MERIDIAN_PG_BINDIR`,
@@ -64,6 +121,14 @@ impl PgCluster {
         Self::start_with(&PgOptions::default())
     }
 
+    /// Starts a TLS-only cluster with default test options (see [`PgOptions::tls`]).
+    pub fn start_tls() -> anyhow::Result<PgCluster> {
+        Self::start_with(&PgOptions {
+            tls: true,
+            ..PgOptions::default()
+        })
+    }
+
     /// Initialises and starts a cluster on a free port. As root, PostgreSQL
     /// runs as the `postgres` user (it refuses to run as root).
     pub fn start_with(options: &PgOptions) -> anyhow::Result<PgCluster> {
@@ -77,6 +142,7 @@ impl PgCluster {
             bindir,
             port: crate::free_port(),
             as_postgres,
+            ca: None,
         };
         if as_postgres {
             let status = Command::new("chown")
@@ -116,6 +182,19 @@ impl PgCluster {
             format!("fsync = {}", if options.fsync { "on" } else { "off" }),
             "log_min_messages = warning".to_owned(),
         ];
+        if options.tls {
+            conf.extend(cluster.make_certificates()?);
+            // TCP without TLS finds no pg_hba.conf line, so it is refused
+            let hba_path = data.join("pg_hba.conf");
+            let hba: Vec<String> = std::fs::read_to_string(&hba_path)?
+                .lines()
+                .map(|line| match line.strip_prefix("host") {
+                    Some(rest) if rest.starts_with([' ', '\t']) => format!("hostssl{rest}"),
+                    _ => line.to_owned(),
+                })
+                .collect();
+            std::fs::write(&hba_path, hba.join("\n") + "\n")?;
+        }
         conf.extend(options.extra_conf.iter().cloned());
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
@@ -163,6 +242,41 @@ impl PgCluster {
         self.dir.join("data")
     }
 
+    /// Writes `ca.pem`, `server.crt` and `server.key` (mode 0600, owned by
+    /// the server's user) into the cluster's folder; the `postgresql.conf`
+    /// lines that use them.
+    fn make_certificates(&mut self) -> anyhow::Result<Vec<String>> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let ca = TestCa::new("Meridian test CA")?;
+        let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"])?;
+        let ca_path = self.dir.join("ca.pem");
+        std::fs::write(&ca_path, ca.pem())?;
+        let cert_path = self.dir.join("server.crt");
+        let key_path = self.dir.join("server.key");
+        for (path, pem) in [(&cert_path, &cert), (&key_path, &key)] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?
+                .write_all(pem.as_bytes())?;
+            if self.as_postgres {
+                let status = Command::new("chown").arg("postgres:").arg(path).status()?;
+                if !status.success() {
+                    bail!("cannot chown {} to the postgres user", path.display());
+                }
+            }
+        }
+        self.ca = Some(ca_path);
+        Ok(vec![
+            "ssl = on".to_owned(),
+            format!("ssl_cert_file = '{}'", cert_path.display()),
+            format!("ssl_key_file = '{}'", key_path.display()),
+        ])
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
         let bin = self.bindir.join(tool);
         let mut cmd = if self.as_postgres {
@@ -195,6 +309,12 @@ impl PgCluster {
     /// The cluster's folder (data and server log).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CA that signed a TLS cluster's certificate (`ca.pem` in
+    /// [`PgCluster::dir`]); `None` without TLS.
+    pub fn ca_path(&self) -> Option<&Path> {
+        self.ca.as_deref()
     }
 
     /// URL of database `db` as the superuser.

@@ -1,5 +1,6 @@
-//! A TCP proxy that stands in for the WAN between two agents: it can cut all
-//! connections, refuse new ones, and corrupt bytes in flight.
+//! A TCP proxy that stands in for the WAN between two agents (or a client
+//! and a store): it can cut all connections, refuse new ones, corrupt bytes
+//! in flight, and swallow replies.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,9 @@ pub struct TcpProxy {
 struct State {
     target: String,
     paused: AtomicBool,
+    /// Server->client bytes are dropped (the request arrives, the answer
+    /// never does) until the next cut.
+    swallow: AtomicBool,
     /// Number of upcoming large client->server chunks to corrupt.
     corrupt: AtomicUsize,
     corrupted: AtomicUsize,
@@ -43,6 +47,7 @@ impl TcpProxy {
         let state = Arc::new(State {
             target: target.to_owned(),
             paused: AtomicBool::new(false),
+            swallow: AtomicBool::new(false),
             corrupt: AtomicUsize::new(0),
             corrupted: AtomicUsize::new(0),
             captured: Mutex::new(Vec::new()),
@@ -82,8 +87,17 @@ impl TcpProxy {
         self.state.paused.store(false, Ordering::SeqCst);
     }
 
-    /// Closes every open connection (new ones are accepted).
+    /// From now on, drops what servers answer on open and new connections
+    /// (requests still arrive) until [`TcpProxy::cut`]: a reply lost on the
+    /// way back.
+    pub fn swallow_replies(&self) {
+        self.state.swallow.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes every open connection (new ones are accepted, and replies
+    /// flow again).
     pub fn cut(&self) {
+        self.state.swallow.store(false, Ordering::SeqCst);
         self.state.cut.send_modify(|n| *n += 1);
     }
 
@@ -163,9 +177,18 @@ async fn forward(state: Arc<State>, client: TcpStream) {
             sw.write_all(&buf[..n]).await?;
         }
     };
+    let down_state = state.clone();
     let down = async move {
-        tokio::io::copy(&mut sr, &mut cw).await?;
-        Ok::<_, std::io::Error>(())
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = sr.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            if !down_state.swallow.load(Ordering::SeqCst) {
+                cw.write_all(&buf[..n]).await?;
+            }
+        }
     };
     tokio::select! {
         _ = up => {}

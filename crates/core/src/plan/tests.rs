@@ -31,6 +31,7 @@ fn tx_of(end: u64, changes: Vec<Change>) -> Transaction {
         commit_time: end as i64,
         changes,
         continues: false,
+        token: None,
     }
 }
 

@@ -65,6 +65,7 @@ fn tx(kinds: Vec<ChangeKind>) -> Vec<Transaction> {
         end_lsn: Lsn(2),
         commit_time: 0,
         continues: false,
+        token: None,
         changes: kinds
             .into_iter()
             .map(|kind| Change {

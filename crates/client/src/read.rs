@@ -1,0 +1,137 @@
+//! Reads in a region, optionally after a commit token's write arrived.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant, SystemTime};
+
+use meridian_core::Lsn;
+use sqlx::PgPool;
+
+use crate::executor::delegate_executor;
+use crate::{BoxFuture, Client, CommitToken, Error, TOKEN_RETENTION};
+
+/// Reads in one region; see [`Client::read`]. Await it for a [`ReadOnly`]
+/// handle on the region's store.
+pub struct Read<'a> {
+    pub(crate) client: &'a Client,
+    pub(crate) region: String,
+    pub(crate) after: Option<CommitToken>,
+    pub(crate) timeout: Duration,
+}
+
+/// A region's store for reading: its sessions are read-only
+/// (`default_transaction_read_only`), so a write through it fails. Queries
+/// run on `&handle` as on a pool; [`ReadOnly::pool`] gives the pool.
+#[derive(Clone, Debug)]
+pub struct ReadOnly {
+    pool: PgPool,
+}
+
+impl ReadOnly {
+    /// The read-only pool itself (for `begin()`, `acquire()`, ...).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+delegate_executor!(&'c ReadOnly, |r| &r.pool);
+
+impl Read<'_> {
+    /// Waits, when awaited, until the region has applied `token`'s
+    /// transaction (immediately in the token's own region): exactly that
+    /// transaction, recognized by the id it was tagged with, so the wait is
+    /// its replication lag and nothing more. Rows the residency policy keeps
+    /// out of the region stay absent after the wait. Fails with
+    /// [`Error::DeadLettered`] instead of resolving when a transaction from
+    /// the token's region at or before it waits in the region's dead
+    /// letters.
+    pub fn after(mut self, token: &CommitToken) -> Self {
+        self.after = Some(token.clone());
+        self
+    }
+
+    /// How long [`Read::after`] waits before [`Error::NotYetReplicated`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn wait(self) -> Result<ReadOnly, Error> {
+        let stores = &self.client.stores;
+        let pool = stores.reader(&self.region)?.clone();
+        let Some(token) = self.after else {
+            return Ok(ReadOnly { pool });
+        };
+        stores.region(&token.region)?;
+        if token.region == self.region {
+            return Ok(ReadOnly { pool });
+        }
+        // past the retention, the region no longer knows the id: wait by
+        // position (a version 1 token has no id at all)
+        let by_position = token.id.is_none()
+            || SystemTime::now()
+                .duration_since(token.committed_at)
+                .is_ok_and(|age| age > TOKEN_RETENTION);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let (applied, found): (Option<i64>, Option<i64>) = sqlx::query_as(
+                "SELECT (SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1),
+                        (SELECT end_lsn FROM meridian.applied_tokens
+                          WHERE source_region = $1 AND token = $2::uuid)",
+            )
+            .bind(&token.region)
+            .bind(token.tag().unwrap_or_else(|| "0".repeat(32)))
+            .fetch_one(&pool)
+            .await?;
+            let applied = Lsn(applied.unwrap_or(0) as u64);
+            let needed = match found {
+                Some(end) => Some(Lsn(end as u64)),
+                None if by_position => Some(token.lsn),
+                None => None,
+            };
+            if let Some(needed) = needed
+                && applied >= needed
+            {
+                // the watermark moves past dead letters; the token must not
+                let dead_letter: Option<i64> = sqlx::query_scalar(
+                    "SELECT min(id) FROM meridian.dead_letters
+                      WHERE source_region = $1 AND status = 'pending' AND end_lsn <= $2",
+                )
+                .bind(&token.region)
+                .bind(needed.0 as i64)
+                .fetch_one(&pool)
+                .await?;
+                return match dead_letter {
+                    None => Ok(ReadOnly { pool }),
+                    Some(dead_letter) => Err(Error::DeadLettered {
+                        region: self.region,
+                        source_region: token.region,
+                        wanted: needed,
+                        dead_letter,
+                    }),
+                };
+            }
+            let waited = started.elapsed();
+            if waited >= self.timeout {
+                return Err(Error::NotYetReplicated {
+                    region: self.region,
+                    source_region: token.region,
+                    wanted: needed.unwrap_or(token.lsn),
+                    applied,
+                    waited,
+                });
+            }
+            tokio::time::sleep(pause.min(self.timeout - waited)).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+impl<'a> IntoFuture for Read<'a> {
+    type Output = Result<ReadOnly, Error>;
+    type IntoFuture = BoxFuture<'a, Result<ReadOnly, Error>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
