@@ -8,6 +8,11 @@
 //!   batches into this region's store through [`meridian_apply::Applier`].
 //! - [`run`] wires both for one region and runs until shutdown.
 
+/// How often both ends of a link ping an idle HTTP/2 connection, and how
+/// long they wait for the answer before dropping it.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub mod admin;
 pub mod guards;
 pub mod heartbeat;
@@ -147,6 +152,10 @@ pub async fn run(
     let mut server_shutdown = shutdown.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // a peer gone without FIN or RST is noticed within ~40 s
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
             .add_service(server)
             .add_service(AdminServer::new(admin::AdminService {
                 region: region.to_owned(),

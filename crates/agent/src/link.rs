@@ -168,10 +168,21 @@ impl Outbound for Link {
     }
 }
 
+/// Longest wait for a TCP connection to the peer, and for its Welcome.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Link {
     async fn session(&self) -> Result<(), LinkError> {
-        let mut client = ReplicationClient::connect(format!("http://{}", self.peer_addr))
-            .await?
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.peer_addr))
+            .map_err(|e| LinkError::Protocol(format!("peer address {}: {e}", self.peer_addr)))?
+            .connect_timeout(HANDSHAKE_TIMEOUT)
+            .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(crate::KEEPALIVE_INTERVAL))
+            .connect()
+            .await?;
+        let mut client = ReplicationClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (outbound, rx) = mpsc::channel(self.window + 1);
@@ -182,11 +193,23 @@ impl Link {
             })),
         };
         outbound.send(hello).await.map_err(|_| LinkError::Closed)?;
-        let mut inbound = client
-            .replicate(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let applied = match inbound.next().await.ok_or(LinkError::Closed)??.kind {
+        let handshake = async {
+            let mut inbound = client
+                .replicate(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let welcome = inbound.next().await;
+            Ok::<_, LinkError>((inbound, welcome))
+        };
+        let (mut inbound, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                LinkError::Protocol(format!(
+                    "no Welcome from {} within {HANDSHAKE_TIMEOUT:?}; reconnecting",
+                    self.destination
+                ))
+            })??;
+        let applied = match welcome.ok_or(LinkError::Closed)??.kind {
             Some(destination_message::Kind::Welcome(w)) => Lsn(w.applied_lsn),
             other => {
                 return Err(LinkError::Protocol(format!(

@@ -24,7 +24,7 @@ use meridian_proto::replication::{
     Ack, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
     replication_server::Replication, source_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -32,7 +32,15 @@ use crate::inbound::{self, BatchVerdict};
 use crate::residency::{self, SharedPolicy};
 use crate::telemetry::{self, Telemetry};
 
-type Session = Arc<tokio::sync::Mutex<Option<Applier>>>;
+/// One source's apply session: the applier, held by one stream at a time,
+/// and a generation bumped by each new Hello so the stream holding it lets
+/// go (a source that reconnects preempts its own old, possibly half-open,
+/// stream instead of queueing behind it).
+#[derive(Clone, Default)]
+struct Session {
+    applier: Arc<tokio::sync::Mutex<Option<Applier>>>,
+    generation: Arc<watch::Sender<u64>>,
+}
 
 /// The `Replication` gRPC service of one region's agent.
 pub struct ReplicationService {
@@ -109,6 +117,7 @@ impl Replication for ReplicationService {
             )));
         }
         let session = self.session(&hello.source_region);
+        session.generation.send_modify(|g| *g += 1);
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         let source = hello.source_region;
@@ -142,7 +151,12 @@ async fn serve(
     mut inbound: Streaming<SourceMessage>,
     tx: &mpsc::Sender<Result<DestinationMessage, Status>>,
 ) -> Result<(), Status> {
-    let mut guard = session.lock().await;
+    let mut preempted = session.generation.subscribe();
+    preempted.mark_unchanged();
+    let mut guard = tokio::select! {
+        guard = session.applier.lock() => guard,
+        _ = preempted.changed() => return Err(preempted_status()),
+    };
     if guard.is_none() {
         let applier = Applier::connect(store, source, &origin_name(source))
             .await
@@ -150,7 +164,7 @@ async fn serve(
         *guard = Some(applier);
     }
     let applier = guard.as_mut().expect("set above");
-    let result = apply_stream(me, applier, source, &mut inbound, tx).await;
+    let result = apply_stream(me, applier, source, &mut inbound, &mut preempted, tx).await;
     // a fragmented transaction cut off with its stream is sent again whole
     if applier.abandon().await.is_err() {
         *guard = None;
@@ -165,11 +179,16 @@ async fn serve(
     result
 }
 
+fn preempted_status() -> Status {
+    Status::aborted("a newer stream from the same source region took over")
+}
+
 async fn apply_stream(
     me: &Receiver,
     applier: &mut Applier,
     source: &str,
     inbound: &mut Streaming<SourceMessage>,
+    preempted: &mut watch::Receiver<u64>,
     tx: &mpsc::Sender<Result<DestinationMessage, Status>>,
 ) -> Result<(), Status> {
     let mut watermark = applier.watermark().await.map_err(|e| status(&e.into()))?;
@@ -184,7 +203,12 @@ async fn apply_stream(
         return Ok(());
     }
     let mut expected = 1;
-    while let Some(message) = inbound.message().await? {
+    // between batches, a newer stream from the same source takes over (an
+    // apply under way finishes first)
+    while let Some(message) = tokio::select! {
+        message = inbound.message() => message?,
+        _ = preempted.changed() => return Err(preempted_status()),
+    } {
         let Some(source_message::Kind::Batch(batch)) = message.kind else {
             return Err(Status::invalid_argument("expected a Batch"));
         };

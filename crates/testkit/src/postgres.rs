@@ -301,6 +301,42 @@ impl PgCluster {
         Ok(())
     }
 
+    /// Stops the server the way a crash or power loss would
+    /// (`pg_ctl stop -m immediate`: no checkpoint, recovery at next start).
+    pub fn crash(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )
+    }
+
+    /// Starts the server again (after [`PgCluster::crash`]), on the same port.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        let log = self.dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
+    }
+
     /// TCP port of the cluster.
     pub fn port(&self) -> u16 {
         self.port

@@ -30,6 +30,10 @@ struct State {
     captured: Mutex<Vec<u8>>,
     /// Bumped to close every open connection.
     cut: watch::Sender<u64>,
+    /// Bumped to freeze every open connection: nothing more crosses it,
+    /// and neither end learns when the other closes (a host that vanished
+    /// without FIN or RST). New connections are not affected.
+    freeze: watch::Sender<u64>,
 }
 
 /// Chunks at least this large are payload-heavy: flipping a byte in their
@@ -52,6 +56,7 @@ impl TcpProxy {
             corrupted: AtomicUsize::new(0),
             captured: Mutex::new(Vec::new()),
             cut: watch::channel(0).0,
+            freeze: watch::channel(0).0,
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -101,6 +106,14 @@ impl TcpProxy {
         self.state.cut.send_modify(|n| *n += 1);
     }
 
+    /// Freezes every open connection: bytes stop in both directions and a
+    /// close on one side is not passed on, so each end sees a silent peer
+    /// (a black-holed network, a host gone without FIN) until
+    /// [`TcpProxy::cut`]. New connections pass normally.
+    pub fn freeze_open(&self) {
+        self.state.freeze.send_modify(|n| *n += 1);
+    }
+
     /// Flips one byte in each of the next `n` large chunks sent from client
     /// to server that carry row text: the middle byte of a run of at least 32
     /// ASCII letters and digits, so the corruption lands in a batch's payload
@@ -147,10 +160,13 @@ async fn forward(state: Arc<State>, client: TcpStream) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let mut cut = state.cut.subscribe();
+    let mut freeze = state.freeze.subscribe();
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let up_state = state.clone();
-    let up = async move {
+    // the futures borrow the socket halves, so that a frozen connection
+    // keeps its sockets open after the futures are dropped
+    let up = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = cr.read(&mut buf).await?;
@@ -178,7 +194,7 @@ async fn forward(state: Arc<State>, client: TcpStream) {
         }
     };
     let down_state = state.clone();
-    let down = async move {
+    let down = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = sr.read(&mut buf).await?;
@@ -190,9 +206,14 @@ async fn forward(state: Arc<State>, client: TcpStream) {
             }
         }
     };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-        _ = cut.changed() => {}
+    let frozen = tokio::select! {
+        _ = up => false,
+        _ = down => false,
+        _ = cut.changed() => false,
+        _ = freeze.changed() => true,
+    };
+    if frozen {
+        // both sockets stay open, silent, until the next cut
+        let _ = cut.changed().await;
     }
 }
