@@ -5,6 +5,8 @@ mod dead_letters;
 mod demo;
 mod placement;
 mod policy;
+mod resync;
+mod slots;
 mod status;
 
 use std::path::PathBuf;
@@ -75,6 +77,25 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Replication slots: `prune` drops Meridian slots that no link of the
+    /// topology uses (a dry run without --yes).
+    Slots {
+        #[command(subcommand)]
+        command: SlotsCommand,
+    },
+    /// Rebuild a destination's copy of a source's rows after the link
+    /// stopped for a lost slot, another incarnation, or a source restored
+    /// to an earlier point (a dry run without --yes).
+    Resync {
+        #[arg(long)]
+        config: PathBuf,
+        /// SOURCE:DESTINATION, e.g. na:eu.
+        #[arg(long)]
+        link: String,
+        /// Do it (without: print what would be done).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Serve a live page for every region: lag matrix, lag over the last
     /// hour, throughput and slot retention.
     Dashboard {
@@ -88,6 +109,18 @@ enum Command {
         interval_ms: u64,
         #[command(flatten)]
         thresholds: ThresholdArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotsCommand {
+    /// Drop the slots of regions no longer in the topology.
+    Prune {
+        #[arg(long)]
+        config: PathBuf,
+        /// Drop them (without: list what would be dropped).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -320,6 +353,10 @@ fn run() -> anyhow::Result<()> {
                 json,
                 thresholds,
             } => status::run(&config, thresholds.get(), json).await,
+            Command::Resync { config, link, yes } => resync::run(&config, &link, yes).await,
+            Command::Slots {
+                command: SlotsCommand::Prune { config, yes },
+            } => slots::prune(&config, yes).await,
             Command::DeadLetters { command } => match command {
                 DeadLetterCommand::List {
                     config,

@@ -61,6 +61,8 @@ pub(crate) struct SlotReport {
     pub active: bool,
     pub wal_status: String,
     pub retained_bytes: u64,
+    /// No link uses it: `meridian slots prune` drops it.
+    pub orphaned: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -137,6 +139,7 @@ pub(crate) async fn gather(
                             active: s.active,
                             wal_status: s.wal_status,
                             retained_bytes: s.retained_bytes,
+                            orphaned: s.orphaned,
                         })
                         .collect(),
                     inbound: reply
@@ -187,8 +190,11 @@ pub(crate) async fn gather(
             l.health = "warn";
         }
     }
-    let healthy =
-        regions.iter().all(|r| r.reachable) && links.iter().all(|l| l.health != "critical");
+    // an orphaned slot pins WAL until someone drops it
+    let healthy = regions
+        .iter()
+        .all(|r| r.reachable && r.slots.iter().all(|s| !s.orphaned))
+        && links.iter().all(|l| l.health != "critical");
     Report {
         at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -309,7 +315,11 @@ pub(crate) fn render(report: &Report) -> String {
                 "{:<28} {:<7} {:<11} {:>12}",
                 s.name,
                 if s.active { "yes" } else { "no" },
-                s.wal_status,
+                if s.orphaned {
+                    format!("{} ORPHANED: meridian slots prune", s.wal_status)
+                } else {
+                    s.wal_status.clone()
+                },
                 bytes(s.retained_bytes),
             ));
         }

@@ -612,6 +612,8 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
             kind: Some(source_message::Kind::Hello(Hello {
                 source_region: "na".into(),
                 destination_region: "eu".into(),
+                // as an agent that predates incarnations sends
+                incarnation: String::new(),
             })),
         },
         SourceMessage {

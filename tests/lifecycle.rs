@@ -116,3 +116,248 @@ async fn an_acknowledged_batch_survives_a_destination_crash() -> anyhow::Result<
         .await?;
     Ok(())
 }
+
+/// Waits until `region`'s metrics show its link to `peer` stopped; returns
+/// the agent's log.
+async fn wait_stopped(d: &Deployment, region: &str, peer: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // a restarted agent may not serve metrics yet
+        let metrics = d.metrics(region).await.unwrap_or_default();
+        let stopped = metrics.lines().any(|l| {
+            l.starts_with("meridian_link_state{")
+                && l.contains(&format!("destination=\"{peer}\""))
+                && l.contains("state=\"stopped\"")
+                && l.ends_with(" 1")
+        });
+        if stopped {
+            return Ok(d.agent_log(region));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "link {region} -> {peer} never stopped; log:\n{}",
+            d.agent_log(region)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `meridian status --json` for the deployment: the link's state and error.
+fn link_status(
+    d: &Deployment,
+    source: &str,
+    destination: &str,
+) -> anyhow::Result<(String, String)> {
+    let out = std::process::Command::new(binary())
+        .args(["status", "--json", "--config"])
+        .arg(&d.config)
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let text = json.to_string();
+    let link = json["links"]
+        .as_array()
+        .and_then(|ls| {
+            ls.iter()
+                .find(|l| l["source"] == source && l["destination"] == destination)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no link {source} -> {destination} in {text}"))?;
+    Ok((
+        link["state"].as_str().unwrap_or_default().to_owned(),
+        link["last_error"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+fn resync(d: &Deployment, link: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new(binary())
+        .args(["resync", "--yes", "--link", link, "--config"])
+        .arg(&d.config)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(out.status.success(), "resync failed: {text}");
+    Ok(text)
+}
+
+async fn count(d: &Deployment, region: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM items")
+        .fetch_one(d.pool(region))
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_and_made_anew_stops_the_link_until_resync() -> anyhow::Result<()> {
+    let mut d = start(&[]).await?;
+    insert(&d, 0, 10).await?;
+    d.wait_converged("items", "id", 10, Duration::from_secs(60))
+        .await?;
+    d.agent("na").kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sqlx::query("SELECT pg_drop_replication_slot('meridian_na_to_eu')")
+        .execute(d.pool("na"))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the slot stayed active");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // changes while there is no slot: a gap eu can never receive
+    insert(&d, 10, 20).await?;
+    sqlx::query("SELECT pg_create_logical_replication_slot('meridian_na_to_eu', 'pgoutput')")
+        .execute(d.pool("na"))
+        .await?;
+    d.agent("na").restart()?;
+    insert(&d, 20, 25).await?;
+
+    let log = wait_stopped(&d, "na", "eu").await?;
+    assert!(log.contains("meridian resync"), "{log}");
+    let (state, error) = link_status(&d, "na", "eu")?;
+    assert_eq!(state, "stopped", "{error}");
+    assert!(
+        error.contains("never reached eu") && error.contains("resync --config FILE --link na:eu"),
+        "{error}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&d, "eu").await?, 10, "nothing applied after the gap");
+
+    let out = resync(&d, "na:eu")?;
+    assert!(out.contains("rewrote 25 row(s) of public.items"), "{out}");
+    d.wait_converged("items", "id", 25, Duration::from_secs(60))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_gone_back_in_time_stops_the_link_until_resync() -> anyhow::Result<()> {
+    let mut d = start(&[]).await?;
+    insert(&d, 0, 10).await?;
+    d.wait_converged("items", "id", 10, Duration::from_secs(60))
+        .await?;
+    // as after na was restored to an earlier point: eu has applied beyond
+    // the end of na's WAL
+    d.agent("na").kill9();
+    sqlx::query("UPDATE meridian.watermarks SET end_lsn = end_lsn + (1::bigint << 40) WHERE source_region = 'na'")
+        .execute(d.pool("eu"))
+        .await?;
+    d.agent("na").restart()?;
+    insert(&d, 10, 15).await?;
+    let log = wait_stopped(&d, "na", "eu").await?;
+    assert!(log.contains("went back in time"), "{log}");
+    assert_eq!(count(&d, "eu").await?, 10);
+
+    // a dry run changes nothing
+    let out = std::process::Command::new(binary())
+        .args(["resync", "--link", "na:eu", "--config"])
+        .arg(&d.config)
+        .output()?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dry run"));
+    // resync needs the link not to hold the slot: it is stopped, so it does not
+    resync(&d, "na:eu")?;
+    d.wait_converged("items", "id", 15, Duration::from_secs(60))
+        .await?;
+    // eu's own rows were never touched by the resync of na's
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_of_a_region_removed_from_the_topology_are_reported_and_pruned() -> anyhow::Result<()>
+{
+    let mut d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &["na", "eu", "apac"],
+            schema: SCHEMA,
+            tables: &[("public.items", "id", "home")],
+            proxied: &[],
+            extra_topology: "[replication]\nheartbeat_ms = 200\n",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await?;
+    // apac leaves the topology; na and eu restart with it
+    d.agent("apac").kill9();
+    let text = std::fs::read_to_string(&d.config)?;
+    let start = text.find("[regions.apac]").expect("apac's section");
+    let end = start + text[start..].find("\n\n").expect("section end") + 2;
+    std::fs::write(&d.config, format!("{}{}", &text[..start], &text[end..]))?;
+    d.agent("na").restart()?;
+    d.agent("eu").restart()?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = d.metrics("na").await.unwrap_or_default();
+        if metrics.lines().any(|l| {
+            l.starts_with("meridian_slot_orphaned{")
+                && l.contains("slot=\"meridian_na_to_apac\"")
+                && l.ends_with(" 1")
+        }) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no orphaned slot reported: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = std::process::Command::new(binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        !status.status.success(),
+        "an orphaned slot is unhealthy: {text}"
+    );
+    assert!(
+        text.contains("meridian_na_to_apac") && text.contains("ORPHANED"),
+        "{text}"
+    );
+
+    let prune = |yes: bool| {
+        let mut cmd = std::process::Command::new(binary());
+        cmd.args(["slots", "prune", "--config"]).arg(&d.config);
+        if yes {
+            cmd.arg("--yes");
+        }
+        cmd.output()
+    };
+    let dry = prune(false)?;
+    let dry = String::from_utf8_lossy(&dry.stdout).to_string();
+    assert!(
+        dry.contains("na: would drop meridian_na_to_apac")
+            && dry.contains("eu: would drop meridian_eu_to_apac"),
+        "{dry}"
+    );
+    let slots = |region: &'static str| {
+        let pool = d.pool(region).clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+        }
+    };
+    assert!(
+        slots("na")
+            .await?
+            .contains(&"meridian_na_to_apac".to_owned())
+    );
+    let done = prune(true)?;
+    assert!(done.status.success());
+    assert_eq!(slots("na").await?, vec!["meridian_na_to_eu".to_owned()]);
+    assert_eq!(slots("eu").await?, vec!["meridian_eu_to_na".to_owned()]);
+    // the remaining link still works
+    insert(&d, 0, 5).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&d, "eu").await? < 5 {
+        anyhow::ensure!(Instant::now() < deadline, "na -> eu stopped working");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

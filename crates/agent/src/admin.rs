@@ -54,6 +54,7 @@ impl Admin for AdminService {
                     active: s.active,
                     wal_status: s.wal_status,
                     retained_bytes: s.retained_bytes,
+                    orphaned: s.orphaned,
                 })
                 .collect(),
             links: t

@@ -169,6 +169,9 @@ impl Outbound for KafkaLink {
 
 impl KafkaLink {
     async fn session(&self) -> Result<(), LinkError> {
+        // a lost slot stops the link (never made anew here)
+        crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
+            .await?;
         let topic = record::topic(&self.cluster.topic_prefix, &self.source, &self.destination);
         let partitions = self.cluster.ensure_topic(&topic).await?;
         let producer: FutureProducer = self

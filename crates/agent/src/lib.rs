@@ -19,6 +19,7 @@ pub mod heartbeat;
 pub mod http;
 mod inbound;
 pub mod kafka;
+pub mod lifecycle;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
@@ -33,7 +34,7 @@ use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
 use link::Outbound;
-use meridian_capture::{ensure_publication, ensure_slot, publication_name, slot_name};
+use meridian_capture::{ensure_publication, publication_name, slot_name};
 use meridian_core::topology::{Topology, Transport};
 use meridian_proto::admin::admin_server::AdminServer;
 use meridian_proto::replication::replication_server::ReplicationServer;
@@ -92,7 +93,7 @@ pub async fn run(
         .cloned()
         .collect();
     for peer in &peers {
-        ensure_slot(&pool, &slot_name(region, peer))
+        lifecycle::prepare_slot(&pool, &slot_name(region, peer))
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
     }
@@ -142,6 +143,7 @@ pub async fn run(
     let service = receiver::ReplicationService::new(
         region,
         &store,
+        pool.clone(),
         topology.regions.keys().cloned(),
         policy.clone(),
         telemetry.clone(),

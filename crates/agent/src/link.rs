@@ -57,6 +57,10 @@ pub enum LinkError {
     Kafka(String),
     #[error("destination: {0}")]
     Store(#[from] meridian_apply::ApplyError),
+    /// The link must not run until an operator acts (a lost slot, another
+    /// incarnation, a source gone back in time).
+    #[error("stopped: {0}")]
+    Lifecycle(#[from] crate::lifecycle::Refusal),
 }
 
 /// One link's configuration.
@@ -97,6 +101,20 @@ impl LinkError {
             LinkError::Store(meridian_apply::ApplyError::Schema(_)) => "schema",
             LinkError::Store(meridian_apply::ApplyError::Blocked(_)) => "blocked",
             LinkError::Store(_) => "store_unavailable",
+            LinkError::Lifecycle(_) => "lifecycle",
+        }
+    }
+
+    /// Whether the link waits for an operator (it then shows as stopped).
+    fn needs_operator(&self) -> bool {
+        match self {
+            LinkError::Lifecycle(_) => true,
+            // the destination refused this source's incarnation
+            LinkError::Peer(status) => {
+                status.code() == tonic::Code::FailedPrecondition
+                    && status.message().starts_with(crate::lifecycle::PEER_PREFIX)
+            }
+            _ => false,
         }
     }
 }
@@ -126,13 +144,17 @@ pub(crate) async fn supervise<F, Fut>(
         };
         if let Err(e) = result {
             telemetry.error(source, destination, e.kind());
-            telemetry.set_link_state(destination, LinkState::Retrying, Some(with_causes(&e)));
+            let state = match e.needs_operator() {
+                true => LinkState::Stopped,
+                false => LinkState::Retrying,
+            };
+            telemetry.set_link_state(destination, state, Some(with_causes(&e)));
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
             }
             tracing::warn!(source, destination, error = %e,
                 retry_in_ms = backoff.as_millis() as u64, "link interrupted");
-            if matches!(&e, LinkError::Capture(c) if !c.is_retryable()) {
+            if e.needs_operator() || matches!(&e, LinkError::Capture(c) if !c.is_retryable()) {
                 backoff = Duration::from_secs(10);
             }
         }
@@ -173,6 +195,9 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 
 impl Link {
     async fn session(&self) -> Result<(), LinkError> {
+        let (incarnation, source_pool) =
+            crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
+                .await?;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.peer_addr))
             .map_err(|e| LinkError::Protocol(format!("peer address {}: {e}", self.peer_addr)))?
             .connect_timeout(HANDSHAKE_TIMEOUT)
@@ -190,6 +215,7 @@ impl Link {
             kind: Some(source_message::Kind::Hello(Hello {
                 source_region: self.source.clone(),
                 destination_region: self.destination.clone(),
+                incarnation,
             })),
         };
         outbound.send(hello).await.map_err(|_| LinkError::Closed)?;
@@ -217,6 +243,16 @@ impl Link {
                 )));
             }
         };
+        crate::lifecycle::check_positions(
+            &source_pool,
+            &self.slot,
+            applied,
+            &self.source,
+            &self.destination,
+        )
+        .await
+        .map_err(|e| LinkError::Capture(e.into()))??;
+        drop(source_pool);
         let stream = ReplicationStream::start(
             &self.store,
             &self.slot,

@@ -58,9 +58,9 @@ pub async fn run(
                     coalesce((pg_current_wal_lsn() - restart_lsn)::bigint, 0),
                     coalesce((confirmed_flush_lsn - '0/0')::bigint, 0),
                     (pg_current_wal_lsn() - '0/0')::bigint
-               FROM pg_replication_slots WHERE slot_name = ANY($1)",
+               FROM pg_replication_slots WHERE slot_name LIKE $1",
         )
-        .bind(&slot_names)
+        .bind(format!("meridian\\_{}\\_to\\_%", telemetry.region))
         .fetch_all(&pool)
         .await;
         let rows = match rows {
@@ -87,6 +87,24 @@ pub async fn run(
                 active: *active,
                 wal_status: wal_status.clone(),
                 retained_bytes: (*retained).max(0) as u64,
+                orphaned: false,
+            });
+        }
+        // this region's Meridian slots that no link uses
+        for (name, active, wal_status, retained, _, _) in
+            rows.iter().filter(|r| !slot_names.contains(&r.0))
+        {
+            let destination = name
+                .strip_prefix(&format!("meridian_{}_to_", telemetry.region))
+                .unwrap_or_default();
+            tracing::warn!(slot = %name, "slot belongs to no link of the topology; `meridian slots prune` drops it");
+            slots.push(SlotStatus {
+                name: name.clone(),
+                destination: destination.to_owned(),
+                active: *active,
+                wal_status: wal_status.clone(),
+                retained_bytes: (*retained).max(0) as u64,
+                orphaned: true,
             });
         }
         telemetry.set_slots(slots);

@@ -46,6 +46,8 @@ struct Session {
 pub struct ReplicationService {
     region: String,
     store: String,
+    /// For checks outside an apply session (incarnations).
+    pool: sqlx::PgPool,
     regions: HashSet<String>,
     sessions: Mutex<HashMap<String, Session>>,
     policy: SharedPolicy,
@@ -56,6 +58,7 @@ impl ReplicationService {
     pub fn new(
         region: &str,
         store: &str,
+        pool: sqlx::PgPool,
         regions: impl IntoIterator<Item = String>,
         policy: SharedPolicy,
         telemetry: Arc<Telemetry>,
@@ -63,6 +66,7 @@ impl ReplicationService {
         ReplicationService {
             region: region.to_owned(),
             store: store.to_owned(),
+            pool,
             regions: regions.into_iter().collect(),
             sessions: Mutex::new(HashMap::new()),
             policy,
@@ -114,6 +118,27 @@ impl Replication for ReplicationService {
             return Err(Status::permission_denied(format!(
                 "source region {:?} is not a peer in this agent's topology",
                 hello.source_region
+            )));
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
+        let accepted = crate::lifecycle::accept_incarnation(
+            &mut conn,
+            &hello.source_region,
+            &self.region,
+            &hello.incarnation,
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
+        drop(conn);
+        if let Err(refusal) = accepted {
+            tracing::error!(source = %hello.source_region, "{refusal}");
+            return Err(Status::failed_precondition(format!(
+                "{}{refusal}",
+                crate::lifecycle::PEER_PREFIX
             )));
         }
         let session = self.session(&hello.source_region);

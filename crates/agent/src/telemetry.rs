@@ -34,6 +34,7 @@ pub const LINK_STATE: &str = "meridian_link_state";
 pub const SLOT_RETAINED_BYTES: &str = "meridian_slot_retained_wal_bytes";
 /// 1 while a walsender streams from the slot.
 pub const SLOT_ACTIVE: &str = "meridian_slot_active";
+pub const SLOT_ORPHANED: &str = "meridian_slot_orphaned";
 pub const CHANGES_SHIPPED: &str = "meridian_changes_shipped";
 pub const BYTES_SHIPPED: &str = "meridian_shipped_bytes";
 pub const CHANGES_APPLIED: &str = "meridian_changes_applied";
@@ -54,12 +55,13 @@ pub const AGENT_INFO: &str = "meridian_agent_info";
 
 /// Every family the agent exports, with its OpenMetrics type. A family
 /// shows in a scrape once it has a sample.
-pub const FAMILIES: [(&str, &str); 17] = [
+pub const FAMILIES: [(&str, &str); 18] = [
     (LINK_LAG_SECONDS, "gauge"),
     (LINK_LAG_BYTES, "gauge"),
     (LINK_STATE, "gauge"),
     (SLOT_RETAINED_BYTES, "gauge"),
     (SLOT_ACTIVE, "gauge"),
+    (SLOT_ORPHANED, "gauge"),
     (CHANGES_SHIPPED, "counter"),
     (BYTES_SHIPPED, "counter"),
     (CHANGES_APPLIED, "counter"),
@@ -137,6 +139,7 @@ pub struct Metrics {
     pub link_state: Family<StateLabels, Gauge>,
     pub slot_retained_bytes: Family<SlotLabels, Gauge>,
     pub slot_active: Family<SlotLabels, Gauge>,
+    pub slot_orphaned: Family<SlotLabels, Gauge>,
     pub changes_shipped: Family<TableLabels, Counter>,
     pub bytes_shipped: Family<LinkLabels, Counter>,
     pub changes_applied: Family<TableLabels, Counter>,
@@ -214,6 +217,8 @@ pub struct SlotStatus {
     /// PostgreSQL's `wal_status`: reserved, extended, unreserved or lost.
     pub wal_status: String,
     pub retained_bytes: u64,
+    /// No link of the topology uses it.
+    pub orphaned: bool,
 }
 
 /// Metrics and status of one agent; shared by every task.
@@ -245,6 +250,7 @@ impl Telemetry {
             link_state: Family::default(),
             slot_retained_bytes: Family::default(),
             slot_active: Family::default(),
+            slot_orphaned: Family::default(),
             changes_shipped: Family::default(),
             bytes_shipped: Family::default(),
             changes_applied: Family::default(),
@@ -285,6 +291,11 @@ impl Telemetry {
             SLOT_ACTIVE,
             "1 while the slot is being streamed from.",
             m.slot_active.clone(),
+        );
+        r.register(
+            SLOT_ORPHANED,
+            "1 for a Meridian slot no link uses (drop it with `meridian slots prune`).",
+            m.slot_orphaned.clone(),
         );
         r.register(
             CHANGES_SHIPPED,
@@ -609,6 +620,10 @@ impl Telemetry {
                 .slot_active
                 .get_or_create(&labels)
                 .set(i64::from(s.active));
+            self.metrics
+                .slot_orphaned
+                .get_or_create(&labels)
+                .set(i64::from(s.orphaned));
         }
         *lock(&self.slots) = slots;
     }
@@ -685,6 +700,7 @@ mod tests {
             active: true,
             wal_status: "reserved".into(),
             retained_bytes: 0,
+            orphaned: false,
         }]);
         t.metrics
             .policy_changes

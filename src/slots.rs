@@ -1,0 +1,60 @@
+//! `meridian slots prune`: drops the Meridian slots no link of the topology
+//! uses (a region removed or renamed), which pin WAL and catalog rows on
+//! their store until dropped. A dry run unless `--yes`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use meridian_capture::slot_name;
+use meridian_core::topology::Topology;
+use sqlx::{Connection, PgConnection};
+
+pub(crate) async fn prune(config: &Path, yes: bool) -> anyhow::Result<()> {
+    let topology = Topology::load(config)?;
+    let mut found = 0;
+    for (region, spec) in &topology.regions {
+        let mut conn = PgConnection::connect(spec.store.expose())
+            .await
+            .with_context(|| format!("cannot reach region {region}'s store ({})", spec.store))?;
+        let used: Vec<String> = topology
+            .regions
+            .keys()
+            .filter(|peer| *peer != region)
+            .map(|peer| slot_name(region, peer))
+            .collect();
+        let slots: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT slot_name::text, active FROM pg_replication_slots
+              WHERE slot_name LIKE 'meridian\\_%' AND NOT (slot_name = ANY($1)) ORDER BY 1",
+        )
+        .bind(&used)
+        .fetch_all(&mut conn)
+        .await?;
+        for (slot, active) in slots {
+            found += 1;
+            if active {
+                println!(
+                    "{region}: {slot} belongs to no link but is being streamed from; stop whatever reads it, then rerun"
+                );
+            } else if yes {
+                sqlx::query("SELECT pg_drop_replication_slot($1)")
+                    .bind(&slot)
+                    .execute(&mut conn)
+                    .await
+                    .with_context(|| format!("dropping {slot} in {region}"))?;
+                sqlx::query("DELETE FROM meridian.slots WHERE slot_name = $1")
+                    .bind(&slot)
+                    .execute(&mut conn)
+                    .await?;
+                println!("{region}: dropped {slot}");
+            } else {
+                println!("{region}: would drop {slot} (no link uses it)");
+            }
+        }
+    }
+    match (found, yes) {
+        (0, _) => println!("no orphaned slots"),
+        (_, false) => println!("dry run: nothing dropped; run again with --yes"),
+        _ => {}
+    }
+    Ok(())
+}
