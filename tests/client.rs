@@ -874,3 +874,87 @@ async fn a_token_resolves_where_the_policy_keeps_the_rows_out() -> anyhow::Resul
     assert_eq!(count_orders(&d, "eu", "acme").await?, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_writes_on_partitioned_tables_app_triggers_and_padded_homes() -> anyhow::Result<()> {
+    const SHAPES: &str = "
+CREATE TABLE events (id bigint, region text NOT NULL, body text, PRIMARY KEY (id, region))
+    PARTITION BY LIST (region);
+CREATE TABLE events_na PARTITION OF events FOR VALUES IN ('na');
+CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+CREATE TABLE events_apac PARTITION OF events FOR VALUES IN ('apac');
+CREATE TABLE padded (id bigint PRIMARY KEY, region char(6) NOT NULL,
+                     secret text, amount int CHECK (amount >= 0));
+-- an application trigger that re-homes rows, sorting after meridian_*
+CREATE FUNCTION route_vip() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.amount = 999 THEN NEW.region := 'apac'; END IF; RETURN NEW; END $$;
+CREATE TRIGGER route_vip BEFORE INSERT OR UPDATE ON padded FOR EACH ROW EXECUTE FUNCTION route_vip();";
+    let d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &REGIONS,
+            schema: SHAPES,
+            tables: &[
+                ("public.events", "id, region", "region"),
+                ("public.padded", "id", "region"),
+            ],
+            proxied: &[],
+            extra_topology: "[replication]\nheartbeat_ms = 200\n",
+            policy: None,
+            agent_env: &[],
+            global_schema: Some(GLOBAL_SCHEMA),
+            kafka: false,
+        },
+    )
+    .await?;
+    let client = Client::open(&d.config, "eu")?;
+    place(&client, "acme", "na").await?;
+    let sql = async |sql: &str| -> Result<u64, Error> {
+        let committed = client
+            .tenant("acme")
+            .write(async |tx| -> Result<u64, Error> {
+                Ok(sqlx::query(sql).execute(&mut *tx).await?.rows_affected())
+            })
+            .await?;
+        Ok(committed.value)
+    };
+
+    // a padded home column is the region it names
+    assert_eq!(
+        sql("INSERT INTO padded VALUES (1, 'na', 'SSN-123', 1)").await?,
+        1
+    );
+    // an application trigger that re-homes the row after the check would
+    // have: the check runs last and sees it
+    let e = sql("UPDATE padded SET amount = 999 WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::WrongHome { .. }), "{e:?}");
+    // a store error says what broke, never the row's values
+    let e = sql("UPDATE padded SET amount = -1 WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("check constraint"), "{e}");
+    assert!(!e.to_string().contains("SSN-123"), "{e}");
+
+    // a row move between partitions (DELETE + INSERT underneath)
+    assert_eq!(sql("INSERT INTO events VALUES (1, 'na', 'x')").await?, 1);
+    let moved = client
+        .tenant("acme")
+        .move_rows("eu", async |tx| -> Result<u64, Error> {
+            Ok(sqlx::query("UPDATE events SET region = 'eu' WHERE id = 1")
+                .execute(&mut *tx)
+                .await?
+                .rows_affected())
+        })
+        .await?;
+    assert_eq!(moved.value, 1);
+    client.read("apac").after(&moved.token).await?;
+    d.wait_converged("events", "id", 1, Duration::from_secs(60))
+        .await?;
+    let region: String = sqlx::query_scalar("SELECT region FROM events WHERE id = 1")
+        .fetch_one(d.pool("apac"))
+        .await?;
+    assert_eq!(region, "eu");
+    Ok(())
+}

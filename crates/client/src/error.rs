@@ -55,8 +55,8 @@ pub enum Error {
     /// A read waited for a commit token's position and gave up.
     #[error(
         "not yet replicated: region {region} has applied {source_region} up to {applied}, \
-         the token needs {wanted}; gave up after {waited:?} (the link {source_region} -> \
-         {region} may be down or lagging; `meridian status` shows it)"
+         without the token's transaction (at or after {wanted}); gave up after {waited:?} (the \
+         link {source_region} -> {region} may be down or lagging; `meridian status` shows it)"
     )]
     NotYetReplicated {
         region: String,
@@ -64,6 +64,19 @@ pub enum Error {
         wanted: Lsn,
         applied: Lsn,
         waited: Duration,
+    },
+    /// The region applied what the token's region committed well after the
+    /// token, but never the token's transaction: it did not commit (a
+    /// token taken before commit, a rolled-back write) or the token was
+    /// altered. Waiting longer does not help.
+    #[error(
+        "region {region} applied {source_region}'s transactions committed well after this token, \
+         but never its own: the transaction did not commit (a token is valid only from a \
+         successful commit), or the token was altered"
+    )]
+    TokenNotFound {
+        region: String,
+        source_region: String,
     },
     /// The region moved past the token's position, but a transaction from
     /// the token's region at or before it was set aside as a dead letter
@@ -106,7 +119,9 @@ pub enum Error {
     #[error("{0}")]
     Aborted(Box<dyn std::error::Error + Send + Sync>),
     /// Any other error of a store or of the connection to it. The message
-    /// keeps the store's HINT and DETAIL.
+    /// keeps the store's HINT; not its DETAIL, which may quote row values
+    /// ("Failing row contains ...") the residency policy keeps in their
+    /// region (the sqlx error inside still has it).
     #[error("{}", store_message(.0))]
     Database(#[source] sqlx::Error),
 }
@@ -116,19 +131,18 @@ fn hint_suffix(hint: &Option<String>) -> String {
         .map_or_else(String::new, |h| format!(" (hint: {h})"))
 }
 
-/// A store error with its DETAIL and HINT, which sqlx's Display drops.
+/// A store error with its HINT, which sqlx's Display drops. Not its
+/// DETAIL: that may quote row values.
 fn store_message(e: &sqlx::Error) -> String {
     let sqlx::Error::Database(db) = e else {
         return e.to_string();
     };
     let mut text = db.message().to_owned();
-    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        if let Some(detail) = pg.detail() {
-            text.push_str(&format!(" (detail: {detail})"));
-        }
-        if let Some(hint) = pg.hint() {
-            text.push_str(&format!(" (hint: {hint})"));
-        }
+    if let Some(hint) = db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|pg| pg.hint())
+    {
+        text.push_str(&format!(" (hint: {hint})"));
     }
     if let Some(code) = db.code() {
         text.push_str(&format!(" [SQLSTATE {code}]"));

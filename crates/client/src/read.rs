@@ -65,28 +65,40 @@ impl Read<'_> {
         if token.region == self.region {
             return Ok(ReadOnly { pool });
         }
-        // past the retention, the region no longer knows the id: wait by
-        // position (a version 1 token has no id at all)
-        let by_position = token.id.is_none()
-            || SystemTime::now()
-                .duration_since(token.committed_at)
-                .is_ok_and(|age| age > TOKEN_RETENTION);
+        // past the retention, the region may no longer know the id: it is
+        // enough then that the region applied a transaction the source
+        // committed well after the token (a version 1 token has no id at
+        // all, and a position at or past its commit)
+        let old = SystemTime::now()
+            .duration_since(token.committed_at)
+            .is_ok_and(|age| age > TOKEN_RETENTION);
+        // for clock skew between the token's maker and the source store
+        let margin = Duration::from_secs(30);
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let (applied, found): (Option<i64>, Option<i64>) = sqlx::query_as(
-                "SELECT (SELECT end_lsn FROM meridian.watermarks WHERE source_region = $1),
-                        (SELECT end_lsn FROM meridian.applied_tokens
-                          WHERE source_region = $1 AND token = $2::uuid)",
-            )
-            .bind(&token.region)
-            .bind(token.tag().unwrap_or_else(|| "0".repeat(32)))
-            .fetch_one(&pool)
-            .await?;
+            let (applied, source_micros, found): (Option<i64>, Option<i64>, Option<i64>) =
+                sqlx::query_as(
+                    "SELECT w.end_lsn,
+                            (extract(epoch FROM w.source_commit_time) * 1e6)::bigint,
+                            (SELECT end_lsn FROM meridian.applied_tokens
+                              WHERE source_region = $1 AND token = $2::uuid)
+                       FROM (SELECT 1) one
+                       LEFT JOIN meridian.watermarks w ON w.source_region = $1",
+                )
+                .bind(&token.region)
+                .bind(token.tag().unwrap_or_else(|| "0".repeat(32)))
+                .fetch_one(&pool)
+                .await?;
             let applied = Lsn(applied.unwrap_or(0) as u64);
+            // the source's commit time of the last transaction applied here
+            let source_time = source_micros
+                .map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64));
+            let later_applied = source_time.is_some_and(|t| t >= token.committed_at + margin);
             let needed = match found {
                 Some(end) => Some(Lsn(end as u64)),
-                None if by_position => Some(token.lsn),
+                None if token.id.is_none() => Some(token.lsn),
+                None if old && later_applied => Some(token.lsn),
                 None => None,
             };
             if let Some(needed) = needed
@@ -112,6 +124,14 @@ impl Read<'_> {
                 };
             }
             let waited = started.elapsed();
+            if waited >= self.timeout && needed.is_none() && later_applied {
+                // the region applied what the source committed well after
+                // the token, but never this transaction
+                return Err(Error::TokenNotFound {
+                    region: self.region,
+                    source_region: token.region,
+                });
+            }
             if waited >= self.timeout {
                 return Err(Error::NotYetReplicated {
                     region: self.region,

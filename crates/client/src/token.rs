@@ -125,6 +125,9 @@ impl FromStr for CommitToken {
             .ok()
             .and_then(|bytes| Uuid::from_slice(&bytes).ok())
             .ok_or_else(|| bad("the id is not 22 characters of URL-safe base64"))?;
+        if id.get_version_num() != 7 {
+            return Err(bad("the id is not one this library made (a UUIDv7)"));
+        }
         Ok(CommitToken {
             region,
             lsn,
@@ -173,6 +176,7 @@ mod tests {
             ("1.eu.xyz.1", "position is not hex"),
             ("1.eu.1.1.1", "4 dot-separated parts"),
             ("2.eu.1.short", "URL-safe base64"),
+            ("2.eu.1.AAAAAAAAAAAAAAAAAAAAAA", "UUIDv7"),
         ] {
             let e = text.parse::<CommitToken>().unwrap_err().to_string();
             assert!(e.contains(expected), "{text:?}: {e}");
@@ -182,7 +186,11 @@ mod tests {
     proptest! {
         #[test]
         fn every_token_round_trips(region in "[a-z][a-z0-9_]{0,15}", lsn: u64, id: u128) {
-            let id = Uuid::from_u128(id);
+            // a UUIDv7: version and variant bits set
+            let id = Uuid::from_u128(
+                (id & !(0xF000u128 << 64) & !(0xC000u128 << 48)) | (0x7000u128 << 64) | (0x8000u128 << 48),
+            );
+            prop_assert_eq!(id.get_version_num(), 7);
             let token = CommitToken {
                 region,
                 lsn: Lsn(lsn),
