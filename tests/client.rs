@@ -958,3 +958,43 @@ CREATE TRIGGER route_vip BEFORE INSERT OR UPDATE ON padded FOR EACH ROW EXECUTE 
     assert_eq!(region, "eu");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_kafka_a_token_resolves_without_waiting_for_a_heartbeat() -> anyhow::Result<()> {
+    let d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &REGIONS,
+            schema: SCHEMA,
+            tables: &[("public.orders", "id", "region")],
+            proxied: &[],
+            // heartbeats a minute apart: they cannot be what resolves tokens
+            extra_topology: "[replication]\nheartbeat_ms = 60000\n",
+            policy: Some(POLICY),
+            agent_env: &[],
+            global_schema: Some(GLOBAL_SCHEMA),
+            kafka: true,
+        },
+    )
+    .await?;
+    let client = Client::open(&d.config, "eu")?;
+    place(&client, "acme", "na").await?;
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let committed = order(&client, "acme", "na").await?;
+        let started = std::time::Instant::now();
+        let apac = client
+            .read("apac")
+            .after(&committed.token)
+            .timeout(Duration::from_secs(30))
+            .await?;
+        waits.push(started.elapsed().as_millis());
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = $1::uuid")
+            .bind(&committed.value)
+            .fetch_one(&apac)
+            .await?;
+        assert_eq!(n, 1, "after() returned before the write arrived");
+    }
+    println!("kafka token waits (ms): {waits:?}");
+    Ok(())
+}

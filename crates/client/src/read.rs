@@ -77,19 +77,26 @@ impl Read<'_> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let (applied, source_micros, found): (Option<i64>, Option<i64>, Option<i64>) =
-                sqlx::query_as(
-                    "SELECT w.end_lsn,
-                            (extract(epoch FROM w.source_commit_time) * 1e6)::bigint,
-                            (SELECT end_lsn FROM meridian.applied_tokens
-                              WHERE source_region = $1 AND token = $2::uuid)
-                       FROM (SELECT 1) one
-                       LEFT JOIN meridian.watermarks w ON w.source_region = $1",
-                )
-                .bind(&token.region)
-                .bind(token.tag().unwrap_or_else(|| "0".repeat(32)))
-                .fetch_one(&pool)
-                .await?;
+            // the watermark, the source's commit time of the last transaction
+            // applied, the token's transaction if seen, and (Kafka links)
+            // whether every partition applied that transaction's end marker
+            let (applied, source_micros, found, partitions_done): Poll = sqlx::query_as(
+                "SELECT w.end_lsn,
+                        (extract(epoch FROM w.source_commit_time) * 1e6)::bigint,
+                        t.end_lsn,
+                        (SELECT count(*) > 0
+                                AND bool_and(p.lsn > t.end_lsn
+                                             OR (p.lsn = t.end_lsn AND p.idx = 4294967295))
+                           FROM meridian.kafka_positions p WHERE p.source_region = $1)
+                   FROM (SELECT 1) one
+                   LEFT JOIN meridian.watermarks w ON w.source_region = $1
+                   LEFT JOIN meridian.applied_tokens t
+                          ON t.source_region = $1 AND t.token = $2::uuid",
+            )
+            .bind(&token.region)
+            .bind(token.tag().unwrap_or_else(|| "0".repeat(32)))
+            .fetch_one(&pool)
+            .await?;
             let applied = Lsn(applied.unwrap_or(0) as u64);
             // the source's commit time of the last transaction applied here
             let source_time = source_micros
@@ -102,7 +109,7 @@ impl Read<'_> {
                 None => None,
             };
             if let Some(needed) = needed
-                && applied >= needed
+                && (applied >= needed || partitions_done == Some(true))
             {
                 // the watermark moves past dead letters; the token must not
                 let dead_letter: Option<i64> = sqlx::query_scalar(
@@ -146,6 +153,10 @@ impl Read<'_> {
         }
     }
 }
+
+/// One look at the region: watermark, its source commit time (Unix
+/// microseconds), the token's transaction end, every Kafka partition past it.
+type Poll = (Option<i64>, Option<i64>, Option<i64>, Option<bool>);
 
 impl<'a> IntoFuture for Read<'a> {
     type Output = Result<ReadOnly, Error>;

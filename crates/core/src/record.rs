@@ -155,6 +155,27 @@ pub fn records(
             }
         }
     }
+    // a routed write's transaction ends with a marker in every partition
+    // (as a heartbeat does): once each partition applied its marker, the
+    // whole transaction is applied, and a reader waiting for its token need
+    // not wait for the next heartbeat to move every partition on
+    let markers = match (transaction.token, transaction.continues) {
+        (Some(token), false) => records(
+            source,
+            Transaction {
+                commit_lsn: transaction.commit_lsn,
+                end_lsn: transaction.end_lsn,
+                commit_time: transaction.commit_time,
+                changes: Vec::new(),
+                continues: false,
+                token: Some(token),
+            },
+            &[],
+            policy_version,
+            partitions,
+        ),
+        _ => Vec::new(),
+    };
     groups
         .into_iter()
         .map(|(partition, key, changes, _, last)| {
@@ -179,6 +200,7 @@ pub fn records(
                 position,
             }
         })
+        .chain(markers)
         .collect()
 }
 
@@ -466,6 +488,39 @@ mod tests {
         assert_eq!(seen.len(), changes.len());
         let sevens = seen.iter().filter(|c| key(c) == key(&insert("7"))).count();
         assert_eq!(sevens, 2);
+    }
+
+    #[test]
+    fn a_routed_writes_transaction_ends_with_a_marker_in_every_partition() {
+        let tagged = |continues| Transaction {
+            token: Some(42),
+            continues,
+            ..transaction(vec![insert("1"), insert("2")])
+        };
+        let out = records("eu", tagged(false), &[], 1, 4);
+        let (parts, markers) = out.split_at(out.len() - 4);
+        assert!(!parts.is_empty());
+        let mut partitions: Vec<i32> = markers.iter().filter_map(|m| m.partition).collect();
+        partitions.sort();
+        assert_eq!(partitions, vec![0, 1, 2, 3]);
+        for m in markers {
+            let back = decode(&consumed(m), Some(&m.value), "eu").unwrap();
+            assert!(back.is_heartbeat());
+            assert_eq!(back.position.lsn, Lsn(0x108));
+            assert_eq!(back.transaction.token, Some(42));
+        }
+        for p in parts {
+            let back = decode(&consumed(p), Some(&p.value), "eu").unwrap();
+            assert!(back.position < markers[0].position, "parts come first");
+        }
+        // a fragment that continues carries no marker; untagged ones neither
+        assert!(
+            records("eu", tagged(true), &[], 1, 4)
+                .iter()
+                .all(|r| r.key.is_some())
+        );
+        let plain = records("eu", transaction(vec![insert("1")]), &[], 1, 4);
+        assert_eq!(plain.len(), 1);
     }
 
     #[test]
