@@ -423,3 +423,50 @@ async fn a_row_whose_home_changes_leaves_regions_that_may_no_longer_hold_it() ->
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_tightened_while_kafka_records_wait_never_wedges_their_partition()
+-> anyhow::Result<()> {
+    let mut d = start_over(true).await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (3000, 'eu', NULL, 1.00, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    wait_for_row(d.pool("na"), "SELECT count(*) FROM orders WHERE id = 3000").await?;
+    // na is down while eu writes under v1 (amounts leave eu)
+    d.agent("na").kill9();
+    sqlx::raw_sql("INSERT INTO orders VALUES (3001, 'eu', NULL, 987.65, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // produced under v1
+    // v2 keeps amounts of eu orders home; every region runs it from now on
+    let stricter = POLICY
+        .replace(
+            r#"columns = { id = "keep", region = "keep", amount = "keep", customer_email = "hash" }"#,
+            r#"columns = { id = "keep", region = "keep", amount = "null", customer_email = "hash" }"#,
+        )
+        .replace("version = 1", "version = 2");
+    assert_ne!(stricter, POLICY);
+    d.write_policy(&stricter)?;
+    d.agent("eu").hangup()?;
+    d.agent("apac").hangup()?;
+    d.agent("na").restart()?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (3002, 'eu', NULL, 5.00, NULL)")
+        .execute(d.pool("eu"))
+        .await?;
+    // the v1 record arrives in v2's form, and the partition moves on
+    wait_for_row(d.pool("na"), "SELECT count(*) FROM orders WHERE id = 3002").await?;
+    let amounts: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT id, amount::text FROM orders WHERE id IN (3001, 3002) ORDER BY id")
+            .fetch_all(d.pool("na"))
+            .await?;
+    assert_eq!(amounts, vec![(3001, None), (3002, None)]);
+    let (sender, receiver, reason): (i64, i64, String) = sqlx::query_as(
+        "SELECT sender_policy_version, receiver_policy_version, reason FROM meridian.policy_violations LIMIT 1",
+    )
+    .fetch_one(d.pool("na"))
+    .await?;
+    assert_eq!((sender, receiver), (1, 2));
+    assert!(reason.contains("applied as policy v2 allows"), "{reason}");
+    assert!(!dump(d.pool("na")).await?.contains("987.65"));
+    Ok(())
+}

@@ -94,6 +94,16 @@ pub(crate) enum RecordVerdict {
     Apply(Incoming),
     /// At or below the partition's position: applied before.
     Skip,
+    /// Filtered by the sender under an older policy that this receiver's
+    /// (newer, stricter) policy forbids: applied in the form the receiver's
+    /// policy allows, and recorded as a violation. The record's forbidden
+    /// values never reach the store, and the partition does not wait for
+    /// policies to agree (records in a topic cannot be filtered again at
+    /// the source).
+    Refiltered {
+        incoming: Incoming,
+        forbidden: Forbidden,
+    },
     /// Stop the partition at this record until the cause goes away (a newer
     /// format, a policy that forbids it).
     Refuse {
@@ -143,6 +153,29 @@ pub(crate) fn judge_record(
         destination,
         policy,
     ) {
+        Some(f) if incoming.policy_version < f.receiver_version => {
+            let policy = policy.expect("a violation needs a policy");
+            let (mut out, _) = policy.filter(
+                source,
+                destination,
+                std::slice::from_ref(&incoming.transaction),
+            );
+            let transaction = out.pop().expect("one transaction in, one out");
+            match policy.check(source, destination, std::slice::from_ref(&transaction)) {
+                Ok(()) => RecordVerdict::Refiltered {
+                    incoming: Incoming {
+                        transaction,
+                        ..incoming
+                    },
+                    forbidden: f,
+                },
+                Err(_) => RecordVerdict::Refuse {
+                    reason: f.reason.clone(),
+                    kind: "policy_violation",
+                    forbidden: Some((f, incoming)),
+                },
+            }
+        }
         Some(f) => RecordVerdict::Refuse {
             reason: f.reason.clone(),
             kind: "policy_violation",

@@ -520,6 +520,30 @@ impl KafkaInbound {
             );
             let incoming = match verdict {
                 RecordVerdict::Apply(incoming) => incoming,
+                RecordVerdict::Refiltered {
+                    incoming,
+                    forbidden,
+                } => {
+                    tracing::warn!(source = %self.source, %topic, partition, offset = r.offset,
+                        record_policy = incoming.policy_version,
+                        policy = forbidden.receiver_version,
+                        "record filtered under an older policy; applied as this policy allows");
+                    self.telemetry
+                        .error(&self.source, &self.destination, "policy_refiltered");
+                    applier
+                        .record_violation(
+                            incoming.position.lsn,
+                            incoming.policy_version,
+                            forbidden.receiver_version,
+                            &format!(
+                                "{} (applied as policy v{} allows)",
+                                forbidden.reason, forbidden.receiver_version
+                            ),
+                        )
+                        .await
+                        .map_err(|e| LinkError::Store(e.into()))?;
+                    incoming
+                }
                 RecordVerdict::Skip => continue, // a replay: applied before
                 RecordVerdict::DeadLetter {
                     reason,
