@@ -304,6 +304,35 @@ async fn slots_of_a_region_removed_from_the_topology_are_reported_and_pruned() -
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // with a cap on slot WAL, how far each slot is from invalidation
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1GB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::query(sql).execute(d.pool("na")).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let safe = d
+            .metrics("na")
+            .await
+            .unwrap_or_default()
+            .lines()
+            .find(|l| {
+                l.starts_with("meridian_slot_safe_wal_bytes{")
+                    && l.contains("slot=\"meridian_na_to_eu\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if let Some(safe) = safe {
+            // the cap, counted from the slot's restart segment (PostgreSQL
+            // adds the segments in between): positive, about 1 GiB
+            let cap = (1u64 << 30) as f64;
+            assert!(safe > 0.0 && safe <= cap + 64.0 * 1024.0 * 1024.0, "{safe}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no safe WAL metric");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let status = std::process::Command::new(binary())
         .args(["status", "--config"])
         .arg(&d.config)
@@ -357,6 +386,71 @@ async fn slots_of_a_region_removed_from_the_topology_are_reported_and_pruned() -
     let deadline = Instant::now() + Duration::from_secs(60);
     while count(&d, "eu").await? < 5 {
         anyhow::ensure!(Instant::now() < deadline, "na -> eu stopped working");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_promoted_from_a_standby_stops_its_link_until_resync() -> anyhow::Result<()> {
+    let mut d = start(&[]).await?;
+    insert(&d, 0, 10).await?;
+    d.wait_converged("items", "id", 10, Duration::from_secs(60))
+        .await?;
+    // na has a physical standby, caught up
+    let standby = d.cluster("na").standby()?;
+    let replica = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&standby.url("postgres"))
+        .await?;
+    insert(&d, 10, 20).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+            .fetch_one(&replica)
+            .await?;
+        if n == 20 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the standby did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // na's primary is lost: the standby is promoted and na's agent uses it
+    d.agent("na").kill9();
+    standby.promote()?;
+    let topology = std::fs::read_to_string(&d.config)?
+        .replace(&d.cluster("na").url("postgres"), &standby.url("postgres"));
+    std::fs::write(&d.config, topology)?;
+    d.agent("na").restart()?;
+    for id in 20..25 {
+        sqlx::query("INSERT INTO items VALUES ($1, 'na', 'v')")
+            .bind(id)
+            .execute(&replica)
+            .await?;
+    }
+    // the standby has no logical slot: the link stops instead of making one
+    let log = wait_stopped(&d, "na", "eu").await?;
+    assert!(
+        log.contains("is missing from na's store") && log.contains("promoted from a standby"),
+        "{log}"
+    );
+    let (state, _) = link_status(&d, "na", "eu")?;
+    assert_eq!(state, "stopped");
+
+    let out = resync(&d, "na:eu")?;
+    assert!(out.contains("rewrote 25 row(s)"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let fingerprint = "SELECT count(*), md5(string_agg(t::text, '|' ORDER BY id)) FROM items t";
+        let new_na: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&replica).await?;
+        let eu: (i64, Option<String>) = sqlx::query_as(fingerprint).fetch_one(d.pool("eu")).await?;
+        if eu.0 == 25 && eu.1.as_deref() == Some(new_na.1.as_str()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "eu never matched the promoted na: {eu:?} vs {new_na:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())

@@ -13,7 +13,7 @@ use crate::residency::{self, SharedPolicy};
 use crate::telemetry::{RegionLabels, SlotStatus, Telemetry};
 
 /// slot, active, wal_status, retained bytes, confirmed position, WAL end.
-type SlotRow = (String, bool, String, i64, i64, i64);
+type SlotRow = (String, bool, String, i64, i64, i64, Option<i64>);
 
 /// One outbound link as the monitor sees it.
 pub struct Watched {
@@ -57,7 +57,8 @@ pub async fn run(
             "SELECT slot_name::text, active, coalesce(wal_status, 'lost'),
                     coalesce((pg_current_wal_lsn() - restart_lsn)::bigint, 0),
                     coalesce((confirmed_flush_lsn - '0/0')::bigint, 0),
-                    (pg_current_wal_lsn() - '0/0')::bigint
+                    (pg_current_wal_lsn() - '0/0')::bigint,
+                    safe_wal_size
                FROM pg_replication_slots WHERE slot_name LIKE $1",
         )
         .bind(format!("meridian\\_{}\\_to\\_%", telemetry.region))
@@ -73,7 +74,7 @@ pub async fn run(
         };
         let mut slots = Vec::new();
         for link in &links {
-            let Some((name, active, wal_status, retained, confirmed, current)) =
+            let Some((name, active, wal_status, retained, confirmed, current, safe)) =
                 rows.iter().find(|r| r.0 == link.slot)
             else {
                 continue;
@@ -88,10 +89,11 @@ pub async fn run(
                 wal_status: wal_status.clone(),
                 retained_bytes: (*retained).max(0) as u64,
                 orphaned: false,
+                safe_wal_bytes: *safe,
             });
         }
         // this region's Meridian slots that no link uses
-        for (name, active, wal_status, retained, _, _) in
+        for (name, active, wal_status, retained, _, _, safe) in
             rows.iter().filter(|r| !slot_names.contains(&r.0))
         {
             let destination = name
@@ -105,6 +107,7 @@ pub async fn run(
                 wal_status: wal_status.clone(),
                 retained_bytes: (*retained).max(0) as u64,
                 orphaned: true,
+                safe_wal_bytes: *safe,
             });
         }
         telemetry.set_slots(slots);

@@ -35,6 +35,7 @@ pub const SLOT_RETAINED_BYTES: &str = "meridian_slot_retained_wal_bytes";
 /// 1 while a walsender streams from the slot.
 pub const SLOT_ACTIVE: &str = "meridian_slot_active";
 pub const SLOT_ORPHANED: &str = "meridian_slot_orphaned";
+pub const SLOT_SAFE_WAL_BYTES: &str = "meridian_slot_safe_wal_bytes";
 pub const CHANGES_SHIPPED: &str = "meridian_changes_shipped";
 pub const BYTES_SHIPPED: &str = "meridian_shipped_bytes";
 pub const CHANGES_APPLIED: &str = "meridian_changes_applied";
@@ -55,13 +56,14 @@ pub const AGENT_INFO: &str = "meridian_agent_info";
 
 /// Every family the agent exports, with its OpenMetrics type. A family
 /// shows in a scrape once it has a sample.
-pub const FAMILIES: [(&str, &str); 18] = [
+pub const FAMILIES: [(&str, &str); 19] = [
     (LINK_LAG_SECONDS, "gauge"),
     (LINK_LAG_BYTES, "gauge"),
     (LINK_STATE, "gauge"),
     (SLOT_RETAINED_BYTES, "gauge"),
     (SLOT_ACTIVE, "gauge"),
     (SLOT_ORPHANED, "gauge"),
+    (SLOT_SAFE_WAL_BYTES, "gauge"),
     (CHANGES_SHIPPED, "counter"),
     (BYTES_SHIPPED, "counter"),
     (CHANGES_APPLIED, "counter"),
@@ -140,6 +142,7 @@ pub struct Metrics {
     pub slot_retained_bytes: Family<SlotLabels, Gauge>,
     pub slot_active: Family<SlotLabels, Gauge>,
     pub slot_orphaned: Family<SlotLabels, Gauge>,
+    pub slot_safe_wal_bytes: Family<SlotLabels, Gauge>,
     pub changes_shipped: Family<TableLabels, Counter>,
     pub bytes_shipped: Family<LinkLabels, Counter>,
     pub changes_applied: Family<TableLabels, Counter>,
@@ -219,6 +222,9 @@ pub struct SlotStatus {
     pub retained_bytes: u64,
     /// No link of the topology uses it.
     pub orphaned: bool,
+    /// WAL the source may still write before the slot is invalidated; None
+    /// when `max_slot_wal_keep_size` is unlimited.
+    pub safe_wal_bytes: Option<i64>,
 }
 
 /// Metrics and status of one agent; shared by every task.
@@ -251,6 +257,7 @@ impl Telemetry {
             slot_retained_bytes: Family::default(),
             slot_active: Family::default(),
             slot_orphaned: Family::default(),
+            slot_safe_wal_bytes: Family::default(),
             changes_shipped: Family::default(),
             bytes_shipped: Family::default(),
             changes_applied: Family::default(),
@@ -296,6 +303,11 @@ impl Telemetry {
             SLOT_ORPHANED,
             "1 for a Meridian slot no link uses (drop it with `meridian slots prune`).",
             m.slot_orphaned.clone(),
+        );
+        r.register(
+            SLOT_SAFE_WAL_BYTES,
+            "WAL the source may still write before the slot is invalidated (max_slot_wal_keep_size); absent when unlimited.",
+            m.slot_safe_wal_bytes.clone(),
         );
         r.register(
             CHANGES_SHIPPED,
@@ -624,6 +636,12 @@ impl Telemetry {
                 .slot_orphaned
                 .get_or_create(&labels)
                 .set(i64::from(s.orphaned));
+            if let Some(safe) = s.safe_wal_bytes {
+                self.metrics
+                    .slot_safe_wal_bytes
+                    .get_or_create(&labels)
+                    .set(safe);
+            }
         }
         *lock(&self.slots) = slots;
     }
@@ -701,6 +719,7 @@ mod tests {
             wal_status: "reserved".into(),
             retained_bytes: 0,
             orphaned: false,
+            safe_wal_bytes: None,
         }]);
         t.metrics
             .policy_changes

@@ -301,6 +301,62 @@ impl PgCluster {
         Ok(())
     }
 
+    /// A physical standby of this cluster (`pg_basebackup -R`, streaming),
+    /// in its own folder on its own port, started. Logical slots are not
+    /// copied to it (PostgreSQL 15).
+    pub fn standby(&self) -> anyhow::Result<PgCluster> {
+        let dir =
+            std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let standby = PgCluster {
+            dir,
+            bindir: self.bindir.clone(),
+            port: crate::free_port(),
+            as_postgres: self.as_postgres,
+            ca: None,
+        };
+        if standby.as_postgres {
+            let status = Command::new("chown")
+                .arg("postgres:")
+                .arg(&standby.dir)
+                .status()?;
+            anyhow::ensure!(status.success(), "cannot chown {}", standby.dir.display());
+        }
+        let data = standby.data_dir();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+            ],
+        )?;
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path)?;
+        text.push_str(&format!(
+            "port = {}\nunix_socket_directories = '{}'\n",
+            standby.port,
+            standby.dir.display()
+        ));
+        std::fs::write(&conf_path, text)?;
+        standby.restart()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`), waiting for it.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-w", "promote"])
+    }
+
     /// Stops the server the way a crash or power loss would
     /// (`pg_ctl stop -m immediate`: no checkpoint, recovery at next start).
     pub fn crash(&self) -> anyhow::Result<()> {
