@@ -270,3 +270,94 @@ async fn bad_records_go_to_dead_letters_and_the_link_keeps_running() -> anyhow::
     }
     Ok(())
 }
+
+/// Counters homed in na that eu holds.
+async fn na_rows_in(d: &Deployment, region: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM counters WHERE home = 'na'")
+            .fetch_one(d.pool(region))
+            .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_partition_count_or_a_lost_offset_stops_instead_of_skipping() -> anyhow::Result<()>
+{
+    let mut d = start("").await?;
+    let insert = async |d: &Deployment, id: i64| -> anyhow::Result<()> {
+        sqlx::query("INSERT INTO counters (id, home, version) VALUES ($1, 'na', 1)")
+            .bind(id)
+            .execute(d.pool("na"))
+            .await?;
+        Ok(())
+    };
+    let wait_rows = async |d: &Deployment, n: i64| -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while na_rows_in(d, "eu").await? < n {
+            anyhow::ensure!(Instant::now() < deadline, "eu never got {n} rows of na");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    };
+    insert(&d, 1).await?;
+    wait_rows(&d, 1).await?;
+
+    // the topology asks for another partition count than the topic has
+    d.agent("na").kill9();
+    let config = std::fs::read_to_string(&d.config)?;
+    std::fs::write(
+        &d.config,
+        config.replace("partitions = 4", "partitions = 8"),
+    )?;
+    d.agent("na").restart()?;
+    insert(&d, 2).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d
+        .agent_log("na")
+        .contains("has 4 partitions, but the topology says 8")
+    {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("na"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        na_rows_in(&d, "eu").await?,
+        1,
+        "nothing produced with 8 partitions"
+    );
+    d.agent("na").kill9();
+    std::fs::write(&d.config, config)?;
+    d.agent("na").restart()?;
+    wait_rows(&d, 2).await?;
+
+    // eu's stored offsets point past what the broker holds (as after
+    // retention removed records eu never read): its partitions stop
+    d.agent("eu").kill9();
+    let topic = "meridian.na.eu";
+    sqlx::query(
+        "UPDATE meridian.kafka_positions SET next_offset = next_offset + 1000000 WHERE topic = $1",
+    )
+    .bind(topic)
+    .execute(d.pool("eu"))
+    .await?;
+    d.agent("eu").restart()?;
+    insert(&d, 3).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.agent_log("eu").to_lowercase().contains("out of range") {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("eu"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(na_rows_in(&d, "eu").await?, 2, "no silent jump to the end");
+    // put the offsets back: nothing was skipped
+    d.agent("eu").kill9();
+    sqlx::query(
+        "UPDATE meridian.kafka_positions SET next_offset = next_offset - 1000000 WHERE topic = $1",
+    )
+    .bind(topic)
+    .execute(d.pool("eu"))
+    .await?;
+    d.agent("eu").restart()?;
+    wait_rows(&d, 3).await?;
+    Ok(())
+}

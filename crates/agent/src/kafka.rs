@@ -62,6 +62,18 @@ impl Cluster {
 
     /// Creates the topic when absent (an existing topic keeps its settings)
     /// and returns its partition count.
+    /// The offsets a partition holds: (first, next to be written).
+    async fn offsets(&self, topic: &str, partition: i32) -> Result<(i64, i64), LinkError> {
+        let consumer: rdkafka::consumer::BaseConsumer = self.config().create().map_err(kafka)?;
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| LinkError::Kafka(e.to_string()))?
+        .map_err(kafka)
+    }
+
     async fn ensure_topic(&self, topic: &str) -> Result<i32, LinkError> {
         let admin: AdminClient<DefaultClientContext> = self.config().create().map_err(kafka)?;
         let admin = Arc::new(admin);
@@ -174,6 +186,19 @@ impl KafkaLink {
             .await?;
         let topic = record::topic(&self.cluster.topic_prefix, &self.source, &self.destination);
         let partitions = self.cluster.ensure_topic(&topic).await?;
+        if partitions != self.cluster.partitions {
+            // a row's records go to crc32(key) % partitions: another count
+            // sends a row's next change to another partition, where it can
+            // overtake the earlier ones
+            return Err(crate::lifecycle::Refusal(format!(
+                "topic {topic} has {partitions} partitions, but the topology says {}: producing \
+                 with another count would break per-row order, so the link stops. Let the \
+                 destination drain the topic, then delete it (it is made anew with the \
+                 topology's count) or set [kafka] partitions = {partitions}",
+                self.cluster.partitions
+            ))
+            .into());
+        }
         let producer: FutureProducer = self
             .cluster
             .config()
@@ -461,6 +486,19 @@ impl KafkaInbound {
             .set("fetch.max.bytes", "4194304")
             .create()
             .map_err(kafka)?;
+        // an offset outside what the broker holds is never skipped past,
+        // whatever the broker answers for it (some serve nothing, silently)
+        let (low, high) = self.cluster.offsets(topic, partition).await?;
+        if next_offset < low || next_offset > high {
+            return Err(LinkError::Lifecycle(crate::lifecycle::Refusal(format!(
+                "partition {partition} of {topic}: the stored next offset {next_offset} is out of \
+                 range of what the broker holds ({low} to {high}): records were removed before \
+                 they were applied (retention), or the topic was made anew. Nothing is skipped; \
+                 the partition waits. Rebuild the copy with `meridian resync --config FILE --link \
+                 {}:{}`",
+                self.source, self.destination
+            ))));
+        }
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(next_offset))
