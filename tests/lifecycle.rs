@@ -455,3 +455,62 @@ async fn a_source_promoted_from_a_standby_stops_its_link_until_resync() -> anyho
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_of_the_previous_release_and_this_one_work_together_or_wait_loudly()
+-> anyhow::Result<()> {
+    let previous = meridian_testkit::release::previous_release_binary()?;
+    let mut d = Deployment::start_mixed(
+        binary(),
+        &[("na", previous.as_path())],
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables: &[("public.items", "id", "home")],
+            proxied: &[],
+            extra_topology: "[replication]\nheartbeat_ms = 200\n",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await?;
+    // both directions: previous -> this, this -> previous
+    insert(&d, 0, 5).await?;
+    for id in 100..105 {
+        sqlx::query("INSERT INTO items VALUES ($1, 'eu', 'v')")
+            .bind(id)
+            .execute(d.pool("eu"))
+            .await?;
+    }
+    d.wait_converged("items", "id", 10, Duration::from_secs(60))
+        .await?;
+
+    // a transaction tagged with a commit token travels in batch format 3,
+    // which the previous release cannot read: it refuses, the link waits
+    sqlx::raw_sql(
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, 'meridian.token', '0123456789abcdef0123456789abcdef');
+         INSERT INTO items VALUES (200, 'eu', 'tagged');
+         COMMIT;
+         INSERT INTO items VALUES (201, 'eu', 'after');",
+    )
+    .execute(d.pool("eu"))
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.agent_log("eu").contains("upgrade the receiving agent") {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("eu"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE id >= 200")
+        .fetch_one(d.pool("na"))
+        .await?;
+    assert_eq!(held, 0, "nothing skipped past the refused batch");
+
+    // na is upgraded: everything arrives, once
+    d.agent("na").replace_binary(binary())?;
+    d.wait_converged("items", "id", 12, Duration::from_secs(60))
+        .await?;
+    Ok(())
+}

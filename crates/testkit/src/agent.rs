@@ -75,6 +75,21 @@ impl AgentProcess {
             .spawn()?)
     }
 
+    /// SIGKILL, then the same agent started from another binary (an
+    /// upgrade or a downgrade).
+    pub fn replace_binary(&mut self, binary: &Path) -> anyhow::Result<()> {
+        self.kill9();
+        self.binary = binary.to_owned();
+        self.child = Self::start(
+            &self.binary,
+            &self.config,
+            &self.region,
+            &self.log,
+            &self.env,
+        )?;
+        Ok(())
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

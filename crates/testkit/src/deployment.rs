@@ -53,6 +53,16 @@ impl Deployment {
     /// agents (`binary agent ...`) and waits until every slot exists, so
     /// every change from now on is captured.
     pub async fn start(binary: &Path, spec: &Spec<'_>) -> anyhow::Result<Deployment> {
+        Self::start_mixed(binary, &[], spec).await
+    }
+
+    /// [`Deployment::start`] with some regions' agents started from other
+    /// binaries (`(region, binary)`): agents of different releases.
+    pub async fn start_mixed(
+        binary: &Path,
+        others: &[(&str, &Path)],
+        spec: &Spec<'_>,
+    ) -> anyhow::Result<Deployment> {
         let mut clusters = Vec::new();
         let mut pools = Vec::new();
         for _ in spec.regions {
@@ -145,7 +155,13 @@ impl Deployment {
         let agents = spec
             .regions
             .iter()
-            .map(|r| AgentProcess::spawn_with_env(binary, &config, r, &log_dir, spec.agent_env))
+            .map(|r| {
+                let binary = others
+                    .iter()
+                    .find(|(region, _)| region == r)
+                    .map_or(binary, |(_, b)| *b);
+                AgentProcess::spawn_with_env(binary, &config, r, &log_dir, spec.agent_env)
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let deployment = Deployment {
             regions: spec.regions.iter().map(|r| r.to_string()).collect(),

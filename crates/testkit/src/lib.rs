@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod kafka;
 pub mod postgres;
 pub mod proxy;
+pub mod release;
 
 pub use agent::AgentProcess;
 pub use deployment::{Deployment, Spec};
