@@ -514,3 +514,74 @@ async fn agents_of_the_previous_release_and_this_one_work_together_or_wait_loudl
         .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restored_from_a_backup_taken_before_a_workload_stops_until_resync()
+-> anyhow::Result<()> {
+    let mut d = start(&[]).await?;
+    insert(&d, 0, 10).await?;
+    d.wait_converged("items", "id", 10, Duration::from_secs(60))
+        .await?;
+    // a backup of na with its 10 rows
+    let backup = d.cluster("na").standby()?;
+    let restored = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&backup.url("postgres"))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
+        .fetch_one(&restored)
+        .await?
+        < 10
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the backup did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    restored.close().await;
+    backup.crash()?;
+    // the workload after the backup reaches eu
+    insert(&d, 10, 20).await?;
+    d.wait_converged("items", "id", 20, Duration::from_secs(60))
+        .await?;
+    // na's store is lost and restored from the backup
+    d.agent("na").kill9();
+    backup.restore_as_primary()?;
+    let restored = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&backup.url("postgres"))
+        .await?;
+    let topology = std::fs::read_to_string(&d.config)?
+        .replace(&d.cluster("na").url("postgres"), &backup.url("postgres"));
+    std::fs::write(&d.config, topology)?;
+    d.agent("na").restart()?;
+    for id in 100..103 {
+        sqlx::query("INSERT INTO items VALUES ($1, 'na', 'after restore')")
+            .bind(id)
+            .execute(&restored)
+            .await?;
+    }
+    let log = wait_stopped(&d, "na", "eu").await?;
+    assert!(log.contains("restored from a backup"), "{log}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE id >= 100")
+        .fetch_one(d.pool("eu"))
+        .await?;
+    assert_eq!(
+        n, 0,
+        "nothing applied from the restored store before resync"
+    );
+
+    // resync: eu's copy of na's rows becomes the restored store's
+    resync(&d, "na:eu")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let fingerprint = "SELECT count(*), md5(string_agg(t::text, '|' ORDER BY id)) FROM items t";
+        let na: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&restored).await?;
+        let eu: (i64, Option<String>) = sqlx::query_as(fingerprint).fetch_one(d.pool("eu")).await?;
+        if eu.0 == 13 && eu.1.as_deref() == Some(na.1.as_str()) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{eu:?} vs {na:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -351,6 +351,20 @@ impl PgCluster {
         Ok(standby)
     }
 
+    /// Starts a stopped standby ([`PgCluster::crash`]) as a primary at the
+    /// point it had reached, as a store restored from a backup: its standby
+    /// signal removed, it never catches up with the old primary.
+    pub fn restore_as_primary(&self) -> anyhow::Result<()> {
+        let signal = self.data_dir().join("standby.signal");
+        if self.as_postgres {
+            let status = Command::new("rm").arg("-f").arg(&signal).status()?;
+            anyhow::ensure!(status.success(), "cannot remove {}", signal.display());
+        } else {
+            let _ = std::fs::remove_file(&signal);
+        }
+        self.restart()
+    }
+
     /// Promotes a standby to a primary (`pg_ctl promote`), waiting for it.
     pub fn promote(&self) -> anyhow::Result<()> {
         let data = self.data_dir();
