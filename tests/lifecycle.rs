@@ -13,6 +13,10 @@ fn binary() -> &'static Path {
 }
 
 async fn start(proxied: &'static [&'static str]) -> anyhow::Result<Deployment> {
+    start_over(proxied, false).await
+}
+
+async fn start_over(proxied: &'static [&'static str], kafka: bool) -> anyhow::Result<Deployment> {
     Deployment::start(
         binary(),
         &Spec {
@@ -24,7 +28,7 @@ async fn start(proxied: &'static [&'static str]) -> anyhow::Result<Deployment> {
             policy: None,
             agent_env: &[],
             global_schema: None,
-            kafka: false,
+            kafka,
         },
     )
     .await
@@ -189,7 +193,17 @@ async fn count(d: &Deployment, region: &str) -> anyhow::Result<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_dropped_and_made_anew_stops_the_link_until_resync() -> anyhow::Result<()> {
-    let mut d = start(&[]).await?;
+    slot_dropped_and_made_anew(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_and_made_anew_stops_the_link_until_resync_over_kafka() -> anyhow::Result<()>
+{
+    slot_dropped_and_made_anew(true).await
+}
+
+async fn slot_dropped_and_made_anew(kafka: bool) -> anyhow::Result<()> {
+    let mut d = start_over(&[], kafka).await?;
     insert(&d, 0, 10).await?;
     d.wait_converged("items", "id", 10, Duration::from_secs(60))
         .await?;

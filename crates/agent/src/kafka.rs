@@ -62,6 +62,54 @@ impl Cluster {
 
     /// Creates the topic when absent (an existing topic keeps its settings)
     /// and returns its partition count.
+    /// The highest source position in the last record of any partition of
+    /// `topic` (0 for an empty topic): what the link produced last.
+    async fn last_produced(&self, topic: &str, partitions: i32) -> Result<Lsn, LinkError> {
+        use rdkafka::consumer::BaseConsumer;
+        let consumer: BaseConsumer = self
+            .config()
+            .set("enable.auto.commit", "false")
+            .set("group.id", "meridian-last-produced")
+            .create()
+            .map_err(kafka)?;
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut last = Lsn(0);
+            for partition in 0..partitions {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                    .map_err(kafka)?;
+                if high <= low {
+                    continue;
+                }
+                let mut list = TopicPartitionList::new();
+                list.add_partition_offset(&topic, partition, Offset::Offset(high - 1))
+                    .map_err(kafka)?;
+                consumer.assign(&list).map_err(kafka)?;
+                let message = consumer
+                    .poll(Duration::from_secs(10))
+                    .ok_or_else(|| {
+                        LinkError::Kafka(format!(
+                            "cannot read the last record of partition {partition} of {topic}"
+                        ))
+                    })?
+                    .map_err(kafka)?;
+                let lsn = message
+                    .headers()
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == record::LSN)
+                            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                    })
+                    .unwrap_or(0);
+                last = last.max(Lsn(lsn));
+            }
+            Ok(last)
+        })
+        .await
+        .map_err(|e| LinkError::Kafka(e.to_string()))?
+    }
+
     /// The offsets a partition holds: (first, next to be written).
     async fn offsets(&self, topic: &str, partition: i32) -> Result<(i64, i64), LinkError> {
         let consumer: rdkafka::consumer::BaseConsumer = self.config().create().map_err(kafka)?;
@@ -181,9 +229,6 @@ impl Outbound for KafkaLink {
 
 impl KafkaLink {
     async fn session(&self) -> Result<(), LinkError> {
-        // a lost slot stops the link (never made anew here)
-        crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
-            .await?;
         let topic = record::topic(&self.cluster.topic_prefix, &self.source, &self.destination);
         let partitions = self.cluster.ensure_topic(&topic).await?;
         if partitions != self.cluster.partitions {
@@ -199,6 +244,27 @@ impl KafkaLink {
             ))
             .into());
         }
+        // a lost slot stops the link (never made anew here); a slot
+        // confirmed past what reached the topic (and past its own creation)
+        // means the changes between were never produced. An empty topic
+        // (made anew after draining) is left to the destination, whose
+        // stored offsets are then out of range if it had not drained.
+        let (_, source_pool) =
+            crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
+                .await?;
+        let produced = self.cluster.last_produced(&topic, partitions).await?;
+        if produced.0 > 0 {
+            crate::lifecycle::check_positions(
+                &source_pool,
+                &self.slot,
+                produced,
+                &self.source,
+                &self.destination,
+            )
+            .await
+            .map_err(|e| LinkError::Capture(e.into()))??;
+        }
+        drop(source_pool);
         let producer: FutureProducer = self
             .cluster
             .config()
