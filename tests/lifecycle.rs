@@ -599,3 +599,50 @@ async fn a_source_restored_from_a_backup_taken_before_a_workload_stops_until_res
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_by_its_wal_limit_stops_the_link_until_resync() -> anyhow::Result<()> {
+    let mut d = start(&[]).await?;
+    insert(&d, 0, 10).await?;
+    d.wait_converged("items", "id", 10, Duration::from_secs(60))
+        .await?;
+    // eu's link is down while na writes more WAL than its slots may keep
+    d.agent("na").kill9();
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '48MB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::query(sql).execute(d.pool("na")).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut next = 1000i64;
+    loop {
+        sqlx::query("INSERT INTO items SELECT g, 'na', repeat('x', 2000) FROM generate_series($1, $1 + 9999) g")
+            .bind(next)
+            .execute(d.pool("na"))
+            .await?;
+        next += 10_000;
+        sqlx::query("CHECKPOINT").execute(d.pool("na")).await?;
+        let status: String = sqlx::query_scalar(
+            "SELECT coalesce(wal_status, 'lost') FROM pg_replication_slots WHERE slot_name = 'meridian_na_to_eu'",
+        )
+        .fetch_one(d.pool("na"))
+        .await?;
+        if status == "lost" {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the slot was never invalidated: {status}"
+        );
+    }
+    d.agent("na").restart()?;
+    let log = wait_stopped(&d, "na", "eu").await?;
+    assert!(log.contains("was invalidated"), "{log}");
+    assert_eq!(count(&d, "eu").await?, 10, "nothing applied past the loss");
+
+    resync(&d, "na:eu")?;
+    d.wait_converged("items", "id", 10 + (next - 1000), Duration::from_secs(120))
+        .await?;
+    Ok(())
+}
