@@ -359,5 +359,24 @@ async fn a_changed_partition_count_or_a_lost_offset_stops_instead_of_skipping() 
     .await?;
     d.agent("eu").restart()?;
     wait_rows(&d, 3).await?;
+
+    // eu applies another incarnation of na's slot than the records carry
+    // (as when na's slot was made anew): the records wait, loudly
+    d.agent("eu").kill9();
+    sqlx::query("UPDATE meridian.source_incarnations SET incarnation = gen_random_uuid() WHERE source_region = 'na'")
+        .execute(d.pool("eu"))
+        .await?;
+    d.agent("eu").restart()?;
+    insert(&d, 4).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.agent_log("eu").contains("sends from slot incarnation") {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("eu"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        na_rows_in(&d, "eu").await?,
+        3,
+        "nothing applied from another incarnation"
+    );
     Ok(())
 }

@@ -249,7 +249,7 @@ impl KafkaLink {
         // means the changes between were never produced. An empty topic
         // (made anew after draining) is left to the destination, whose
         // stored offsets are then out of range if it had not drained.
-        let (_, source_pool) =
+        let (incarnation, source_pool) =
             crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
                 .await?;
         let produced = self.cluster.last_produced(&topic, partitions).await?;
@@ -332,7 +332,7 @@ impl KafkaLink {
                     && in_flight_bytes < MAX_UNACKNOWLEDGED_BYTES =>
                 {
                     let Some(transaction) = next else { return Err(LinkError::Closed) };
-                    in_flight_bytes += self.produce(&producer, &topic, partitions, transaction, &mut first_ordinal, &mut in_flight)?;
+                    in_flight_bytes += self.produce(&producer, (&topic, partitions), &incarnation, transaction, &mut first_ordinal, &mut in_flight)?;
                 }
             }
         }
@@ -342,8 +342,8 @@ impl KafkaLink {
     fn produce(
         &self,
         producer: &FutureProducer,
-        topic: &str,
-        partitions: i32,
+        (topic, partitions): (&str, i32),
+        incarnation: &str,
         transaction: Transaction,
         first_ordinal: &mut (Lsn, u32),
         in_flight: &mut VecDeque<InFlight>,
@@ -396,13 +396,19 @@ impl KafkaLink {
         let bytes: usize = records.iter().map(|r| r.value.len()).sum();
         let count = records.len();
         for (i, r) in records.into_iter().enumerate() {
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 1);
             for (key, value) in &r.headers {
                 headers = headers.insert(Header {
                     key,
                     value: Some(value),
                 });
             }
+            // the slot incarnation the record comes from (the destination
+            // refuses another one than it applied)
+            headers = headers.insert(Header {
+                key: INCARNATION,
+                value: Some(incarnation.as_bytes()),
+            });
             let mut out = FutureRecord::to(topic).payload(&r.value).headers(headers);
             if let Some(key) = &r.key {
                 out = out.key(key);
@@ -435,6 +441,9 @@ pub struct KafkaInbound {
     pub policy: SharedPolicy,
     pub telemetry: Arc<Telemetry>,
 }
+
+/// Header naming the source slot incarnation a record comes from.
+const INCARNATION: &str = "meridian-incarnation";
 
 /// Records applied in one destination transaction, at most.
 const MAX_APPLY_RECORDS: usize = 5_000;
@@ -530,6 +539,7 @@ impl KafkaInbound {
             .await
             .map_err(|e| LinkError::Kafka(format!("destination store: {e}")))?;
         let (next_offset, mut position) = stored[partition as usize];
+        let mut accepted: Option<String> = None;
         let consumer: StreamConsumer = self
             .cluster
             .config()
@@ -589,10 +599,45 @@ impl KafkaInbound {
                     Err(_) => break,
                 }
             }
+            self.check_incarnations(&mut applier, &mut accepted, &batch)
+                .await?;
             position = self
                 .apply_records(&mut applier, topic, partition, position, batch)
                 .await?;
         }
+    }
+
+    /// Refuses records from another slot incarnation of the source than the
+    /// one this store applies (`accepted` caches the last one accepted).
+    async fn check_incarnations(
+        &self,
+        applier: &mut Applier,
+        accepted: &mut Option<String>,
+        records: &[Consumed],
+    ) -> Result<(), LinkError> {
+        for r in records {
+            let Some(incarnation) = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == INCARNATION)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            else {
+                continue; // a record of a release that predates incarnations
+            };
+            if accepted.as_deref() == Some(incarnation) {
+                continue;
+            }
+            crate::lifecycle::accept_incarnation(
+                applier.connection(),
+                &self.source,
+                &self.destination,
+                incarnation,
+            )
+            .await
+            .map_err(|e| LinkError::Store(e.into()))??;
+            *accepted = Some(incarnation.to_owned());
+        }
+        Ok(())
     }
 
     /// Applies consumed records in order; returns the partition's position.

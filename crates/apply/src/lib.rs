@@ -567,6 +567,12 @@ impl Applier {
         })
     }
 
+    /// The apply session's connection, for checks between applies (never
+    /// while a fragmented transaction is open).
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
     /// Records a batch refused by the residency policy (no values kept).
     pub fn record_violation<'a>(
         &'a mut self,
