@@ -719,7 +719,7 @@ mod tests {
             wal_status: "reserved".into(),
             retained_bytes: 0,
             orphaned: false,
-            safe_wal_bytes: None,
+            safe_wal_bytes: Some(1 << 30),
         }]);
         t.metrics
             .policy_changes
