@@ -80,14 +80,7 @@ impl AgentProcess {
     pub fn replace_binary(&mut self, binary: &Path) -> anyhow::Result<()> {
         self.kill9();
         self.binary = binary.to_owned();
-        self.child = Self::start(
-            &self.binary,
-            &self.config,
-            &self.region,
-            &self.log,
-            &self.env,
-        )?;
-        Ok(())
+        self.restart()
     }
 
     /// SIGKILL: no shutdown path runs.

@@ -203,19 +203,7 @@ impl PgCluster {
         std::fs::write(&conf_path, text)?;
         let log = cluster.dir.join("server.log");
         for attempt in 1.. {
-            let started = cluster.run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-l",
-                    log.to_str().unwrap(),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ],
-            );
+            let started = cluster.restart();
             let Err(e) = started else { break };
             let server_log = std::fs::read_to_string(&log).unwrap_or_default();
             if attempt < 5 && server_log.contains("could not bind") {
