@@ -22,11 +22,15 @@ pub(crate) async fn prune(config: &Path, yes: bool) -> anyhow::Result<()> {
             .filter(|peer| *peer != region)
             .map(|peer| slot_name(region, peer))
             .collect();
+        // this region's outgoing slots, in its own database: a cluster may
+        // hold other regions' stores (and their slots) too
         let slots: Vec<(String, bool)> = sqlx::query_as(
             "SELECT slot_name::text, active FROM pg_replication_slots
-              WHERE slot_name LIKE 'meridian\\_%' AND NOT (slot_name = ANY($1)) ORDER BY 1",
+              WHERE database = current_database() AND slot_name LIKE $2
+                AND NOT (slot_name = ANY($1)) ORDER BY 1",
         )
         .bind(&used)
+        .bind(format!("meridian\\_{}\\_to\\_%", region))
         .fetch_all(&mut conn)
         .await?;
         for (slot, active) in slots {

@@ -233,6 +233,10 @@ async fn slot_dropped_and_made_anew(kafka: bool) -> anyhow::Result<()> {
         error.contains("never reached eu") && error.contains("resync --config FILE --link na:eu"),
         "{error}"
     );
+    assert!(
+        !error.contains("  "),
+        "one sentence, no stray indentation: {error}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(count(&d, "eu").await?, 10, "nothing applied after the gap");
 

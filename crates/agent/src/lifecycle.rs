@@ -175,7 +175,9 @@ pub async fn check_positions(
     let (confirmed, created) = (confirmed.unwrap_or(0) as u64, created.unwrap_or(0) as u64);
     if confirmed > applied.0 && confirmed > created {
         return Ok(Err(Refusal(format!(
-            "slot {slot} is confirmed up to {}, but {destination} applied {source} only up to              {applied}: the changes between never reached {destination} (the slot was dropped and              made anew, or {destination}'s store went back to an earlier point), so the link stops; {}",
+            "slot {slot} is confirmed up to {}, but {destination} applied {source} only up to \
+             {applied}: the changes between never reached {destination} (the slot was dropped and \
+             made anew, or {destination}'s store went back to an earlier point), so the link stops; {}",
             Lsn(confirmed),
             resync(source, destination)
         ))));

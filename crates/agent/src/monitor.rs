@@ -59,7 +59,8 @@ pub async fn run(
                     coalesce((confirmed_flush_lsn - '0/0')::bigint, 0),
                     (pg_current_wal_lsn() - '0/0')::bigint,
                     safe_wal_size
-               FROM pg_replication_slots WHERE slot_name LIKE $1",
+               FROM pg_replication_slots
+              WHERE database = current_database() AND slot_name LIKE $1",
         )
         .bind(format!("meridian\\_{}\\_to\\_%", telemetry.region))
         .fetch_all(&pool)
