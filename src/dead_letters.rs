@@ -9,7 +9,8 @@ use meridian_core::Lsn;
 use meridian_core::topology::Topology;
 use sqlx::{Connection, PgConnection};
 
-async fn connect(topology: &Topology, region: &str) -> anyhow::Result<PgConnection> {
+/// A connection to `region`'s store; the error names the region and store.
+pub(crate) async fn connect(topology: &Topology, region: &str) -> anyhow::Result<PgConnection> {
     let store = topology
         .region(region)
         .map_err(anyhow::Error::msg)?

@@ -21,7 +21,9 @@ use anyhow::Context;
 use meridian_capture::slot_name;
 use meridian_core::change::quote_ident;
 use meridian_core::topology::Topology;
-use sqlx::{Connection, PgConnection};
+use sqlx::Connection;
+
+use crate::dead_letters::connect;
 
 /// The origin the destination's deletes are marked with.
 const ORIGIN: &str = "meridian_resync";
@@ -31,18 +33,8 @@ pub(crate) async fn run(config: &Path, link: &str, yes: bool) -> anyhow::Result<
     let (source, destination) = link
         .split_once(':')
         .with_context(|| format!("--link {link:?}: expected SOURCE:DESTINATION, e.g. na:eu"))?;
-    let connect = async |region: &str| {
-        let store = topology
-            .region(region)
-            .map_err(anyhow::Error::msg)?
-            .store
-            .clone();
-        PgConnection::connect(store.expose())
-            .await
-            .with_context(|| format!("cannot reach region {region}'s store ({store})"))
-    };
-    let mut src = connect(source).await?;
-    let mut dst = connect(destination).await?;
+    let mut src = connect(&topology, source).await?;
+    let mut dst = connect(&topology, destination).await?;
     let slot = slot_name(source, destination);
     let state: Option<String> = sqlx::query_scalar(
         "SELECT coalesce(wal_status, 'lost') FROM pg_replication_slots WHERE slot_name = $1",

@@ -7,15 +7,12 @@ use std::path::Path;
 use anyhow::Context;
 use meridian_capture::slot_name;
 use meridian_core::topology::Topology;
-use sqlx::{Connection, PgConnection};
 
 pub(crate) async fn prune(config: &Path, yes: bool) -> anyhow::Result<()> {
     let topology = Topology::load(config)?;
     let mut found = 0;
-    for (region, spec) in &topology.regions {
-        let mut conn = PgConnection::connect(spec.store.expose())
-            .await
-            .with_context(|| format!("cannot reach region {region}'s store ({})", spec.store))?;
+    for region in topology.regions.keys() {
+        let mut conn = crate::dead_letters::connect(&topology, region).await?;
         let used: Vec<String> = topology
             .regions
             .keys()

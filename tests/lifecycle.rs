@@ -171,6 +171,25 @@ fn link_status(
     ))
 }
 
+/// Waits until eu's items equal those of `na` (a store outside the
+/// deployment) and number `rows`.
+async fn wait_matches(d: &Deployment, na: &sqlx::PgPool, rows: i64) -> anyhow::Result<()> {
+    let fingerprint = "SELECT count(*), md5(string_agg(t::text, '|' ORDER BY id)) FROM items t";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let na: (i64, Option<String>) = sqlx::query_as(fingerprint).fetch_one(na).await?;
+        let eu: (i64, Option<String>) = sqlx::query_as(fingerprint).fetch_one(d.pool("eu")).await?;
+        if eu.0 == rows && eu == na {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "eu never matched na: {eu:?} vs {na:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn resync(d: &Deployment, link: &str) -> anyhow::Result<String> {
     let out = std::process::Command::new(binary())
         .args(["resync", "--yes", "--link", link, "--config"])
@@ -457,21 +476,7 @@ async fn a_source_promoted_from_a_standby_stops_its_link_until_resync() -> anyho
 
     let out = resync(&d, "na:eu")?;
     assert!(out.contains("rewrote 25 row(s)"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let fingerprint = "SELECT count(*), md5(string_agg(t::text, '|' ORDER BY id)) FROM items t";
-        let new_na: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&replica).await?;
-        let eu: (i64, Option<String>) = sqlx::query_as(fingerprint).fetch_one(d.pool("eu")).await?;
-        if eu.0 == 25 && eu.1.as_deref() == Some(new_na.1.as_str()) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "eu never matched the promoted na: {eu:?} vs {new_na:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    wait_matches(&d, &replica, 25).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -590,18 +595,7 @@ async fn a_source_restored_from_a_backup_taken_before_a_workload_stops_until_res
 
     // resync: eu's copy of na's rows becomes the restored store's
     resync(&d, "na:eu")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let fingerprint = "SELECT count(*), md5(string_agg(t::text, '|' ORDER BY id)) FROM items t";
-        let na: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&restored).await?;
-        let eu: (i64, Option<String>) = sqlx::query_as(fingerprint).fetch_one(d.pool("eu")).await?;
-        if eu.0 == 13 && eu.1.as_deref() == Some(na.1.as_str()) {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{eu:?} vs {na:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    wait_matches(&d, &restored, 13).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
