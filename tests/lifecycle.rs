@@ -171,6 +171,30 @@ fn link_status(
     ))
 }
 
+/// Waits until `pool` (a store outside the deployment) holds `rows` items.
+async fn wait_count(pool: &sqlx::PgPool, rows: i64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+            .fetch_one(pool)
+            .await?;
+        if n == rows {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{n} items, never {rows}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Points na's agent at `store` (a promoted standby, a restored backup)
+/// and restarts it; its agent must be stopped.
+fn restart_na_on(d: &mut Deployment, store: &meridian_testkit::PgCluster) -> anyhow::Result<()> {
+    let topology = std::fs::read_to_string(&d.config)?
+        .replace(&d.cluster("na").url("postgres"), &store.url("postgres"));
+    std::fs::write(&d.config, topology)?;
+    d.agent("na").restart()
+}
+
 /// Waits until eu's items equal those of `na` (a store outside the
 /// deployment) and number `rows`.
 async fn wait_matches(d: &Deployment, na: &sqlx::PgPool, rows: i64) -> anyhow::Result<()> {
@@ -441,24 +465,11 @@ async fn a_source_promoted_from_a_standby_stops_its_link_until_resync() -> anyho
         .connect(&standby.url("postgres"))
         .await?;
     insert(&d, 10, 20).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
-            .fetch_one(&replica)
-            .await?;
-        if n == 20 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the standby did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(&replica, 20).await?;
     // na's primary is lost: the standby is promoted and na's agent uses it
     d.agent("na").kill9();
     standby.promote()?;
-    let topology = std::fs::read_to_string(&d.config)?
-        .replace(&d.cluster("na").url("postgres"), &standby.url("postgres"));
-    std::fs::write(&d.config, topology)?;
-    d.agent("na").restart()?;
+    restart_na_on(&mut d, &standby)?;
     for id in 20..25 {
         sqlx::query("INSERT INTO items VALUES ($1, 'na', 'v')")
             .bind(id)
@@ -551,15 +562,7 @@ async fn a_source_restored_from_a_backup_taken_before_a_workload_stops_until_res
         .max_connections(2)
         .connect(&backup.url("postgres"))
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
-        .fetch_one(&restored)
-        .await?
-        < 10
-    {
-        anyhow::ensure!(Instant::now() < deadline, "the backup did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(&restored, 10).await?;
     restored.close().await;
     backup.crash()?;
     // the workload after the backup reaches eu
@@ -573,10 +576,7 @@ async fn a_source_restored_from_a_backup_taken_before_a_workload_stops_until_res
         .max_connections(2)
         .connect(&backup.url("postgres"))
         .await?;
-    let topology = std::fs::read_to_string(&d.config)?
-        .replace(&d.cluster("na").url("postgres"), &backup.url("postgres"));
-    std::fs::write(&d.config, topology)?;
-    d.agent("na").restart()?;
+    restart_na_on(&mut d, &backup)?;
     for id in 100..103 {
         sqlx::query("INSERT INTO items VALUES ($1, 'na', 'after restore')")
             .bind(id)

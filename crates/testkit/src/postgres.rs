@@ -132,30 +132,7 @@ impl PgCluster {
     /// Initialises and starts a cluster on a free port. As root, PostgreSQL
     /// runs as the `postgres` user (it refuses to run as root).
     pub fn start_with(options: &PgOptions) -> anyhow::Result<PgCluster> {
-        let bindir = find_bindir()?;
-        let as_postgres = is_root();
-        let dir =
-            std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir)?;
-        let mut cluster = PgCluster {
-            dir,
-            bindir,
-            port: crate::free_port(),
-            as_postgres,
-            ca: None,
-        };
-        if as_postgres {
-            let status = Command::new("chown")
-                .arg("postgres:")
-                .arg(&cluster.dir)
-                .status()?;
-            if !status.success() {
-                bail!(
-                    "cannot chown {} to the postgres user; create that user (it comes with Debian's postgresql package)",
-                    cluster.dir.display()
-                );
-            }
-        }
+        let mut cluster = PgCluster::in_new_folder(find_bindir()?, is_root())?;
         let data = cluster.data_dir();
         cluster.run(
             "initdb",
@@ -289,27 +266,35 @@ impl PgCluster {
         Ok(())
     }
 
+    /// A cluster not yet made, in a new temporary folder (owned by the
+    /// `postgres` user when run as root) with a free port.
+    fn in_new_folder(bindir: PathBuf, as_postgres: bool) -> anyhow::Result<PgCluster> {
+        let dir =
+            std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        if as_postgres {
+            let status = Command::new("chown").arg("postgres:").arg(&dir).status()?;
+            if !status.success() {
+                bail!(
+                    "cannot chown {} to the postgres user; create that user (it comes with Debian's postgresql package)",
+                    dir.display()
+                );
+            }
+        }
+        Ok(PgCluster {
+            dir,
+            bindir,
+            port: crate::free_port(),
+            as_postgres,
+            ca: None,
+        })
+    }
+
     /// A physical standby of this cluster (`pg_basebackup -R`, streaming),
     /// in its own folder on its own port, started. Logical slots are not
     /// copied to it (PostgreSQL 15).
     pub fn standby(&self) -> anyhow::Result<PgCluster> {
-        let dir =
-            std::env::temp_dir().join(format!("meridian-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir)?;
-        let standby = PgCluster {
-            dir,
-            bindir: self.bindir.clone(),
-            port: crate::free_port(),
-            as_postgres: self.as_postgres,
-            ca: None,
-        };
-        if standby.as_postgres {
-            let status = Command::new("chown")
-                .arg("postgres:")
-                .arg(&standby.dir)
-                .status()?;
-            anyhow::ensure!(status.success(), "cannot chown {}", standby.dir.display());
-        }
+        let standby = PgCluster::in_new_folder(self.bindir.clone(), self.as_postgres)?;
         let data = standby.data_dir();
         standby.run(
             "pg_basebackup",
