@@ -164,6 +164,11 @@ async fn forward(state: Arc<State>, client: TcpStream) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let up_state = state.clone();
+    // Bytes read after a cut are never passed on, whichever branch of the
+    // select below runs first: a request sent after `pause` or `cut`
+    // returned must not reach the server.
+    let up_cut = state.cut.subscribe();
+    let down_cut = state.cut.subscribe();
     // the futures borrow the socket halves, so that a frozen connection
     // keeps its sockets open after the futures are dropped
     let up = async {
@@ -184,6 +189,9 @@ async fn forward(state: Arc<State>, client: TcpStream) {
                 buf[at] ^= 0x01; // stays ASCII: a changed letter or digit
                 up_state.corrupted.fetch_add(1, Ordering::SeqCst);
             }
+            if up_cut.has_changed().unwrap_or(true) {
+                return Ok(());
+            }
             {
                 let mut captured = up_state.captured.lock().expect("capture lock");
                 if captured.len() + n <= CAPTURE_LIMIT {
@@ -201,16 +209,20 @@ async fn forward(state: Arc<State>, client: TcpStream) {
             if n == 0 {
                 return Ok::<_, std::io::Error>(());
             }
+            if down_cut.has_changed().unwrap_or(true) {
+                return Ok(());
+            }
             if !down_state.swallow.load(Ordering::SeqCst) {
                 cw.write_all(&buf[..n]).await?;
             }
         }
     };
     let frozen = tokio::select! {
-        _ = up => false,
-        _ = down => false,
+        biased;
         _ = cut.changed() => false,
         _ = freeze.changed() => true,
+        _ = up => false,
+        _ = down => false,
     };
     if frozen {
         // both sockets stay open, silent, until the next cut
