@@ -52,6 +52,12 @@ pub(crate) struct InboundReport {
     pub dead_letters_pending: u64,
     /// None before the first applied batch.
     pub seconds_since_apply: Option<f64>,
+    /// Partitions (Kafka) or streams (gRPC) that stopped on an error and
+    /// have not applied since.
+    pub stalled: u32,
+    /// The longest stall's error, and how long it lasts.
+    pub stalled_error: Option<String>,
+    pub stalled_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -69,7 +75,8 @@ pub(crate) struct SlotReport {
 pub(crate) struct LinkReport {
     pub source: String,
     pub destination: String,
-    /// connected, retrying, stopped, or unknown (the source did not answer).
+    /// connected, retrying, stopped, stalled (connected, but the destination
+    /// keeps failing to apply), or unknown (the source did not answer).
     pub state: String,
     pub state_seconds: Option<f64>,
     pub lag_seconds: Option<f64>,
@@ -152,6 +159,9 @@ pub(crate) async fn gather(
                             dead_letters_pending: i.dead_letters_pending,
                             seconds_since_apply: (i.seconds_since_apply >= 0.0)
                                 .then_some(i.seconds_since_apply),
+                            stalled: i.stalled,
+                            stalled_error: (i.stalled > 0).then_some(i.stalled_error),
+                            stalled_seconds: (i.stalled > 0).then_some(i.stalled_seconds),
                         })
                         .collect(),
                 });
@@ -177,17 +187,31 @@ pub(crate) async fn gather(
             }
         }
     }
-    // data set aside at the destination is a gap until an operator acts:
-    // such a link is never "ok"
     for l in &mut links {
-        let pending = regions
+        let Some(inbound) = regions
             .iter()
             .find(|r| r.region == l.destination && r.reachable)
             .and_then(|r| r.inbound.iter().find(|i| i.source == l.source))
-            .map(|i| i.dead_letters_pending);
-        l.dead_letters_pending = pending;
-        if pending.unwrap_or(0) > 0 && l.health == "ok" {
+        else {
+            continue;
+        };
+        // data set aside at the destination is a gap until an operator
+        // acts: such a link is never "ok"
+        l.dead_letters_pending = Some(inbound.dead_letters_pending);
+        if inbound.dead_letters_pending > 0 && l.health == "ok" {
             l.health = "warn";
+        }
+        // a destination that keeps failing to apply is a stalled link,
+        // however connected the source sees it (Kafka: the source only
+        // talks to the broker)
+        if let Some(error) = &inbound.stalled_error {
+            if l.state == "connected" {
+                l.state = "stalled".to_owned();
+                l.state_seconds = inbound.stalled_seconds;
+            }
+            l.last_error = Some(format!("at {}: {error}", l.destination));
+            l.last_error_age_seconds = Some(0.0);
+            l.health = "critical";
         }
     }
     // an orphaned slot pins WAL until someone drops it

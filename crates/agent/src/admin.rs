@@ -88,6 +88,18 @@ impl Admin for AdminService {
                     changes_applied: i.changes_applied,
                     dead_letters: i.dead_letters,
                     dead_letters_pending: i.dead_letters_pending,
+                    stalled: i.stalled.len() as u32,
+                    stalled_error: i
+                        .stalled
+                        .values()
+                        .min_by_key(|(_, since)| *since)
+                        .map(|(e, _)| e.clone())
+                        .unwrap_or_default(),
+                    stalled_seconds: i
+                        .stalled
+                        .values()
+                        .map(|(_, since)| since.elapsed().as_secs_f64())
+                        .fold(0.0, f64::max),
                 })
                 .collect(),
         }))

@@ -504,6 +504,11 @@ impl KafkaInbound {
             if let Err(e) = result {
                 self.telemetry
                     .error(&self.source, &self.destination, e.kind());
+                self.telemetry.inbound_stalled(
+                    &self.source,
+                    Some(partition),
+                    format!("partition {partition}: {e}"),
+                );
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = Duration::from_millis(100);
                 }
@@ -604,6 +609,7 @@ impl KafkaInbound {
             position = self
                 .apply_records(&mut applier, topic, partition, position, batch)
                 .await?;
+            self.telemetry.inbound_moving(&self.source, Some(partition));
         }
     }
 
@@ -788,9 +794,16 @@ impl KafkaInbound {
                 Ok(applied.watermark)
             }
             Err(e) => {
-                if let ApplyError::Schema(reason) = &e {
-                    tracing::error!(source = %self.source, %topic, partition, %reason,
-                        "destination schema does not fit; the partition waits");
+                match &e {
+                    ApplyError::Schema(reason) => {
+                        tracing::error!(source = %self.source, %topic, partition, %reason,
+                            "destination schema does not fit; the partition waits")
+                    }
+                    ApplyError::Waiting(reason) => {
+                        tracing::warn!(source = %self.source, %topic, partition, %reason,
+                            "record waits for another partition")
+                    }
+                    _ => {}
                 }
                 Err(LinkError::Store(e))
             }

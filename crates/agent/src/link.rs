@@ -100,6 +100,7 @@ impl LinkError {
             LinkError::Kafka(_) => "kafka",
             LinkError::Store(meridian_apply::ApplyError::Schema(_)) => "schema",
             LinkError::Store(meridian_apply::ApplyError::Blocked(_)) => "blocked",
+            LinkError::Store(meridian_apply::ApplyError::Waiting(_)) => "waiting",
             LinkError::Store(_) => "store_unavailable",
             LinkError::Lifecycle(_) => "lifecycle",
         }

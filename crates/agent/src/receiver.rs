@@ -84,9 +84,10 @@ impl ReplicationService {
 /// row values.
 fn status(e: &ApplyError) -> Status {
     match e {
-        ApplyError::Rejected { .. } | ApplyError::Schema(_) | ApplyError::Blocked(_) => {
-            Status::failed_precondition(e.to_string())
-        }
+        ApplyError::Rejected { .. }
+        | ApplyError::Schema(_)
+        | ApplyError::Blocked(_)
+        | ApplyError::Waiting(_) => Status::failed_precondition(e.to_string()),
         ApplyError::Unavailable(_) => Status::unavailable(format!("destination {e}")),
     }
 }
@@ -365,6 +366,7 @@ async fn apply_batch(
 ) -> Result<Lsn, Status> {
     match applier.apply(transactions, Checkpoint::Watermark).await {
         Ok(applied) => {
+            me.telemetry.inbound_moving(source, None);
             for (end_lsn, reason) in &applied.dead_lettered {
                 tracing::error!(source, end_lsn = %end_lsn, %reason,
                     "transaction moved to meridian.dead_letters (meridian dead-letters list)");
@@ -373,6 +375,7 @@ async fn apply_batch(
             Ok(applied.watermark)
         }
         Err(e) => {
+            me.telemetry.inbound_stalled(source, None, e.to_string());
             match &e {
                 ApplyError::Schema(reason) => {
                     tracing::error!(source, %reason, "destination schema does not fit; the link waits");

@@ -48,6 +48,9 @@ pub const DEAD_LETTERS: &str = "meridian_dead_letters";
 /// Dead letters from a source waiting in this store for an operator
 /// (`meridian dead-letters list`), read from the store.
 pub const DEAD_LETTERS_PENDING: &str = "meridian_dead_letters_pending";
+/// Partitions (Kafka) or streams (gRPC) from a source that stopped on an
+/// error at this destination and have not applied since.
+pub const INBOUND_STALLED: &str = "meridian_inbound_stalled";
 pub const ERRORS: &str = "meridian_errors";
 pub const POLICY_CHANGES: &str = "meridian_policy_changes";
 pub const POLICY_VERSION: &str = "meridian_policy_version";
@@ -56,7 +59,7 @@ pub const AGENT_INFO: &str = "meridian_agent_info";
 
 /// Every family the agent exports, with its OpenMetrics type. A family
 /// shows in a scrape once it has a sample.
-pub const FAMILIES: [(&str, &str); 19] = [
+pub const FAMILIES: [(&str, &str); 20] = [
     (LINK_LAG_SECONDS, "gauge"),
     (LINK_LAG_BYTES, "gauge"),
     (LINK_STATE, "gauge"),
@@ -72,6 +75,7 @@ pub const FAMILIES: [(&str, &str); 19] = [
     (APPLY_SECONDS, "histogram"),
     (DEAD_LETTERS, "counter"),
     (DEAD_LETTERS_PENDING, "gauge"),
+    (INBOUND_STALLED, "gauge"),
     (ERRORS, "counter"),
     (POLICY_CHANGES, "counter"),
     (POLICY_VERSION, "gauge"),
@@ -151,6 +155,7 @@ pub struct Metrics {
     pub apply_seconds: HistogramFamily,
     pub dead_letters: Family<LinkLabels, Counter>,
     pub dead_letters_pending: Family<LinkLabels, Gauge>,
+    pub inbound_stalled: Family<LinkLabels, Gauge>,
     pub errors: Family<ErrorLabels, Counter>,
     pub policy_changes: Family<PolicyLabels, Counter>,
     pub policy_version: Family<RegionLabels, Gauge>,
@@ -209,6 +214,10 @@ pub struct InboundStatus {
     pub dead_letters: u64,
     /// Dead letters from this source waiting in the store (any agent run).
     pub dead_letters_pending: u64,
+    /// Partitions (Kafka; `None` for the gRPC stream) that stopped on an
+    /// error and have not applied since: the last error (no row values)
+    /// and when the stall began.
+    pub stalled: BTreeMap<Option<i32>, (String, Instant)>,
 }
 
 /// One replication slot of this region's store.
@@ -270,6 +279,7 @@ impl Telemetry {
             }),
             dead_letters: Family::default(),
             dead_letters_pending: Family::default(),
+            inbound_stalled: Family::default(),
             errors: Family::default(),
             policy_changes: Family::default(),
             policy_version: Family::default(),
@@ -348,6 +358,11 @@ impl Telemetry {
             DEAD_LETTERS_PENDING,
             "Dead letters from the source waiting in this region's store for replay or discard.",
             m.dead_letters_pending.clone(),
+        );
+        r.register(
+            INBOUND_STALLED,
+            "Partitions (Kafka) or streams (gRPC) from the source that stopped on an error in this region and have not applied since.",
+            m.inbound_stalled.clone(),
         );
         r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture (links); crc_mismatch, policy_violation, undecodable, store_unavailable (receiver); schema, version, kafka, bad_record (both); heartbeat, monitor (source store).", m.errors.clone());
         r.register(
@@ -519,6 +534,34 @@ impl Telemetry {
         status.applied_lsn = status.applied_lsn.max(watermark);
         status.last_applied = Some(SystemTime::now());
         status.changes_applied += tables.iter().map(|(_, n)| n).sum::<u64>();
+    }
+
+    /// A partition (or the gRPC stream, `None`) from `source` stopped on
+    /// `error`; it counts as stalled until [`Telemetry::inbound_moving`].
+    pub fn inbound_stalled(&self, source: &str, partition: Option<i32>, error: String) {
+        let mut inbound = lock(&self.inbound);
+        let status = inbound.entry(source.to_owned()).or_default();
+        let since = status
+            .stalled
+            .get(&partition)
+            .map_or_else(Instant::now, |(_, since)| *since);
+        status.stalled.insert(partition, (error, since));
+        self.metrics
+            .inbound_stalled
+            .get_or_create(&self.inbound_link(source))
+            .set(status.stalled.len() as i64);
+    }
+
+    /// A partition (or the gRPC stream) from `source` applied again.
+    pub fn inbound_moving(&self, source: &str, partition: Option<i32>) {
+        let mut inbound = lock(&self.inbound);
+        let status = inbound.entry(source.to_owned()).or_default();
+        if status.stalled.remove(&partition).is_some() || status.stalled.is_empty() {
+            self.metrics
+                .inbound_stalled
+                .get_or_create(&self.inbound_link(source))
+                .set(status.stalled.len() as i64);
+        }
     }
 
     /// Counts a dead letter from `source`.
@@ -712,6 +755,7 @@ mod tests {
         t.watch_link("na", Arc::default());
         t.update_link("na", 0);
         t.set_pending_dead_letters(&["na".into()], &[]);
+        t.inbound_stalled("na", Some(0), "waiting".into());
         t.set_slots(vec![SlotStatus {
             name: "s".into(),
             destination: "na".into(),

@@ -27,6 +27,11 @@ pub enum ApplyError {
         "store rejected part of a transaction too large to set aside as a dead letter: {0}; fix the cause (the link retries until then)"
     )]
     Blocked(String),
+    /// The data breaks a unique constraint while a row in the way may still
+    /// be removed by changes another Kafka partition has not applied yet:
+    /// the partition waits and retries. The reason has no values.
+    #[error("{0}")]
+    Waiting(String),
     /// The store was unreachable or failed transiently; retry later.
     #[error("store unavailable: {}", describe_unavailable(.0))]
     Unavailable(#[from] sqlx::Error),

@@ -129,6 +129,9 @@ pub struct Applier {
     /// The destination transaction of a fragmented source transaction,
     /// open across calls until its last fragment.
     open: Option<Open>,
+    /// A fragmented transaction (by commit position) a unique constraint
+    /// refused as sets: its next attempt applies change by change.
+    in_source_order: Option<Lsn>,
 }
 
 /// A destination transaction left open for the rest of a fragmented source
@@ -156,6 +159,7 @@ impl Applier {
             source: source.to_owned(),
             shapes: HashMap::new(),
             open: None,
+            in_source_order: None,
         })
     }
 
@@ -259,6 +263,9 @@ impl Applier {
         let result = self.apply_fragments_inner(fragments).await;
         if let Err(e) = &result {
             self.shapes.clear();
+            if is_uniqueness(e) {
+                self.in_source_order = Some(fragments[0].commit_lsn);
+            }
             if self.open.take().is_some() {
                 // the transaction is aborted already; end it
                 let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
@@ -290,13 +297,18 @@ impl Applier {
         }
         let watermark = self.open.as_ref().expect("opened above").watermark;
         let mut changes = 0;
-        if let Some(plan) = plan::plan(fragments, watermark).map_err(|e| ApplyError::Rejected {
+        let order = match self.in_source_order {
+            Some(commit) if commit == first.commit_lsn => Order::Source,
+            _ => Order::Collapsed,
+        };
+        let plans = plans(fragments, watermark, order).map_err(|e| ApplyError::Rejected {
             sqlstate: None,
             reason: e.to_string(),
-        })? {
-            load_shapes(&mut self.conn, &plan, &mut self.shapes).await?;
-            execute(&mut self.conn, &plan, &self.shapes).await?;
-            changes = plan.changes;
+        })?;
+        for plan in &plans {
+            load_shapes(&mut self.conn, plan, &mut self.shapes).await?;
+            execute(&mut self.conn, plan, &self.shapes).await?;
+            changes += plan.changes;
         }
         let last = fragments.last().expect("at least one fragment");
         if last.continues {
@@ -337,7 +349,7 @@ impl Applier {
             for (i, t) in transactions.iter().enumerate() {
                 let at = at.slice(i..i + 1);
                 let single = std::slice::from_ref(t);
-                match self.try_apply(single, at).await {
+                match self.try_apply_alone(single, at).await {
                     Ok(applied) => {
                         outcome.watermark = outcome.watermark.max(applied.watermark);
                         outcome.changes += applied.changes;
@@ -356,6 +368,46 @@ impl Applier {
         }
     }
 
+    /// One transaction (or Kafka record) that failed in a batch. A unique or
+    /// exclusion violation may come from applying its changes as a set
+    /// (positions swapped under `UNIQUE (list, position)` through a
+    /// temporary value): it is tried again change by change, in source
+    /// order, where every step was valid at the source. A Kafka record that
+    /// still violates one waits ([`ApplyError::Waiting`]) while another
+    /// partition of its source is behind it: the row in the way may be the
+    /// old half of a key change travelling there.
+    async fn try_apply_alone(
+        &mut self,
+        single: &[Transaction],
+        at: Checkpoint<'_>,
+    ) -> Result<Applied, ApplyError> {
+        let result = self.try_apply(single, at).await;
+        if !result.as_ref().is_err_and(is_uniqueness) {
+            return result;
+        }
+        let result = self.try_apply_in(single, at, Order::Source).await;
+        let Checkpoint::Partition {
+            topic,
+            partition,
+            after: [record],
+        } = at
+        else {
+            return result;
+        };
+        if let Err(e) = &result
+            && is_uniqueness(e)
+            && let Some(behind) =
+                partition_behind(&mut self.conn, topic, partition, record.position).await?
+        {
+            return Err(ApplyError::Waiting(format!(
+                "{e}; partition {behind} of {topic} has not yet applied the source's changes \
+                 before this record (one may remove the row in the way), so partition \
+                 {partition} waits for it"
+            )));
+        }
+        result
+    }
+
     /// One attempt, repeated once with the table shapes read anew if the
     /// store refused it (the cache may predate a schema change).
     async fn try_apply(
@@ -363,11 +415,20 @@ impl Applier {
         transactions: &[Transaction],
         at: Checkpoint<'_>,
     ) -> Result<Applied, ApplyError> {
-        match self.apply_once(transactions, at).await {
+        self.try_apply_in(transactions, at, Order::Collapsed).await
+    }
+
+    async fn try_apply_in(
+        &mut self,
+        transactions: &[Transaction],
+        at: Checkpoint<'_>,
+        order: Order,
+    ) -> Result<Applied, ApplyError> {
+        match self.apply_once(transactions, at, order).await {
             Err(ApplyError::Unavailable(e)) => Err(ApplyError::Unavailable(e)),
             Err(_) => {
                 self.shapes.clear();
-                self.apply_once(transactions, at).await
+                self.apply_once(transactions, at, order).await
             }
             ok => ok,
         }
@@ -377,6 +438,7 @@ impl Applier {
         &mut self,
         transactions: &[Transaction],
         at: Checkpoint<'_>,
+        order: Order,
     ) -> Result<Applied, ApplyError> {
         let mut tx = self.conn.begin().await?;
         let applied = match at {
@@ -391,18 +453,21 @@ impl Applier {
             }
             Checkpoint::Partition { .. } => Lsn(0),
         };
-        let plan = plan::plan(transactions, applied).map_err(|e| ApplyError::Rejected {
+        let plans = plans(transactions, applied, order).map_err(|e| ApplyError::Rejected {
             sqlstate: None,
             reason: e.to_string(),
         })?;
         let mut changes = 0;
-        if let Some(plan) = &plan {
+        for plan in &plans {
             load_shapes(&mut tx, plan, &mut self.shapes).await?;
             execute(&mut tx, plan, &self.shapes).await?;
-            changes = plan.changes;
+            changes += plan.changes;
+        }
+        if !plans.is_empty() {
             let new = transactions.iter().filter(|t| t.end_lsn > applied);
             record_tokens(&mut tx, &self.source, new).await?;
         }
+        let plan = plans.last();
         let watermark = match (at, &plan) {
             (Checkpoint::Watermark, None) => {
                 return Ok(Applied {
@@ -597,6 +662,70 @@ impl Applier {
             .map(|_| ())
         })
     }
+}
+
+/// How a transaction's changes become statements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// Collapsed per row into set-based statements (the fast path).
+    Collapsed,
+    /// One change at a time, in source order (the fallback when a unique
+    /// constraint other than the key refuses the set).
+    Source,
+}
+
+/// The plans that apply the transactions past `applied`, in order.
+fn plans(
+    transactions: &[Transaction],
+    applied: Lsn,
+    order: Order,
+) -> Result<Vec<Plan>, plan::ShapeError> {
+    match order {
+        Order::Collapsed => Ok(plan::plan(transactions, applied)?.into_iter().collect()),
+        Order::Source => {
+            let mut plans = Vec::new();
+            for t in transactions.iter().filter(|t| t.end_lsn > applied) {
+                for change in &t.changes {
+                    let one = Transaction {
+                        commit_lsn: t.commit_lsn,
+                        end_lsn: t.end_lsn,
+                        commit_time: t.commit_time,
+                        changes: vec![change.clone()],
+                        continues: false,
+                        token: None,
+                    };
+                    plans.extend(plan::plan(std::slice::from_ref(&one), applied)?);
+                }
+            }
+            Ok(plans)
+        }
+    }
+}
+
+/// A unique or exclusion violation (SQLSTATE 23505, 23P01).
+fn is_uniqueness(e: &ApplyError) -> bool {
+    matches!(e, ApplyError::Rejected { sqlstate: Some(s), .. } if s == "23505" || s == "23P01")
+}
+
+/// A partition of `topic` other than `partition` whose applied position is
+/// still before `position`, if any.
+async fn partition_behind(
+    conn: &mut PgConnection,
+    topic: &str,
+    partition: i32,
+    position: Position,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT partition FROM meridian.kafka_positions
+          WHERE topic = $1 AND partition <> $2 AND (lsn, idx) < ($3, $4)
+          ORDER BY partition LIMIT 1",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(position.lsn.0 as i64)
+    .bind(i64::from(position.index))
+    .fetch_optional(conn)
+    .await
 }
 
 /// A connection set up to apply: no user triggers and no FK ordering (like
@@ -810,5 +939,87 @@ fn build_error(table: &str, e: statements::BuildError) -> ApplyError {
             sqlstate: None,
             reason: format!("{table}: {m}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use meridian_core::change::{Change, ChangeKind, Column, Table, Value};
+
+    use super::*;
+
+    fn update(table: &Arc<Table>, id: &str, pos: &str) -> Change {
+        Change {
+            table: table.clone(),
+            kind: ChangeKind::Update {
+                old: None,
+                new: vec![Value::Text(id.into()), Value::Text(pos.into())],
+            },
+        }
+    }
+
+    /// A swap through a temporary value: collapsed, the first row's final
+    /// image comes first (which a unique position refuses while the second
+    /// row holds it); in source order every step is its own plan, in order.
+    #[test]
+    fn source_order_plans_each_change_in_turn() {
+        let table = Arc::new(Table {
+            schema: "public".into(),
+            name: "slots".into(),
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    key: true,
+                },
+                Column {
+                    name: "pos".into(),
+                    type_oid: 23,
+                    key: false,
+                },
+            ],
+        });
+        let swap = Transaction {
+            commit_lsn: Lsn(9),
+            end_lsn: Lsn(10),
+            commit_time: 1,
+            changes: vec![
+                update(&table, "1", "-1"),
+                update(&table, "2", "1"),
+                update(&table, "1", "2"),
+            ],
+            continues: false,
+            token: Some(7),
+        };
+        let rows = |p: &Plan| p.tables[0].1.upserts.clone();
+        let collapsed = plans(std::slice::from_ref(&swap), Lsn(0), Order::Collapsed).unwrap();
+        assert_eq!(collapsed.len(), 1);
+        assert_eq!(collapsed[0].changes, 3);
+        assert_eq!(rows(&collapsed[0])[0][1], Value::Text("2".into()));
+
+        let ordered = plans(std::slice::from_ref(&swap), Lsn(0), Order::Source).unwrap();
+        let steps: Vec<_> = ordered.iter().map(rows).collect();
+        let text = |s: &str| Value::Text(s.into());
+        assert_eq!(
+            steps,
+            vec![
+                vec![vec![text("1"), text("-1")]],
+                vec![vec![text("2"), text("1")]],
+                vec![vec![text("1"), text("2")]],
+            ]
+        );
+        assert!(
+            ordered
+                .iter()
+                .all(|p| p.end_lsn == Lsn(10) && p.changes == 1)
+        );
+        // already applied: nothing in either order
+        assert!(
+            plans(std::slice::from_ref(&swap), Lsn(10), Order::Source)
+                .unwrap()
+                .is_empty()
+        );
     }
 }
