@@ -1,17 +1,28 @@
 //! End-to-end catch-up benchmark: Meridian vs PostgreSQL's native logical
 //! replication, on the same clusters and the same WAL backlog, in one run.
 //!
-//! A source cluster gets a backlog of row changes (a ~200-byte row; 50%
-//! inserts, 30% updates, 20% deletes, 1,000 changes per transaction) while
-//! both a Meridian slot and a native subscription's slot exist but nobody
-//! reads them. Then Meridian's agents start and the time until the
-//! destination matches the source is measured; then the native subscription
-//! is enabled on a second destination and measured the same way.
+//! For each shape, a source cluster gets a backlog of row changes (a
+//! ~200-byte row; 60 % inserts, 30 % updates, 10 % deletes) while both a
+//! Meridian slot and a native subscription's slot exist but nobody reads
+//! them. Then Meridian's agents start and the time until the destination
+//! matches the source is measured; then the native subscription is enabled
+//! on a second destination and measured the same way. One JSON line per
+//! shape:
 //!
-//! `cargo bench --bench replication` (1,000,000 changes); set
-//! `MERIDIAN_BENCH_CHANGES` for another size, and
-//! `MERIDIAN_BENCH_TRANSPORT=kafka` to ship through a Kafka-protocol broker
-//! (tansu, sqlite storage) instead of gRPC. Prints one JSON line.
+//! - `single`: single-row transactions (what OLTP services commit);
+//! - `ten`: 10-row transactions;
+//! - `thousand`: 1,000-row transactions;
+//! - `toast`: single-row transactions, 10 % of rows with a 20 kB value
+//!   stored out of line (updates leave it unchanged);
+//! - `policy`: 10-row transactions under a residency policy that hashes one
+//!   column and drops another (native replicates everything: it cannot).
+//!
+//! ```sh
+//! cargo bench --bench replication                                  # every shape, gRPC
+//! MERIDIAN_BENCH_SHAPES=single,thousand cargo bench --bench replication
+//! MERIDIAN_BENCH_SCALE=0.2 cargo bench --bench replication         # smaller backlogs
+//! MERIDIAN_BENCH_TRANSPORT=kafka cargo bench --bench replication   # through tansu
+//! ```
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,32 +33,145 @@ use meridian_testkit::{AgentProcess, PgCluster};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-const SCHEMA: &str = "CREATE TABLE bench_rows (
+const SCHEMA: &str = "
+CREATE TABLE bench_rows (
     id bigint PRIMARY KEY,
     region text NOT NULL,
     a integer NOT NULL,
     b text NOT NULL,
     c timestamptz NOT NULL,
-    d numeric(12,2) NOT NULL
-);";
+    d numeric(12,2),
+    e text
+);
+-- 20 kB values go out of line, uncompressed: an update that leaves them
+-- alone carries them as 'unchanged'
+ALTER TABLE bench_rows ALTER COLUMN e SET STORAGE EXTERNAL;";
 
-const PER_TX: i64 = 1000;
+/// Writes `n` row changes in transactions of `per_tx`, server-side (a
+/// COMMIT per transaction, as a client would): a change is an insert (6 in
+/// 10), an update of a recent row (3 in 10) or a delete of the oldest row
+/// (1 in 10). Every `big_every`-th inserted row carries a 20 kB value.
+const GENERATOR: &str = "
+CREATE PROCEDURE bench_generate(n bigint, per_tx int, big_every int) LANGUAGE plpgsql AS $$
+DECLARE
+    ins bigint := 0;
+    del bigint := 0;
+    k bigint := 0;
+BEGIN
+    WHILE k < n LOOP
+        FOR j IN 1..per_tx LOOP
+            IF k % 10 < 6 OR ins - del < 100 THEN
+                INSERT INTO bench_rows VALUES (ins, 'na', ins % 100000, rpad(md5(ins::text), 150, 'x'),
+                    now(), (ins % 10000) / 100.0,
+                    CASE WHEN big_every > 0 AND ins % big_every = 0
+                         THEN (SELECT string_agg(md5((ins * 1000 + g)::text), '') FROM generate_series(1, 640) g)
+                    END);
+                ins := ins + 1;
+            ELSIF k % 10 < 9 THEN
+                UPDATE bench_rows SET a = a + 1, c = now() WHERE id = ins - 1 - (k % 50);
+            ELSE
+                DELETE FROM bench_rows WHERE id = del;
+                del := del + 1;
+            END IF;
+            k := k + 1;
+        END LOOP;
+        COMMIT;
+    END LOOP;
+END $$;";
+
+/// Hashes `b` and drops `d` on the way to eu.
+const POLICY: &str = r#"
+version = 1
+
+[[rules]]
+name = "bench"
+table = "public.bench_rows"
+from = ["na"]
+to = ["eu"]
+columns = { id = "keep", region = "keep", a = "keep", b = "hash", c = "keep", e = "keep" }
+"#;
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    name: &'static str,
+    changes: i64,
+    per_tx: i32,
+    big_every: i32,
+    policy: bool,
+}
+
+const SHAPES: [Shape; 5] = [
+    Shape {
+        name: "single",
+        changes: 300_000,
+        per_tx: 1,
+        big_every: 0,
+        policy: false,
+    },
+    Shape {
+        name: "ten",
+        changes: 500_000,
+        per_tx: 10,
+        big_every: 0,
+        policy: false,
+    },
+    Shape {
+        name: "thousand",
+        changes: 1_000_000,
+        per_tx: 1000,
+        big_every: 0,
+        policy: false,
+    },
+    Shape {
+        name: "toast",
+        changes: 100_000,
+        per_tx: 1,
+        big_every: 10,
+        policy: false,
+    },
+    Shape {
+        name: "policy",
+        changes: 500_000,
+        per_tx: 10,
+        big_every: 0,
+        policy: true,
+    },
+];
 
 fn main() -> anyhow::Result<()> {
-    let changes: i64 = std::env::var("MERIDIAN_BENCH_CHANGES")
+    let scale: f64 = std::env::var("MERIDIAN_BENCH_SCALE")
         .ok()
-        .map(|v| v.parse().context("MERIDIAN_BENCH_CHANGES must be a number"))
+        .map(|v| v.parse().context("MERIDIAN_BENCH_SCALE must be a number"))
         .transpose()?
-        .unwrap_or(1_000_000);
+        .unwrap_or(1.0);
     let kafka = match std::env::var("MERIDIAN_BENCH_TRANSPORT").as_deref() {
         Ok("kafka") => true,
         Ok("grpc") | Err(_) => false,
         Ok(other) => anyhow::bail!("MERIDIAN_BENCH_TRANSPORT={other:?}: expected grpc or kafka"),
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let wanted: Vec<String> = std::env::var("MERIDIAN_BENCH_SHAPES")
+        .map(|s| s.split(',').map(|s| s.trim().to_owned()).collect())
+        .unwrap_or_else(|_| SHAPES.iter().map(|s| s.name.to_owned()).collect());
+    let mut shapes = Vec::new();
+    for name in &wanted {
+        let shape = SHAPES.iter().find(|s| s.name == name).with_context(|| {
+            format!(
+                "MERIDIAN_BENCH_SHAPES: unknown shape {name:?}; known: {:?}",
+                SHAPES.map(|s| s.name)
+            )
+        })?;
+        shapes.push(Shape {
+            changes: ((shape.changes as f64 * scale) as i64).max(1_000),
+            ..*shape
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(changes, kafka))
+        .build()?;
+    for shape in shapes {
+        runtime.block_on(run(shape, kafka))?;
+    }
+    Ok(())
 }
 
 async fn connect(cluster: &PgCluster) -> anyhow::Result<PgPool> {
@@ -57,7 +181,7 @@ async fn connect(cluster: &PgCluster) -> anyhow::Result<PgPool> {
         .await?)
 }
 
-async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
+async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
     let options = PgOptions {
         fsync: true,
         ..PgOptions::default()
@@ -73,6 +197,7 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
     for pool in [&src, &mdst, &ndst] {
         sqlx::raw_sql(SCHEMA).execute(pool).await?;
     }
+    sqlx::raw_sql(GENERATOR).execute(&src).await?;
 
     // native: publication + disabled subscription (its slot now holds WAL)
     sqlx::raw_sql("CREATE PUBLICATION bench_native FOR TABLE bench_rows")
@@ -92,15 +217,21 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut topology = format!(
-        "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
+    let mut topology = String::new();
+    if shape.policy {
+        std::fs::write(source.dir().join("policy.toml"), POLICY)?;
+        topology.push_str("policy = \"policy.toml\"\n\n");
+    }
+    let metrics = format!("127.0.0.1:{}", meridian_testkit::free_port());
+    topology.push_str(&format!(
+        "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"{metrics}\"\n\n\
          [regions.eu]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
          [[tables]]\nname = \"public.bench_rows\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n",
         source.url("postgres"),
         meridian_testkit::free_port(),
         meridian_dst.url("postgres"),
         meridian_testkit::free_port(),
-    );
+    ));
     if let Some(broker) = &broker {
         topology.push_str(&format!(
             "\n[replication]\ntransport = \"kafka\"\n\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n",
@@ -110,9 +241,10 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
     let config = source.dir().join("topology.toml");
     std::fs::write(&config, topology)?;
     let binary = Path::new(env!("CARGO_BIN_EXE_meridian"));
+    let env = [("MERIDIAN_POLICY_HASH_KEY", "bench-key")];
     let mut agents = [
-        AgentProcess::spawn(binary, &config, "na", source.dir())?,
-        AgentProcess::spawn(binary, &config, "eu", source.dir())?,
+        AgentProcess::spawn_with_env(binary, &config, "na", source.dir(), &env)?,
+        AgentProcess::spawn_with_env(binary, &config, "eu", source.dir(), &env)?,
     ];
     wait_for(
         || async {
@@ -132,9 +264,24 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
     }
 
     let backlog = Instant::now();
-    generate(&src, changes).await?;
+    let wal_before: i64 =
+        sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+            .fetch_one(&src)
+            .await?;
+    sqlx::query("CALL bench_generate($1, $2, $3)")
+        .bind(shape.changes)
+        .bind(shape.per_tx)
+        .bind(shape.big_every)
+        .execute(&src)
+        .await?;
+    let wal_after: i64 =
+        sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+            .fetch_one(&src)
+            .await?;
     let generate_s = backlog.elapsed().as_secs_f64();
-    let target = fingerprint(&src).await?;
+    // the backlog's dirty pages are written now, not during either catch-up
+    sqlx::raw_sql("CHECKPOINT").execute(&src).await?;
+    let target = fingerprint(&src, shape.policy).await?;
 
     // Meridian catch-up
     for a in &mut agents {
@@ -142,15 +289,27 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     wait_for(
-        || async { Ok(fingerprint(&mdst).await? == target) },
+        || async { Ok(fingerprint(&mdst, shape.policy).await? == target) },
         Duration::from_secs(3600),
     )
     .await
     .context("meridian did not catch up")?;
     let meridian_s = started.elapsed().as_secs_f64();
     let rss: Vec<Option<u64>> = agents.iter().map(|a| a.peak_rss_bytes()).collect();
+    let shipped = shipped_bytes(&metrics).await;
     for a in &mut agents {
         a.kill9();
+    }
+    if shape.policy {
+        let hashed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM bench_rows WHERE length(b) <> 64 OR d IS NOT NULL",
+        )
+        .fetch_one(&mdst)
+        .await?;
+        anyhow::ensure!(
+            hashed == 0,
+            "{hashed} rows reached eu without the policy's form"
+        );
     }
 
     // native catch-up
@@ -159,7 +318,7 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
         .await?;
     let started = Instant::now();
     wait_for(
-        || async { Ok(fingerprint(&ndst).await? == target) },
+        || async { Ok(fingerprint(&ndst, shape.policy).await? == target) },
         Duration::from_secs(3600),
     )
     .await
@@ -169,18 +328,27 @@ async fn run(changes: i64, kafka: bool) -> anyhow::Result<()> {
         .execute(&ndst)
         .await?;
 
-    let meridian_rate = changes as f64 / meridian_s;
-    let native_rate = changes as f64 / native_s;
+    let transactions = shape.changes / i64::from(shape.per_tx);
+    let meridian_rate = shape.changes as f64 / meridian_s;
+    let native_rate = shape.changes as f64 / native_s;
     let report = serde_json::json!({
         "benchmark": "catch_up_backlog",
-        "changes": changes,
-        "mix": {"insert": 0.5, "update": 0.3, "delete": 0.2, "changes_per_transaction": PER_TX},
+        "shape": shape.name,
+        "changes": shape.changes,
+        "transactions": transactions,
+        "mix": {"insert": 0.6, "update": 0.3, "delete": 0.1, "changes_per_transaction": shape.per_tx},
         "row_bytes_approx": 200,
+        "rows_with_20kB_value": if shape.big_every > 0 { 1.0 / f64::from(shape.big_every) } else { 0.0 },
+        "policy": if shape.policy { "b hashed, d dropped" } else { "none" },
         "backlog_generation_s": round(generate_s),
+        "source_wal_bytes": wal_after - wal_before,
+        "shipped_bytes_per_change": shipped.map(|b| round(b as f64 / shape.changes as f64)),
         "meridian": {
             "transport": if kafka { "kafka (tansu, sqlite storage, 4 partitions)" } else { "grpc" },
             "catch_up_s": round(meridian_s),
             "rows_per_s": meridian_rate.round(),
+            "transactions_per_s": (transactions as f64 / meridian_s).round(),
+            "shipped_bytes": shipped,
             "peak_rss_bytes": {"source_agent": rss[0], "destination_agent": rss[1]},
         },
         "native_logical_replication": {
@@ -197,57 +365,35 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Writes `changes` row changes in transactions of `PER_TX`: per
-/// transaction 500 inserts, 300 updates of earlier rows, 200 deletes.
-async fn generate(pool: &PgPool, changes: i64) -> anyhow::Result<()> {
-    let (ins, upd, del) = (PER_TX / 2, PER_TX * 3 / 10, PER_TX / 5);
-    for step in 0..changes / PER_TX {
-        let first = step * ins;
-        let mut tx = pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO bench_rows
-             SELECT g, 'na', g % 100000, rpad(md5(g::text), 150, 'x'), now(), (g % 10000) / 100.0
-               FROM generate_series($1::bigint, $1::bigint + $2 - 1) g",
-        )
-        .bind(first)
-        .bind(ins)
-        .execute(&mut *tx)
-        .await?;
-        if step > 0 {
-            // the previous step's rows: update 300 of them, delete 200 others
-            let prev = first - ins;
-            sqlx::query(
-                "UPDATE bench_rows SET a = a + 1, c = now() WHERE id >= $1 AND id < $1 + $2",
-            )
-            .bind(prev)
-            .bind(upd)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM bench_rows WHERE id >= $1 AND id < $1 + $2")
-                .bind(prev + upd)
-                .bind(del)
-                .execute(&mut *tx)
-                .await?;
-        } else {
-            sqlx::query("UPDATE bench_rows SET a = a + 1 WHERE id < $1")
-                .bind(upd)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM bench_rows WHERE id >= $1 AND id < $1 + $2")
-                .bind(upd)
-                .bind(del)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-    }
-    Ok(())
+/// Bytes the source agent shipped over the link (encoded batches), from
+/// its `meridian_shipped_bytes_total`.
+async fn shipped_bytes(metrics: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(metrics).await.ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .filter(|l| l.starts_with("meridian_shipped_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .reduce(|a, b| a + b)
 }
 
-async fn fingerprint(pool: &PgPool) -> anyhow::Result<(i64, i64, i64)> {
-    Ok(sqlx::query_as(
-        "SELECT count(*), coalesce(sum(a), 0)::bigint, coalesce(sum(hashtext(b || c::text || d::text)), 0)::bigint FROM bench_rows",
-    )
+/// What must match between source and destination: row count, a sum, and
+/// a hash over the values the destination holds as the source does (with
+/// the policy, `b` and `d` differ by design and are left out).
+async fn fingerprint(pool: &PgPool, policy: bool) -> anyhow::Result<(i64, i64, i64)> {
+    let values = if policy {
+        "c::text || coalesce(md5(e), '')"
+    } else {
+        "b || c::text || d::text || coalesce(md5(e), '')"
+    };
+    Ok(sqlx::query_as(&format!(
+        "SELECT count(*), coalesce(sum(a), 0)::bigint, coalesce(sum(hashtext({values})), 0)::bigint FROM bench_rows"
+    ))
     .fetch_one(pool)
     .await?)
 }

@@ -291,8 +291,8 @@ impl KafkaLink {
         let confirmed = stream.confirmed();
         self.acked
             .fetch_max(confirmed.load(Ordering::Acquire), Ordering::AcqRel);
-        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(16);
-        let mut capture = tokio::spawn(link::capture(stream, changes_tx, self.store.clone()));
+        let (queue, mut changes) = link::capture_queue();
+        let mut capture = tokio::spawn(link::capture(stream, queue, self.store.clone()));
         let _abort = AbortOnDrop(capture.abort_handle());
         self.telemetry
             .set_link_state(&self.destination, LinkState::Connected, None);
@@ -331,7 +331,7 @@ impl KafkaLink {
                 next = changes.recv(), if in_flight.len() < MAX_UNACKNOWLEDGED
                     && in_flight_bytes < MAX_UNACKNOWLEDGED_BYTES =>
                 {
-                    let Some(transaction) = next else { return Err(LinkError::Closed) };
+                    let Some(link::Captured { transaction, .. }) = next else { return Err(LinkError::Closed) };
                     in_flight_bytes += self.produce(&producer, (&topic, partitions), &incarnation, transaction, &mut first_ordinal, &mut in_flight)?;
                 }
             }

@@ -38,6 +38,35 @@ use std::sync::Arc;
 /// the memory behind them stay bounded whatever the transaction's size.
 const BATCH_MAX_BYTES: usize = 8 << 20;
 
+/// Captured transactions waiting to be shipped, at most: deep enough that
+/// a link catching up on single-row transactions ships full batches
+/// (`batch_max_changes`), never just what fits in a few slots.
+const QUEUE_TRANSACTIONS: usize = 100_000;
+/// Bytes of captured transactions waiting to be shipped, at most (about;
+/// counted as [`Transaction::approx_bytes`]), so memory stays bounded.
+const QUEUE_BYTES: usize = 32 << 20;
+
+/// A captured transaction on its way from capture to the link, holding its
+/// share of the queue's byte budget until dropped.
+pub(crate) struct Captured {
+    pub transaction: Transaction,
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The queue between a link's capture task and its shipping loop, bounded
+/// by [`QUEUE_TRANSACTIONS`] and [`QUEUE_BYTES`].
+pub(crate) fn capture_queue() -> (CaptureQueue, mpsc::Receiver<Captured>) {
+    let (tx, rx) = mpsc::channel(QUEUE_TRANSACTIONS);
+    let budget = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES >> 10));
+    (CaptureQueue { tx, budget }, rx)
+}
+
+/// The capture side of [`capture_queue`].
+pub(crate) struct CaptureQueue {
+    tx: mpsc::Sender<Captured>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
 /// Why a link session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -272,13 +301,13 @@ impl Link {
 
         // capture runs in its own task so a slow peer never stalls the
         // replication connection's status reports
-        let (changes_tx, mut changes) = mpsc::channel::<Transaction>(2 * self.window);
-        let mut capture = tokio::spawn(capture(stream, changes_tx, self.store.clone()));
+        let (queue, mut changes) = capture_queue();
+        let mut capture = tokio::spawn(capture(stream, queue, self.store.clone()));
         let _abort = AbortOnDrop(capture.abort_handle());
 
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut seq = 0u64;
-        let mut pending: Option<Transaction> = None;
+        let mut pending: Option<Captured> = None;
         loop {
             tokio::select! {
                 biased;
@@ -309,12 +338,12 @@ impl Link {
                 }
             }
             if let Some(first) = pending.take() {
-                let mut size = first.changes.len();
-                let mut bytes = first.approx_bytes();
-                let mut batch = vec![first];
+                let mut size = first.transaction.changes.len();
+                let mut bytes = first.transaction.approx_bytes();
+                let mut batch = vec![first.transaction];
                 while size < self.batch_max_changes && bytes < BATCH_MAX_BYTES {
                     match changes.try_recv() {
-                        Ok(t) => {
+                        Ok(Captured { transaction: t, .. }) => {
                             size += t.changes.len();
                             bytes += t.approx_bytes();
                             batch.push(t);
@@ -366,7 +395,7 @@ impl Link {
 /// [`FRAGMENT_BYTES`], so memory stays bounded however large the values.
 pub(crate) async fn capture(
     mut stream: ReplicationStream,
-    out: mpsc::Sender<Transaction>,
+    out: CaptureQueue,
     store: String,
 ) -> Result<(), CaptureError> {
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -431,19 +460,33 @@ pub(crate) async fn capture(
 /// full; false when the receiving side is gone.
 async fn hand_on(
     stream: &mut ReplicationStream,
-    out: &mpsc::Sender<Transaction>,
+    out: &CaptureQueue,
     transaction: Transaction,
 ) -> Result<bool, CaptureError> {
-    let permit = loop {
+    let kib = (transaction.approx_bytes() >> 10) + 1;
+    let kib = kib.min(QUEUE_BYTES >> 10) as u32;
+    let budget = loop {
         tokio::select! {
-            permit = out.reserve() => match permit {
-                Ok(p) => break p,
+            budget = out.budget.clone().acquire_many_owned(kib) => match budget {
+                Ok(b) => break b,
                 Err(_) => return Ok(false),
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => stream.send_status(false).await?,
         }
     };
-    permit.send(transaction);
+    let slot = loop {
+        tokio::select! {
+            slot = out.tx.reserve() => match slot {
+                Ok(s) => break s,
+                Err(_) => return Ok(false),
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => stream.send_status(false).await?,
+        }
+    };
+    slot.send(Captured {
+        transaction,
+        _budget: budget,
+    });
     Ok(true)
 }
 
