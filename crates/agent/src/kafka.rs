@@ -35,7 +35,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::inbound::{self, RecordVerdict};
 use crate::link::{self, AbortOnDrop, LinkError, Outbound};
