@@ -6,7 +6,9 @@
 //! Meridian slot and a native subscription's slot exist but nobody reads
 //! them. Then Meridian's agents start and the time until the destination
 //! matches the source is measured; then the native subscription is enabled
-//! on a second destination and measured the same way. One JSON line per
+//! on a second destination and measured the same way. Bytes: what pgoutput
+//! sends for the backlog (read once from a third slot) beside what
+//! Meridian's source agent shipped (compressed batches). One JSON line per
 //! shape:
 //!
 //! - `single`: single-row transactions (what OLTP services commit);
@@ -263,6 +265,10 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
         a.kill9();
     }
 
+    // a third slot, only to measure what pgoutput sends for the backlog
+    sqlx::query("SELECT pg_create_logical_replication_slot('bench_measure', 'pgoutput')")
+        .execute(&src)
+        .await?;
     let backlog = Instant::now();
     let wal_before: i64 =
         sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
@@ -279,6 +285,15 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
             .fetch_one(&src)
             .await?;
     let generate_s = backlog.elapsed().as_secs_f64();
+    let pgoutput_bytes: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(length(data)), 0)::bigint FROM pg_logical_slot_peek_binary_changes(
+           'bench_measure', NULL, NULL, 'proto_version', '1', 'publication_names', 'bench_native')",
+    )
+    .fetch_one(&src)
+    .await?;
+    sqlx::query("SELECT pg_drop_replication_slot('bench_measure')")
+        .execute(&src)
+        .await?;
     // the backlog's dirty pages are written now, not during either catch-up
     sqlx::raw_sql("CHECKPOINT").execute(&src).await?;
     let target = fingerprint(&src, shape.policy).await?;
@@ -342,7 +357,9 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
         "policy": if shape.policy { "b hashed, d dropped" } else { "none" },
         "backlog_generation_s": round(generate_s),
         "source_wal_bytes": wal_after - wal_before,
+        "pgoutput_bytes_per_change": round(pgoutput_bytes as f64 / shape.changes as f64),
         "shipped_bytes_per_change": shipped.map(|b| round(b as f64 / shape.changes as f64)),
+        "shipped_over_pgoutput_bytes": shipped.map(|b| round(b as f64 / pgoutput_bytes as f64)),
         "meridian": {
             "transport": if kafka { "kafka (tansu, sqlite storage, 4 partitions)" } else { "grpc" },
             "catch_up_s": round(meridian_s),

@@ -624,6 +624,7 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
                 crc32: meridian_core::codec::checksum(&payload),
                 payload,
                 policy_version: 0,
+                compression: String::new(),
             })),
         },
     ];

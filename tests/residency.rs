@@ -80,7 +80,9 @@ async fn start_over(kafka: bool) -> anyhow::Result<Deployment> {
                 ("public.accounts", "id", "region"),
             ],
             proxied: &REGIONS,
-            extra_topology: "",
+            // batches cross uncompressed, so the proxies' captures can be
+            // searched for values that must not leave eu
+            extra_topology: "[replication]\ncompression = \"none\"\n",
             policy: Some(POLICY),
             agent_env: &[("MERIDIAN_POLICY_HASH_KEY", "test-only-key")],
             global_schema: None,

@@ -14,6 +14,7 @@
 //! - A Kafka record at or below the partition's stored position is a replay
 //!   and skipped.
 
+use crate::wire;
 use meridian_core::record::{self, Incoming, Position, RecordError};
 use meridian_core::{Transaction, codec};
 use meridian_policy::Enforcer;
@@ -44,9 +45,10 @@ pub(crate) enum BatchVerdict {
     },
 }
 
-/// Judges a batch's payload against its crc32 and the residency policy.
+/// Judges a batch's payload (compressed as `compression` says) against its
+/// crc32 and the residency policy.
 pub(crate) fn judge_batch(
-    payload: &[u8],
+    (payload, compression): (&[u8], &str),
     crc32: u32,
     source: &str,
     destination: &str,
@@ -59,7 +61,23 @@ pub(crate) fn judge_batch(
             forbidden: None,
         };
     }
-    match codec::decode(payload) {
+    let payload = match wire::decompress(compression, payload, crate::MAX_MESSAGE_BYTES) {
+        Ok(p) => p,
+        Err(wire::Unreadable::Unknown(reason)) => {
+            return BatchVerdict::Refuse {
+                reason,
+                kind: "version",
+                forbidden: None,
+            };
+        }
+        Err(wire::Unreadable::Damaged(reason)) => {
+            return BatchVerdict::DeadLetter {
+                reason: format!("undecodable batch: {reason}; payload not kept"),
+                keep_payload: false,
+            };
+        }
+    };
+    match codec::decode(&payload) {
         Ok(transactions) => match forbidden(&transactions, source, destination, policy) {
             Some(f) => BatchVerdict::Refuse {
                 reason: f.reason.clone(),
@@ -274,7 +292,7 @@ columns = { id = "keep", region = "keep" }"#,
         let crc = codec::checksum(&good);
         let p = policy();
         assert!(matches!(
-            judge_batch(&good, crc ^ 1, "eu", "na", None),
+            judge_batch((&good, ""), crc ^ 1, "eu", "na", None),
             BatchVerdict::Refuse {
                 kind: "crc_mismatch",
                 ..
@@ -282,7 +300,7 @@ columns = { id = "keep", region = "keep" }"#,
         ));
         let mut newer = good.clone();
         newer[2] = 9;
-        let verdict = judge_batch(&newer, codec::checksum(&newer), "eu", "na", None);
+        let verdict = judge_batch((&newer, ""), codec::checksum(&newer), "eu", "na", None);
         assert!(
             matches!(
                 verdict,
@@ -293,24 +311,46 @@ columns = { id = "keep", region = "keep" }"#,
             ),
             "{verdict:?}"
         );
+        // compressed: the same verdicts once decompressed; an unknown
+        // compression is refused like a newer format, damaged bytes are
+        // dead-lettered without the payload
+        let packed = wire::compress(&good);
+        assert!(matches!(
+            judge_batch((&packed, wire::ZSTD), codec::checksum(&packed), "eu", "na", None),
+            BatchVerdict::Apply(t) if t == vec![transaction("a@example.com")]
+        ));
+        assert!(matches!(
+            judge_batch((&packed, "lz9"), codec::checksum(&packed), "eu", "na", None),
+            BatchVerdict::Refuse {
+                kind: "version",
+                ..
+            }
+        ));
+        assert!(matches!(
+            judge_batch((&good, wire::ZSTD), crc, "eu", "na", None),
+            BatchVerdict::DeadLetter {
+                keep_payload: false,
+                ..
+            }
+        ));
         let garbage = b"MB\x01garbage".to_vec();
         let crc_g = codec::checksum(&garbage);
         assert!(matches!(
-            judge_batch(&garbage, crc_g, "eu", "na", None),
+            judge_batch((&garbage, ""), crc_g, "eu", "na", None),
             BatchVerdict::DeadLetter {
                 keep_payload: true,
                 ..
             }
         ));
         assert!(matches!(
-            judge_batch(&garbage, crc_g, "eu", "na", Some(&p)),
+            judge_batch((&garbage, ""), crc_g, "eu", "na", Some(&p)),
             BatchVerdict::DeadLetter {
                 keep_payload: false,
                 ..
             }
         ));
         // the email is forbidden in na: refused whole, no value in the reason
-        match judge_batch(&good, crc, "eu", "na", Some(&p)) {
+        match judge_batch((&good, ""), crc, "eu", "na", Some(&p)) {
             BatchVerdict::Refuse {
                 kind: "policy_violation",
                 reason,
@@ -322,7 +362,13 @@ columns = { id = "keep", region = "keep" }"#,
             other => panic!("{other:?}"),
         }
         let trimmed = codec::encode(&p.filter("eu", "na", &[transaction("a@example.com")]).0);
-        let verdict = judge_batch(&trimmed, codec::checksum(&trimmed), "eu", "na", Some(&p));
+        let verdict = judge_batch(
+            (&trimmed, ""),
+            codec::checksum(&trimmed),
+            "eu",
+            "na",
+            Some(&p),
+        );
         assert!(
             matches!(verdict, BatchVerdict::Apply(ref t) if t.len() == 1),
             "{verdict:?}"

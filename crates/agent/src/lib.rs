@@ -27,6 +27,7 @@ pub mod receiver;
 mod reselect;
 pub mod residency;
 pub mod telemetry;
+mod wire;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -235,6 +236,8 @@ pub async fn run(
                 publication: publication.clone(),
                 batch_max_changes: topology.replication.batch_max_changes,
                 window: topology.replication.window,
+                compress: topology.replication.compression
+                    == meridian_core::topology::Compression::Zstd,
                 policy: policy.clone(),
                 audit: audit.clone(),
                 telemetry: telemetry.clone(),

@@ -30,6 +30,7 @@ use crate::MAX_MESSAGE_BYTES;
 use crate::reselect::Reselect;
 use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
+use crate::wire;
 use std::sync::Arc;
 
 /// A batch is closed once its values reach about this many bytes (or
@@ -104,6 +105,8 @@ pub struct Link {
     pub publication: String,
     pub batch_max_changes: usize,
     pub window: usize,
+    /// Compress batches (zstd) when the peer reads it.
+    pub compress: bool,
     /// Residency policy: applied to every batch before it is encoded.
     pub policy: SharedPolicy,
     /// Where the policy's verdicts are counted.
@@ -265,8 +268,11 @@ impl Link {
                     self.destination
                 ))
             })??;
-        let applied = match welcome.ok_or(LinkError::Closed)??.kind {
-            Some(destination_message::Kind::Welcome(w)) => Lsn(w.applied_lsn),
+        let (applied, compression) = match welcome.ok_or(LinkError::Closed)??.kind {
+            Some(destination_message::Kind::Welcome(w)) => {
+                let zstd = self.compress && w.compressions.iter().any(|c| c == wire::ZSTD);
+                (Lsn(w.applied_lsn), if zstd { wire::ZSTD } else { "" })
+            }
             other => {
                 return Err(LinkError::Protocol(format!(
                     "expected Welcome, got {other:?}"
@@ -364,6 +370,10 @@ impl Link {
                     None => (batch, 0),
                 };
                 let payload = codec::encode(&batch);
+                let payload = match compression {
+                    "" => payload,
+                    _ => wire::compress(&payload),
+                };
                 self.telemetry.shipped(
                     &self.destination,
                     &telemetry::changes_per_table(&batch),
@@ -376,6 +386,7 @@ impl Link {
                         crc32: codec::checksum(&payload),
                         payload,
                         policy_version,
+                        compression: compression.to_owned(),
                     })),
                 };
                 outbound

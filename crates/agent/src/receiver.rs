@@ -222,6 +222,7 @@ async fn apply_stream(
         tx,
         destination_message::Kind::Welcome(Welcome {
             applied_lsn: watermark.0,
+            compressions: crate::wire::reads(),
         }),
     )
     .await
@@ -247,7 +248,7 @@ async fn apply_stream(
         expected += 1;
         let policy = residency::current(&me.policy);
         let verdict = inbound::judge_batch(
-            &batch.payload,
+            (&batch.payload, &batch.compression),
             batch.crc32,
             source,
             &me.region,

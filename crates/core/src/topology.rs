@@ -64,6 +64,18 @@ pub enum Transport {
     Kafka,
 }
 
+/// How gRPC links compress batches on the wire.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd (level 1), when the destination's agent reads it (it says so in
+    /// its `Welcome`); otherwise none.
+    #[default]
+    Zstd,
+    /// Batches travel as encoded.
+    None,
+}
+
 /// The Kafka cluster used by `kafka` links.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +187,8 @@ pub struct Tuning {
     pub heartbeat_ms: u64,
     /// Transport of every link without its own `[[links]]` entry.
     pub transport: Transport,
+    /// Batch compression on gRPC links.
+    pub compression: Compression,
 }
 
 impl Default for Tuning {
@@ -184,6 +198,7 @@ impl Default for Tuning {
             window: 8,
             heartbeat_ms: 1_000,
             transport: Transport::Grpc,
+            compression: Compression::Zstd,
         }
     }
 }

@@ -115,9 +115,11 @@ impl TcpProxy {
     }
 
     /// Flips one byte in each of the next `n` large chunks sent from client
-    /// to server that carry row text: the middle byte of a run of at least 32
-    /// ASCII letters and digits, so the corruption lands in a batch's payload
-    /// (where its crc32 must catch it), never in the HTTP/2 or gRPC framing.
+    /// to server: the middle byte of a run of at least 32 ASCII letters and
+    /// digits when the chunk carries row text, so the corruption lands in a
+    /// batch's payload (where its crc32 must catch it), never in the HTTP/2
+    /// or gRPC framing; the chunk's middle byte otherwise (a compressed
+    /// payload, where framing is a few bytes in 16 KiB).
     pub fn corrupt_next(&self, n: usize) {
         self.state.corrupt.store(n, Ordering::SeqCst);
     }
@@ -180,13 +182,13 @@ async fn forward(state: Arc<State>, client: TcpStream) {
             }
             if n >= CORRUPTIBLE_CHUNK
                 && up_state.corrupt.load(Ordering::SeqCst) > 0
-                && let Some(at) = text_run_middle(&buf[..n])
+                && let at = text_run_middle(&buf[..n]).unwrap_or(n / 2)
                 && up_state
                     .corrupt
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
                     .is_ok()
             {
-                buf[at] ^= 0x01; // stays ASCII: a changed letter or digit
+                buf[at] ^= 0x01; // in text, stays ASCII: a changed letter or digit
                 up_state.corrupted.fetch_add(1, Ordering::SeqCst);
             }
             if up_cut.has_changed().unwrap_or(true) {
