@@ -203,15 +203,21 @@ pub(crate) async fn gather(
         }
         // a destination that keeps failing to apply is a stalled link,
         // however connected the source sees it (Kafka: the source only
-        // talks to the broker)
+        // talks to the broker); a stall shorter than the warning threshold
+        // (a key change's insert waiting a heartbeat for its delete) warns
         if let Some(error) = &inbound.stalled_error {
+            let seconds = inbound.stalled_seconds.unwrap_or_default();
             if l.state == "connected" {
                 l.state = "stalled".to_owned();
-                l.state_seconds = inbound.stalled_seconds;
+                l.state_seconds = Some(seconds);
             }
             l.last_error = Some(format!("at {}: {error}", l.destination));
             l.last_error_age_seconds = Some(0.0);
-            l.health = "critical";
+            l.health = if seconds >= thresholds.warn_seconds || l.health == "critical" {
+                "critical"
+            } else {
+                "warn"
+            };
         }
     }
     // an orphaned slot pins WAL until someone drops it

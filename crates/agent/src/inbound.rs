@@ -71,9 +71,10 @@ pub(crate) fn judge_batch(
             };
         }
         Err(wire::Unreadable::Damaged(reason)) => {
-            return BatchVerdict::DeadLetter {
-                reason: format!("undecodable batch: {reason}; payload not kept"),
-                keep_payload: false,
+            return BatchVerdict::Refuse {
+                reason,
+                kind: "undecodable",
+                forbidden: None,
             };
         }
     };
@@ -312,8 +313,8 @@ columns = { id = "keep", region = "keep" }"#,
             "{verdict:?}"
         );
         // compressed: the same verdicts once decompressed; an unknown
-        // compression is refused like a newer format, damaged bytes are
-        // dead-lettered without the payload
+        // compression is refused like a newer format, and so are bytes that
+        // do not decompress (the sender made them: nothing is skipped)
         let packed = wire::compress(&good);
         assert!(matches!(
             judge_batch((&packed, wire::ZSTD), codec::checksum(&packed), "eu", "na", None),
@@ -328,8 +329,8 @@ columns = { id = "keep", region = "keep" }"#,
         ));
         assert!(matches!(
             judge_batch((&good, wire::ZSTD), crc, "eu", "na", None),
-            BatchVerdict::DeadLetter {
-                keep_payload: false,
+            BatchVerdict::Refuse {
+                kind: "undecodable",
                 ..
             }
         ));

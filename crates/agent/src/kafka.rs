@@ -440,6 +440,9 @@ pub struct KafkaInbound {
     pub cluster: Cluster,
     pub policy: SharedPolicy,
     pub telemetry: Arc<Telemetry>,
+    /// Partitions whose next record waits on a unique constraint, with its
+    /// position ([`ApplyError::Waiting`]); shared by the partition tasks.
+    pub waiting: std::sync::Mutex<Vec<(i32, Position)>>,
 }
 
 /// Header naming the source slot incarnation a record comes from.
@@ -784,7 +787,24 @@ impl KafkaInbound {
             partition,
             after: &records.progress,
         };
-        match applier.apply(&records.transactions, at).await {
+        let others: Vec<(i32, Position)> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| *p != partition)
+            .copied()
+            .collect();
+        applier.others_waiting(others);
+        let result = applier.apply(&records.transactions, at).await;
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.retain(|(p, _)| *p != partition);
+            if let Err(ApplyError::Waiting { at, .. }) = &result {
+                waiting.push((partition, *at));
+            }
+        }
+        match result {
             Ok(applied) => {
                 for (end_lsn, reason) in &applied.dead_lettered {
                     tracing::error!(source = %self.source, %topic, partition, end_lsn = %end_lsn, %reason,
@@ -799,7 +819,7 @@ impl KafkaInbound {
                         tracing::error!(source = %self.source, %topic, partition, %reason,
                             "destination schema does not fit; the partition waits")
                     }
-                    ApplyError::Waiting(reason) => {
+                    ApplyError::Waiting { reason, .. } => {
                         tracing::warn!(source = %self.source, %topic, partition, %reason,
                             "record waits for another partition")
                     }

@@ -206,6 +206,7 @@ pub async fn run(
                 cluster: cluster.clone().expect("validated: [kafka] is present"),
                 policy: policy.clone(),
                 telemetry: telemetry.clone(),
+                waiting: Default::default(),
             };
             tokio::spawn(inbound.run(shutdown.clone()))
         })

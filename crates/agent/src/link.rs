@@ -47,6 +47,10 @@ const QUEUE_TRANSACTIONS: usize = 100_000;
 /// counted as [`Transaction::approx_bytes`]), so memory stays bounded.
 const QUEUE_BYTES: usize = 32 << 20;
 
+/// Memory a captured change takes beyond its values' bytes (the change, its
+/// row vectors and value headers), charged to the queue's byte budget.
+const CHANGE_OVERHEAD_BYTES: usize = 160;
+
 /// A captured transaction on its way from capture to the link, holding its
 /// share of the queue's byte budget until dropped.
 pub(crate) struct Captured {
@@ -132,7 +136,7 @@ impl LinkError {
             LinkError::Kafka(_) => "kafka",
             LinkError::Store(meridian_apply::ApplyError::Schema(_)) => "schema",
             LinkError::Store(meridian_apply::ApplyError::Blocked(_)) => "blocked",
-            LinkError::Store(meridian_apply::ApplyError::Waiting(_)) => "waiting",
+            LinkError::Store(meridian_apply::ApplyError::Waiting { .. }) => "waiting",
             LinkError::Store(_) => "store_unavailable",
             LinkError::Lifecycle(_) => "lifecycle",
         }
@@ -474,7 +478,9 @@ async fn hand_on(
     out: &CaptureQueue,
     transaction: Transaction,
 ) -> Result<bool, CaptureError> {
-    let kib = (transaction.approx_bytes() >> 10) + 1;
+    // values plus what a change and its row cost in memory beyond them
+    let cost = transaction.approx_bytes() + transaction.changes.len() * CHANGE_OVERHEAD_BYTES;
+    let kib = (cost >> 10) + 1;
     let kib = kib.min(QUEUE_BYTES >> 10) as u32;
     let budget = loop {
         tokio::select! {

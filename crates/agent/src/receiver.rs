@@ -87,7 +87,7 @@ fn status(e: &ApplyError) -> Status {
         ApplyError::Rejected { .. }
         | ApplyError::Schema(_)
         | ApplyError::Blocked(_)
-        | ApplyError::Waiting(_) => Status::failed_precondition(e.to_string()),
+        | ApplyError::Waiting { .. } => Status::failed_precondition(e.to_string()),
         ApplyError::Unavailable(_) => Status::unavailable(format!("destination {e}")),
     }
 }
@@ -305,12 +305,17 @@ async fn apply_stream(
                 keep_payload,
             } => {
                 me.telemetry.error(source, &me.region, "undecodable");
-                let payload = if keep_payload {
-                    &batch.payload[..]
-                } else {
-                    &[][..]
+                // as encoded (uncompressed), so `dead-letters replay` reads it
+                let payload = match keep_payload {
+                    true => crate::wire::decompress(
+                        &batch.compression,
+                        &batch.payload,
+                        crate::MAX_MESSAGE_BYTES,
+                    )
+                    .unwrap_or_default(),
+                    false => Default::default(),
                 };
-                dead_letter(me, applier, source, Lsn(batch.end_lsn), reason, payload).await?
+                dead_letter(me, applier, source, Lsn(batch.end_lsn), reason, &payload).await?
             }
         };
         watermark = watermark.max(applied);

@@ -23,7 +23,9 @@ pub(crate) enum Unreadable {
     /// A compression this agent does not know (a newer sender ignored the
     /// Welcome): the batch is refused, never skipped.
     Unknown(String),
-    /// The bytes do not decompress, or to more than `limit`.
+    /// The bytes do not decompress, or to more than `limit`: the sender
+    /// made them so (the crc32 covers the bytes as sent), and sends them
+    /// again; the batch is refused, never skipped.
     Damaged(String),
 }
 
@@ -36,13 +38,22 @@ pub(crate) fn decompress<'a>(
 ) -> Result<std::borrow::Cow<'a, [u8]>, Unreadable> {
     match compression {
         "" => Ok(std::borrow::Cow::Borrowed(payload)),
-        ZSTD => zstd::bulk::decompress(payload, limit)
-            .map(std::borrow::Cow::Owned)
-            .map_err(|e| {
-                Unreadable::Damaged(format!(
-                    "zstd payload does not decompress within {limit} bytes: {e}"
-                ))
-            }),
+        ZSTD => {
+            // streamed, so memory grows with what the payload really holds
+            use std::io::Read;
+            let mut out = Vec::with_capacity(payload.len().saturating_mul(4));
+            zstd::stream::read::Decoder::new(payload)
+                .and_then(|d| d.take(limit as u64 + 1).read_to_end(&mut out))
+                .map_err(|e| {
+                    Unreadable::Damaged(format!("zstd payload does not decompress: {e}"))
+                })?;
+            if out.len() > limit {
+                return Err(Unreadable::Damaged(format!(
+                    "zstd payload decompresses to more than {limit} bytes"
+                )));
+            }
+            Ok(std::borrow::Cow::Owned(out))
+        }
         other => Err(Unreadable::Unknown(format!(
             "batch compressed with {other:?}, which this agent does not read (it reads {:?}); upgrade the receiving agent",
             reads()

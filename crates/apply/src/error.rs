@@ -28,10 +28,14 @@ pub enum ApplyError {
     )]
     Blocked(String),
     /// The data breaks a unique constraint while a row in the way may still
-    /// be removed by changes another Kafka partition has not applied yet:
-    /// the partition waits and retries. The reason has no values.
-    #[error("{0}")]
-    Waiting(String),
+    /// be removed by changes another Kafka partition has not applied yet
+    /// (and that partition can move): the partition waits and retries. `at`
+    /// is the refused record's position. The reason has no values.
+    #[error("{reason}")]
+    Waiting {
+        reason: String,
+        at: meridian_core::record::Position,
+    },
     /// The store was unreachable or failed transiently; retry later.
     #[error("store unavailable: {}", describe_unavailable(.0))]
     Unavailable(#[from] sqlx::Error),

@@ -132,6 +132,9 @@ pub struct Applier {
     /// A fragmented transaction (by commit position) a unique constraint
     /// refused as sets: its next attempt applies change by change.
     in_source_order: Option<Lsn>,
+    /// Kafka links: the other partitions of the topic that wait on a unique
+    /// constraint themselves, each at the position of its refused record.
+    others_waiting: Vec<(i32, Position)>,
 }
 
 /// A destination transaction left open for the rest of a fragmented source
@@ -160,7 +163,15 @@ impl Applier {
             shapes: HashMap::new(),
             open: None,
             in_source_order: None,
+            others_waiting: Vec::new(),
         })
+    }
+
+    /// Kafka links: tells which other partitions of the topic wait on a
+    /// unique constraint (see [`ApplyError::Waiting`]), each at the position
+    /// of its refused record, before the next [`Applier::apply`].
+    pub fn others_waiting(&mut self, waiting: Vec<(i32, Position)>) {
+        self.others_waiting = waiting;
     }
 
     /// The source's durable watermark in this store.
@@ -396,14 +407,20 @@ impl Applier {
         };
         if let Err(e) = &result
             && is_uniqueness(e)
-            && let Some(behind) =
-                partition_behind(&mut self.conn, topic, partition, record.position).await?
         {
-            return Err(ApplyError::Waiting(format!(
-                "{e}; partition {behind} of {topic} has not yet applied the source's changes \
-                 before this record (one may remove the row in the way), so partition \
-                 {partition} waits for it"
-            )));
+            let stored = partition_positions(&mut self.conn, topic).await?;
+            if let Some(behind) =
+                progressing_behind(partition, record.position, &stored, &self.others_waiting)
+            {
+                return Err(ApplyError::Waiting {
+                    reason: format!(
+                        "{e}; partition {behind} of {topic} has not yet applied the source's \
+                         changes before this record (one may remove the row in the way), so \
+                         partition {partition} waits for it"
+                    ),
+                    at: record.position,
+                });
+            }
         }
         result
     }
@@ -707,25 +724,57 @@ fn is_uniqueness(e: &ApplyError) -> bool {
     matches!(e, ApplyError::Rejected { sqlstate: Some(s), .. } if s == "23505" || s == "23P01")
 }
 
-/// A partition of `topic` other than `partition` whose applied position is
-/// still before `position`, if any.
-async fn partition_behind(
+/// The applied position of every partition of `topic`.
+async fn partition_positions(
     conn: &mut PgConnection,
     topic: &str,
-    partition: i32,
-    position: Position,
-) -> Result<Option<i32>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT partition FROM meridian.kafka_positions
-          WHERE topic = $1 AND partition <> $2 AND (lsn, idx) < ($3, $4)
-          ORDER BY partition LIMIT 1",
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(position.lsn.0 as i64)
-    .bind(i64::from(position.index))
-    .fetch_optional(conn)
-    .await
+) -> Result<Vec<(i32, Position)>, sqlx::Error> {
+    let rows: Vec<(i32, i64, i64)> =
+        sqlx::query_as("SELECT partition, lsn, idx FROM meridian.kafka_positions WHERE topic = $1")
+            .bind(topic)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(p, lsn, idx)| {
+            (
+                p,
+                Position {
+                    lsn: Lsn(lsn as u64),
+                    index: idx as u32,
+                },
+            )
+        })
+        .collect())
+}
+
+/// A partition other than `own` that is behind `at` (it may still apply
+/// the change that removes the row in the way) and can make progress, if
+/// any. A partition that waits on a unique constraint itself makes
+/// progress only if one it waits for does, and so on: when every partition
+/// behind `at` waits, directly or through others, on a partition that
+/// waits, nothing can move (two real conflicts, or a reorder across
+/// partitions) and the record is a dead letter, not a wait forever.
+fn progressing_behind(
+    own: i32,
+    at: Position,
+    stored: &[(i32, Position)],
+    waiting: &[(i32, Position)],
+) -> Option<i32> {
+    let mut targets = vec![at];
+    let mut seen = std::collections::HashSet::from([own]);
+    while let Some(target) = targets.pop() {
+        for &(p, applied) in stored {
+            if applied >= target || !seen.insert(p) {
+                continue;
+            }
+            match waiting.iter().find(|(w, _)| *w == p) {
+                Some(&(_, blocked_at)) => targets.push(blocked_at),
+                None => return Some(p),
+            }
+        }
+    }
+    None
 }
 
 /// A connection set up to apply: no user triggers and no FK ordering (like
@@ -949,6 +998,41 @@ mod tests {
     use meridian_core::change::{Change, ChangeKind, Column, Table, Value};
 
     use super::*;
+
+    fn at(lsn: u64, index: u32) -> Position {
+        Position {
+            lsn: Lsn(lsn),
+            index,
+        }
+    }
+
+    /// Waiting for a partition behind the record holds only while that
+    /// partition can move: not for one that waits itself on partitions
+    /// that wait (two real conflicts, a reorder across partitions).
+    #[test]
+    fn a_record_waits_only_for_partitions_that_can_move() {
+        let stored = [(0, at(90, 0)), (1, at(90, 0)), (2, at(120, 0))];
+        // partition 1 is behind and free: wait for it
+        assert_eq!(progressing_behind(0, at(100, 3), &stored, &[]), Some(1));
+        // nobody behind: dead-letter
+        assert_eq!(progressing_behind(0, at(80, 0), &stored, &[]), None);
+        // 1 waits at (100, 1), and only 0 (us) is behind that: a deadlock
+        assert_eq!(
+            progressing_behind(0, at(100, 3), &stored, &[(1, at(100, 1))]),
+            None
+        );
+        // if 2 is behind 1's record and free, 1 may move, and free us
+        let stored = [(0, at(90, 0)), (1, at(90, 0)), (2, at(95, 0))];
+        assert_eq!(
+            progressing_behind(0, at(100, 3), &stored, &[(1, at(100, 1))]),
+            Some(2)
+        );
+        // ...unless 2 waits too, on a position only waiting partitions are behind
+        assert_eq!(
+            progressing_behind(0, at(100, 3), &stored, &[(1, at(100, 1)), (2, at(96, 0))]),
+            None
+        );
+    }
 
     fn update(table: &Arc<Table>, id: &str, pos: &str) -> Change {
         Change {
