@@ -662,6 +662,29 @@ CREATE TABLE slots (id bigint PRIMARY KEY, region text NOT NULL, list_id bigint 
 CREATE TABLE users (id text PRIMARY KEY, region text NOT NULL, email text NOT NULL UNIQUE);
 CREATE TABLE filler (id text PRIMARY KEY, region text NOT NULL, pad text);";
 
+/// na and eu with the [`UNIQUE_SCHEMA`] tables, no policy.
+async fn start_unique(kafka: bool) -> anyhow::Result<Deployment> {
+    Deployment::start(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: UNIQUE_SCHEMA,
+            tables: &[
+                ("public.slots", "id", "region"),
+                ("public.users", "id", "region"),
+                ("public.filler", "id", "region"),
+            ],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka,
+        },
+    )
+    .await
+}
+
 /// The Kafka partition (of 4) a row of `table` with text key `id` goes to,
 /// as the source's record keys make it.
 fn partition_of(table: &str, id: &str) -> i32 {
@@ -684,25 +707,7 @@ fn partition_of(table: &str, id: &str) -> i32 {
 /// waits for another's); it ends as dead letters, like the real conflicts
 /// below (README, "Kafka transport").
 async fn unique_constraints_beyond_the_key(kafka: bool) -> anyhow::Result<()> {
-    let d = Deployment::start(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: UNIQUE_SCHEMA,
-            tables: &[
-                ("public.slots", "id", "region"),
-                ("public.users", "id", "region"),
-                ("public.filler", "id", "region"),
-            ],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka,
-        },
-    )
-    .await?;
+    let d = start_unique(kafka).await?;
     let na = d.pool("na");
     // three lists of ten positions; over Kafka each list's rows share a
     // partition (see the note on cycles across partitions below)
@@ -901,25 +906,7 @@ async fn unique_constraints_beyond_the_key_over_kafka() -> anyhow::Result<()> {
 #[tokio::test]
 async fn real_unique_conflicts_in_two_partitions_are_dead_letters_not_a_wait_forever()
 -> anyhow::Result<()> {
-    let d = Deployment::start(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: UNIQUE_SCHEMA,
-            tables: &[
-                ("public.slots", "id", "region"),
-                ("public.users", "id", "region"),
-                ("public.filler", "id", "region"),
-            ],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: true,
-        },
-    )
-    .await?;
+    let d = start_unique(true).await?;
     let (na, eu) = (d.pool("na"), d.pool("eu"));
     // two keys in different partitions
     let keys: Vec<String> = {
