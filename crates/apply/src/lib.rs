@@ -442,7 +442,9 @@ impl Applier {
         order: Order,
     ) -> Result<Applied, ApplyError> {
         match self.apply_once(transactions, at, order).await {
-            Err(ApplyError::Unavailable(e)) => Err(ApplyError::Unavailable(e)),
+            // an outage, or a unique constraint (no stale shape causes one:
+            // the caller decides what to try next)
+            Err(e) if matches!(e, ApplyError::Unavailable(_)) || is_uniqueness(&e) => Err(e),
             Err(_) => {
                 self.shapes.clear();
                 self.apply_once(transactions, at, order).await
