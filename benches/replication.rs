@@ -303,6 +303,8 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
         a.restart()?;
     }
     let started = Instant::now();
+    let clusters = [("source", &source), ("destination", &meridian_dst)];
+    let cpu_before = cpu::snapshot(&clusters, &agents)?;
     wait_for(
         || async { Ok(fingerprint(&mdst, shape.policy).await? == target) },
         Duration::from_secs(3600),
@@ -310,6 +312,7 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
     .await
     .context("meridian did not catch up")?;
     let meridian_s = started.elapsed().as_secs_f64();
+    let meridian_cpu = cpu::since(&cpu_before, &cpu::snapshot(&clusters, &agents)?);
     let rss: Vec<Option<u64>> = agents.iter().map(|a| a.peak_rss_bytes()).collect();
     let shipped = shipped_bytes(&metrics).await;
     for a in &mut agents {
@@ -332,6 +335,8 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
         .execute(&ndst)
         .await?;
     let started = Instant::now();
+    let clusters = [("source", &source), ("destination", &native_dst)];
+    let cpu_before = cpu::snapshot(&clusters, &[])?;
     wait_for(
         || async { Ok(fingerprint(&ndst, shape.policy).await? == target) },
         Duration::from_secs(3600),
@@ -339,6 +344,7 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
     .await
     .context("native logical replication did not catch up")?;
     let native_s = started.elapsed().as_secs_f64();
+    let native_cpu = cpu::since(&cpu_before, &cpu::snapshot(&clusters, &[])?);
     sqlx::raw_sql("ALTER SUBSCRIPTION bench_native DISABLE")
         .execute(&ndst)
         .await?;
@@ -367,15 +373,109 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
             "transactions_per_s": (transactions as f64 / meridian_s).round(),
             "shipped_bytes": shipped,
             "peak_rss_bytes": {"source_agent": rss[0], "destination_agent": rss[1]},
+            "cpu_s": meridian_cpu,
         },
         "native_logical_replication": {
             "catch_up_s": round(native_s),
             "rows_per_s": native_rate.round(),
+            "cpu_s": native_cpu,
         },
         "ratio_meridian_over_native": round(meridian_rate / native_rate),
     });
     println!("{report}");
     Ok(())
+}
+
+/// Where the CPU goes during a catch-up: each process's user + system
+/// time from `/proc`, summed by role (an agent, or a cluster's walsender,
+/// logical replication worker, client backends, background processes).
+/// Processes that end inside the window are not counted.
+mod cpu {
+    use std::collections::{BTreeMap, HashMap};
+
+    use meridian_testkit::{AgentProcess, PgCluster};
+
+    /// CPU seconds by process id, with the process's role.
+    pub(crate) type Snapshot = HashMap<u32, (String, f64)>;
+
+    pub(crate) fn snapshot(
+        clusters: &[(&str, &PgCluster)],
+        agents: &[AgentProcess],
+    ) -> anyhow::Result<Snapshot> {
+        let tick = ticks_per_second();
+        let mut postmasters = HashMap::new();
+        for (name, cluster) in clusters {
+            let pid = std::fs::read_to_string(cluster.dir().join("data/postmaster.pid"))?;
+            let pid: u32 = pid.lines().next().unwrap_or_default().trim().parse()?;
+            postmasters.insert(pid, *name);
+        }
+        let agent_role = |pid: u32| match agents.iter().position(|a| a.pid() == pid) {
+            Some(0) => Some("source_agent"),
+            Some(_) => Some("destination_agent"),
+            None => None,
+        };
+        let mut out = Snapshot::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // fields after the parenthesised command name
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let (Some(ppid), Some(utime), Some(stime)) = (
+                fields.get(1).and_then(|f| f.parse::<u32>().ok()),
+                fields.get(11).and_then(|f| f.parse::<u64>().ok()),
+                fields.get(12).and_then(|f| f.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            let role = if let Some(role) = agent_role(pid) {
+                role.to_owned()
+            } else if let Some(cluster) = postmasters.get(&ppid) {
+                let cmdline =
+                    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let kind = if cmdline.contains("walsender") {
+                    "walsender"
+                } else if cmdline.contains("logical replication") {
+                    "replication_worker"
+                } else if cmdline.contains("postgres: postgres ") {
+                    "backends"
+                } else {
+                    "background"
+                };
+                format!("{cluster}_{kind}")
+            } else {
+                continue;
+            };
+            out.insert(pid, (role, (utime + stime) as f64 / tick));
+        }
+        Ok(out)
+    }
+
+    /// CPU seconds by role between two snapshots.
+    pub(crate) fn since(before: &Snapshot, after: &Snapshot) -> BTreeMap<String, f64> {
+        let mut roles = BTreeMap::new();
+        for (pid, (role, seconds)) in after {
+            let start = before.get(pid).map_or(0.0, |(_, s)| *s);
+            *roles.entry(role.clone()).or_insert(0.0) += seconds - start;
+        }
+        roles.values_mut().for_each(|s| *s = super::round(*s));
+        roles
+    }
+
+    fn ticks_per_second() -> f64 {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    }
 }
 
 fn round(x: f64) -> f64 {

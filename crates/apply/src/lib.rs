@@ -782,7 +782,10 @@ fn progressing_behind(
 /// A connection set up to apply: no user triggers and no FK ordering (like
 /// PostgreSQL's apply workers), durable commits whatever the store's default
 /// (the source confirms its slot on our word), and the replication origin
-/// `origin` (a `meridian_*` name, which capture skips).
+/// `origin` (a `meridian_*` name, which capture skips). Joins are nested
+/// loops: a batch's keys find their rows through the key's index, never by
+/// hashing the whole table (what the planner picks for a few thousand keys,
+/// at a cost that grows with the table, not the batch).
 pub(crate) fn apply_session<'a>(
     url: &'a str,
     origin: &'a str,
@@ -795,6 +798,8 @@ async fn apply_session_inner(url: &str, origin: &str) -> Result<PgConnection, sq
     for setting in [
         "SET session_replication_role = replica",
         "SET synchronous_commit = on",
+        "SET enable_hashjoin = off",
+        "SET enable_mergejoin = off",
     ] {
         sqlx::query(setting).execute(&mut conn).await?;
     }

@@ -20,6 +20,13 @@ use crate::conninfo::ConnInfo;
 /// `wal_sender_timeout`).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Bytes read from the server at a time, at most.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Replication origins of Meridian's apply sessions: what they wrote is
+/// never shipped again (nor decoded past its origin).
+const REPLICATED_ORIGINS: &str = "meridian_";
+
 /// Microseconds between the Unix and PostgreSQL (2000-01-01) epochs.
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -101,8 +108,8 @@ impl ReplicationStream {
         socket.set_nodelay(true)?;
         let mut stream = ReplicationStream {
             socket,
-            read: BytesMut::with_capacity(64 * 1024),
-            decoder: Decoder::with_keys(keys),
+            read: BytesMut::with_capacity(READ_CHUNK),
+            decoder: Decoder::with_keys(keys).skipping_origins(REPLICATED_ORIGINS),
             confirmed: Arc::new(AtomicU64::new(start.0)),
             received: start,
             last_status: Instant::now(),
@@ -225,9 +232,13 @@ impl ReplicationStream {
             if self.last_status.elapsed() >= STATUS_INTERVAL {
                 self.send_status(false).await?;
             }
-            let frame = match tokio::time::timeout(STATUS_INTERVAL, self.frame()).await {
-                Ok(frame) => frame?,
-                Err(_) => continue,
+            // a frame already read needs no timer
+            let frame = match self.buffered_frame()? {
+                Some(frame) => frame,
+                None => match tokio::time::timeout(STATUS_INTERVAL, self.frame()).await {
+                    Ok(frame) => frame?,
+                    Err(_) => continue,
+                },
             };
             match frame.tag {
                 b'd' => {}
@@ -258,7 +269,8 @@ impl ReplicationStream {
                             origin,
                             message,
                         } => {
-                            let replicated = origin.is_some_and(|o| o.starts_with("meridian_"));
+                            let replicated =
+                                origin.is_some_and(|o| o.starts_with(REPLICATED_ORIGINS));
                             // empty transactions travel only as heartbeats (and
                             // as the end of a fragmented one)
                             if !replicated && (message || !transaction.changes.is_empty()) {
@@ -269,7 +281,7 @@ impl ReplicationStream {
                             transaction,
                             origin,
                         } => {
-                            if !origin.is_some_and(|o| o.starts_with("meridian_")) {
+                            if !origin.is_some_and(|o| o.starts_with(REPLICATED_ORIGINS)) {
                                 return Ok(transaction);
                             }
                         }
@@ -325,29 +337,40 @@ impl ReplicationStream {
     /// Cancel-safe: partial reads stay in `self.read`.
     async fn frame(&mut self) -> Result<Frame, CaptureError> {
         loop {
-            if self.read.len() >= 5 {
-                let len = i32::from_be_bytes(self.read[1..5].try_into().expect("4 bytes"));
-                if len < 4 {
-                    return Err(CaptureError::Protocol(format!(
-                        "invalid message length {len}"
-                    )));
-                }
-                let total = 1 + len as usize;
-                if self.read.len() >= total {
-                    let mut msg = self.read.split_to(total);
-                    let tag = msg[0];
-                    msg.advance(5);
-                    if tag == b'E' {
-                        return Err(server_error(&msg));
-                    }
-                    return Ok(Frame { tag, body: msg });
-                }
-                self.read.reserve(total - self.read.len());
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(frame);
             }
+            // read in large chunks, not what is left of the last one
+            self.read.reserve(READ_CHUNK);
             if self.socket.read_buf(&mut self.read).await? == 0 {
                 return Err(CaptureError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
+    }
+
+    /// The next message if it has been read whole already.
+    fn buffered_frame(&mut self) -> Result<Option<Frame>, CaptureError> {
+        if self.read.len() < 5 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes(self.read[1..5].try_into().expect("4 bytes"));
+        if len < 4 {
+            return Err(CaptureError::Protocol(format!(
+                "invalid message length {len}"
+            )));
+        }
+        let total = 1 + len as usize;
+        if self.read.len() < total {
+            self.read.reserve(total - self.read.len());
+            return Ok(None);
+        }
+        let mut msg = self.read.split_to(total);
+        let tag = msg[0];
+        msg.advance(5);
+        if tag == b'E' {
+            return Err(server_error(&msg));
+        }
+        Ok(Some(Frame { tag, body: msg }))
     }
 }
 
