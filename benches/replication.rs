@@ -24,6 +24,7 @@
 //! MERIDIAN_BENCH_SHAPES=single,thousand cargo bench --bench replication
 //! MERIDIAN_BENCH_SCALE=0.2 cargo bench --bench replication         # smaller backlogs
 //! MERIDIAN_BENCH_TRANSPORT=kafka cargo bench --bench replication   # through tansu
+//! MERIDIAN_BENCH_TRANSPORT=kafka-transaction cargo bench ...        # order = "transaction"
 //! ```
 
 use std::path::Path;
@@ -147,9 +148,12 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(1.0);
     let kafka = match std::env::var("MERIDIAN_BENCH_TRANSPORT").as_deref() {
-        Ok("kafka") => true,
-        Ok("grpc") | Err(_) => false,
-        Ok(other) => anyhow::bail!("MERIDIAN_BENCH_TRANSPORT={other:?}: expected grpc or kafka"),
+        Ok("kafka") => Some(KafkaOrder::Row),
+        Ok("kafka-transaction") => Some(KafkaOrder::Transaction),
+        Ok("grpc") | Err(_) => None,
+        Ok(other) => anyhow::bail!(
+            "MERIDIAN_BENCH_TRANSPORT={other:?}: expected grpc, kafka or kafka-transaction"
+        ),
     };
     let wanted: Vec<String> = std::env::var("MERIDIAN_BENCH_SHAPES")
         .map(|s| s.split(',').map(|s| s.trim().to_owned()).collect())
@@ -183,7 +187,16 @@ async fn connect(cluster: &PgCluster) -> anyhow::Result<PgPool> {
         .await?)
 }
 
-async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
+/// Kafka links' order mode (`[kafka] order`).
+#[derive(Clone, Copy, Debug)]
+enum KafkaOrder {
+    Row,
+    Transaction,
+}
+
+async fn run(shape: Shape, kafka: Option<KafkaOrder>) -> anyhow::Result<()> {
+    let kafka_order = kafka.unwrap_or(KafkaOrder::Row);
+    let kafka = kafka.is_some();
     let options = PgOptions {
         fsync: true,
         ..PgOptions::default()
@@ -235,8 +248,13 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
         meridian_testkit::free_port(),
     ));
     if let Some(broker) = &broker {
+        let order = match kafka_order {
+            KafkaOrder::Row => "row",
+            KafkaOrder::Transaction => "transaction",
+        };
         topology.push_str(&format!(
-            "\n[replication]\ntransport = \"kafka\"\n\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n",
+            "\n[replication]\ntransport = \"kafka\"\n\n[kafka]\norder = \"{order}\"\nreplication_factor = 1\n\
+             [kafka.clusters.eu]\nbrokers = \"{}\"\n",
             broker.addr()
         ));
     }
@@ -367,7 +385,11 @@ async fn run(shape: Shape, kafka: bool) -> anyhow::Result<()> {
         "shipped_bytes_per_change": shipped.map(|b| round(b as f64 / shape.changes as f64)),
         "shipped_over_pgoutput_bytes": shipped.map(|b| round(b as f64 / pgoutput_bytes as f64)),
         "meridian": {
-            "transport": if kafka { "kafka (tansu, sqlite storage, 4 partitions)" } else { "grpc" },
+            "transport": match (kafka, kafka_order) {
+                (false, _) => "grpc",
+                (true, KafkaOrder::Row) => "kafka (tansu, sqlite storage, order = row, 4 partitions)",
+                (true, KafkaOrder::Transaction) => "kafka (tansu, sqlite storage, order = transaction, 1 partition)",
+            },
             "catch_up_s": round(meridian_s),
             "rows_per_s": meridian_rate.round(),
             "transactions_per_s": (transactions as f64 / meridian_s).round(),

@@ -102,10 +102,22 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
         global.url("postgres")
     ));
     if let Some(broker) = &broker {
-        topology.push_str(&format!(
-            "[replication]\ntransport = \"kafka\"\n\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n\n",
-            broker.addr()
-        ));
+        // a topic is data at rest where its cluster runs: each region names
+        // its cluster, and a link's topic lives on its destination's (one
+        // local broker plays all three here)
+        topology.push_str(
+            "[replication]\ntransport = \"kafka\"\n\n[kafka]\npartitions = 4\nreplication_factor = 1\n\n",
+        );
+        for region in REGIONS {
+            topology.push_str(&format!(
+                "[kafka.clusters.{region}]\nbrokers = \"{}\"\n\n",
+                broker.addr()
+            ));
+        }
+        println!(
+            "each link's topic lives on its destination region's Kafka cluster \
+             ([kafka.clusters.<region>]); one local broker plays all three"
+        );
     }
     topology.push_str(
         "[[tables]]\nname = \"public.tenants\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n\n\

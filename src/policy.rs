@@ -31,6 +31,19 @@ pub(crate) async fn check(file: &Path, config: &Path, against: Option<&str>) -> 
             );
         }
     }
+    let (refused, warnings) = residency::topics_at_rest(&topology, true);
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    if !refused.is_empty() {
+        for r in &refused {
+            println!("error: {r}");
+        }
+        anyhow::bail!(
+            "{} Kafka link(s) keep their topic where this policy does not allow",
+            refused.len()
+        );
+    }
     if let Some(url) = against {
         check_against_store(&policy, &topology, url).await?;
     }

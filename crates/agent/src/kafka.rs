@@ -49,6 +49,9 @@ pub struct Cluster {
     pub topic_prefix: String,
     pub partitions: i32,
     pub replication_factor: i32,
+    /// Transaction order: a batch of records is never cut inside a source
+    /// transaction (see [`meridian_core::record::MORE`]).
+    pub whole_transactions: bool,
 }
 
 impl Cluster {
@@ -453,6 +456,9 @@ const MAX_APPLY_RECORDS: usize = 5_000;
 /// Record bytes applied in one destination transaction, at most (one
 /// record may go over it).
 const MAX_APPLY_BYTES: usize = 2 << 20;
+/// In transaction order, record bytes one destination transaction may grow
+/// to so that it holds a whole source transaction.
+const MAX_TRANSACTION_BYTES: usize = 64 << 20;
 
 impl KafkaInbound {
     /// Consumes the link's topic until shutdown, one task per partition.
@@ -474,18 +480,67 @@ impl KafkaInbound {
                 }
             }
         };
-        let tasks: Vec<_> = (0..partitions)
+        let progress: Arc<[Progress]> = (0..partitions).map(|_| Progress::new()).collect();
+        let mut tasks: Vec<_> = (0..partitions)
             .map(|p| {
                 let this = this.clone();
                 let topic = topic.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(
-                    async move { this.partition_loop(topic, p, partitions, shutdown).await },
-                )
+                let progress = progress.clone();
+                tokio::spawn(async move {
+                    this.partition_loop(topic, p, partitions, &progress[p as usize], shutdown)
+                        .await
+                })
             })
             .collect();
+        {
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = this.watch_progress(&topic, &progress) => {}
+                    _ = async { shutdown.clone().wait_for(|s| *s).await.map(|_| ()) } => {}
+                }
+            }));
+        }
         for t in tasks {
             let _ = t.await;
+        }
+    }
+
+    /// Every few seconds, compares each partition's next offset with what
+    /// the broker holds: a partition that applied nothing for
+    /// [`STALL_AFTER`] while records wait for it is stalled, with the
+    /// reason, whatever the cause (a slow or stuck broker fetch, a consumer
+    /// that stopped asking). Its next apply clears it.
+    async fn watch_progress(&self, topic: &str, progress: &[Progress]) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            for (partition, p) in progress.iter().enumerate() {
+                let partition = partition as i32;
+                let idle = p.idle();
+                if idle < STALL_AFTER {
+                    continue;
+                }
+                let next = p.next_offset.load(Ordering::Acquire);
+                let reason = match self.cluster.offsets(topic, partition).await {
+                    Ok((_, high)) if high > next => format!(
+                        "partition {partition} of {topic}: nothing applied for {} s while the \
+                         broker holds {} more records (next offset {next}, high watermark {high})",
+                        idle.as_secs(),
+                        high - next
+                    ),
+                    Ok(_) => continue, // idle: nothing waits
+                    Err(e) => format!(
+                        "partition {partition} of {topic}: nothing applied for {} s and the \
+                         broker does not say what it holds ({e})",
+                        idle.as_secs()
+                    ),
+                };
+                self.telemetry
+                    .inbound_stalled(&self.source, Some(partition), reason);
+            }
         }
     }
 
@@ -495,13 +550,14 @@ impl KafkaInbound {
         topic: String,
         partition: i32,
         partitions: i32,
+        progress: &Progress,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
             let result = tokio::select! {
-                r = self.partition_session(&topic, partition, partitions) => r,
+                r = self.partition_session(&topic, partition, partitions, progress) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             if let Err(e) = result {
@@ -532,6 +588,7 @@ impl KafkaInbound {
         topic: &str,
         partition: i32,
         partitions: i32,
+        progress: &Progress,
     ) -> Result<(), LinkError> {
         // one replication origin per partition: PostgreSQL 15 lets one
         // session at a time hold an origin; capture skips every meridian_* one
@@ -588,6 +645,7 @@ impl KafkaInbound {
             .add_partition_offset(topic, partition, Offset::Offset(next_offset))
             .map_err(kafka)?;
         consumer.assign(&assignment).map_err(kafka)?;
+        progress.moved(next_offset);
         tracing::info!(source = %self.source, %topic, partition, next_offset, "kafka partition consuming");
 
         loop {
@@ -607,11 +665,24 @@ impl KafkaInbound {
                     Err(_) => break,
                 }
             }
+            // transaction order: read on to the transaction's last record
+            // (it follows at once; a transaction above the bound, only
+            // possible in capture fragments, commits in parts)
+            while self.cluster.whole_transactions
+                && bytes < MAX_TRANSACTION_BYTES
+                && batch.last().is_some_and(Consumed::more)
+            {
+                let record = detach(&consumer.recv().await.map_err(kafka)?);
+                bytes += record.value.as_ref().map_or(0, Vec::len);
+                batch.push(record);
+            }
             self.check_incarnations(&mut applier, &mut accepted, &batch)
                 .await?;
+            let next = batch.last().map_or(0, |r| r.offset + 1);
             position = self
                 .apply_records(&mut applier, topic, partition, position, batch)
                 .await?;
+            progress.moved(next);
             self.telemetry.inbound_moving(&self.source, Some(partition));
         }
     }
@@ -864,6 +935,39 @@ impl KafkaInbound {
     }
 }
 
+/// A partition that applied nothing for this long while the broker holds
+/// records for it counts as stalled.
+const STALL_AFTER: Duration = Duration::from_secs(10);
+
+/// One partition's progress, for [`KafkaInbound::watch_progress`].
+struct Progress {
+    next_offset: std::sync::atomic::AtomicI64,
+    since: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            next_offset: std::sync::atomic::AtomicI64::new(0),
+            since: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The partition applied up to `next_offset` (or started there).
+    fn moved(&self, next_offset: i64) {
+        self.next_offset.store(next_offset, Ordering::Release);
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// How long since the partition last moved.
+    fn idle(&self) -> Duration {
+        self.since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
 /// Decoded records waiting to be applied, with the progress each brings.
 #[derive(Default)]
 struct Fresh {
@@ -876,6 +980,16 @@ struct Consumed {
     offset: i64,
     headers: Vec<(String, Vec<u8>)>,
     value: Option<Vec<u8>>,
+}
+
+impl Consumed {
+    /// More records of this record's source transaction follow in its
+    /// partition.
+    fn more(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(k, v)| k == record::MORE && v.as_slice() == b"1")
+    }
 }
 
 fn detach(m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {

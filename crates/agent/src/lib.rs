@@ -71,6 +71,16 @@ pub async fn run(
         .await
         .with_context(|| format!("reading the replicated tables of region {region}'s store"))?;
     let policy = residency::load(&topology, &columns)?;
+    let (refused, warnings) = residency::topics_at_rest(&topology, policy.is_some());
+    if !refused.is_empty() {
+        anyhow::bail!(
+            "the topology keeps Kafka topics where the residency policy does not allow:\n{}",
+            refused.join("\n")
+        );
+    }
+    for w in warnings {
+        tracing::warn!(region, "{w}");
+    }
     match &policy {
         Some(p) => tracing::info!(region, version = p.version(), "residency policy loaded"),
         None => tracing::warn!(
@@ -189,12 +199,23 @@ pub async fn run(
             ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
         })
         .collect();
-    let cluster = topology.kafka.as_ref().map(|k| kafka::Cluster {
-        brokers: k.brokers.clone(),
-        topic_prefix: k.topic_prefix.clone(),
-        partitions: k.partitions,
-        replication_factor: k.replication_factor,
-    });
+    // the cluster of a Kafka link (validated when the topology was read)
+    let cluster = |source: &str, destination: &str| {
+        let k = topology
+            .kafka
+            .as_ref()
+            .expect("validated: [kafka] is present");
+        let site = topology
+            .kafka_site(source, destination)
+            .expect("validated: every Kafka link has a cluster");
+        kafka::Cluster {
+            brokers: site.brokers,
+            topic_prefix: k.topic_prefix.clone(),
+            partitions: k.partitions(),
+            replication_factor: k.replication_factor,
+            whole_transactions: k.order == meridian_core::topology::KafkaOrder::Transaction,
+        }
+    };
     let mut links: Vec<_> = peers
         .iter()
         .filter(|peer| topology.transport(peer, region) == Transport::Kafka)
@@ -203,7 +224,7 @@ pub async fn run(
                 source: peer.clone(),
                 destination: region.to_owned(),
                 store: store.clone(),
-                cluster: cluster.clone().expect("validated: [kafka] is present"),
+                cluster: cluster(peer, region),
                 policy: policy.clone(),
                 telemetry: telemetry.clone(),
                 waiting: Default::default(),
@@ -219,7 +240,7 @@ pub async fn run(
                 store: store.clone(),
                 slot: slot_name(region, peer),
                 publication: publication.clone(),
-                cluster: cluster.clone().expect("validated: [kafka] is present"),
+                cluster: cluster(region, peer),
                 policy: policy.clone(),
                 audit: audit.clone(),
                 keys: keys.clone(),

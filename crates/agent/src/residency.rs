@@ -85,6 +85,45 @@ pub fn load(topology: &Topology, columns: &StoreColumns) -> anyhow::Result<Optio
     )))
 }
 
+/// Kafka topics are data at rest in their cluster's region. Under a
+/// residency policy, a link's topic must rest in the link's source or
+/// destination region: a third region would hold what the policy lets reach
+/// only the destination. Returns the links refused for that, and warnings
+/// for topics on a cluster whose region is not declared. Without a policy
+/// every row may go anywhere, so nothing is refused.
+pub fn topics_at_rest(topology: &Topology, has_policy: bool) -> (Vec<String>, Vec<String>) {
+    let (mut refused, mut warnings) = (Vec::new(), Vec::new());
+    if !has_policy {
+        return (refused, warnings);
+    }
+    for source in topology.regions.keys() {
+        for destination in topology.regions.keys().filter(|d| *d != source) {
+            if topology.transport(source, destination) != meridian_core::topology::Transport::Kafka
+            {
+                continue;
+            }
+            let Ok(site) = topology.kafka_site(source, destination) else {
+                continue; // the topology's own check reports it
+            };
+            match site.region {
+                Some(r) if r == *source || r == *destination => {}
+                Some(r) => refused.push(format!(
+                    "the Kafka link {source} -> {destination} keeps its topic on the cluster in \
+                     {r}, a region the link's data may not rest in (the residency policy lets it \
+                     reach {destination} only); carry it on the cluster of {source} or \
+                     {destination} (cluster = \"{destination}\" in its [[links]] entry)"
+                )),
+                None => warnings.push(format!(
+                    "the Kafka link {source} -> {destination} keeps its topic on a cluster whose \
+                     region is not declared, so residency at rest cannot be checked; set \
+                     [kafka] region, or use [kafka.clusters.<region>]"
+                )),
+            }
+        }
+    }
+    (refused, warnings)
+}
+
 /// Parses a policy against a topology's regions and tables.
 pub fn parse(
     topology: &Topology,
@@ -227,5 +266,69 @@ impl Audit {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(kafka: &str) -> Topology {
+        let mut text = String::from("[replication]\ntransport = \"kafka\"\n");
+        for (i, region) in ["na", "eu", "apac"].iter().enumerate() {
+            text.push_str(&format!(
+                "[regions.{region}]\nstore = \"postgres://127.0.0.1:{0}/app\"\nlisten = \"127.0.0.1:{0}\"\n",
+                7400 + i
+            ));
+        }
+        text.push_str(
+            "[[tables]]\nname = \"public.orders\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n",
+        );
+        text.push_str(kafka);
+        Topology::parse(&text, "t.toml").unwrap()
+    }
+
+    /// A topic may rest in its link's source or destination region only;
+    /// a third region is refused under a policy, and an undeclared one is a
+    /// warning.
+    #[test]
+    fn a_topic_rests_only_where_its_link_may_hold_data() {
+        let regional = "[kafka.clusters.na]\nbrokers = \"na:9092\"\n\
+                        [kafka.clusters.eu]\nbrokers = \"eu:9092\"\n\
+                        [kafka.clusters.apac]\nbrokers = \"apac:9092\"\n";
+        let (refused, warnings) = topics_at_rest(&topology(regional), true);
+        assert!(
+            refused.is_empty() && warnings.is_empty(),
+            "{refused:?} {warnings:?}"
+        );
+
+        let at_source = format!(
+            "{regional}[[links]]\nsource = \"na\"\ndestination = \"eu\"\ncluster = \"na\"\n"
+        );
+        assert!(topics_at_rest(&topology(&at_source), true).0.is_empty());
+
+        let third = at_source.replace("cluster = \"na\"", "cluster = \"apac\"");
+        let (refused, _) = topics_at_rest(&topology(&third), true);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("na -> eu") && refused[0].contains("cluster in apac"),
+            "{refused:?}"
+        );
+        assert!(
+            topics_at_rest(&topology(&third), false).0.is_empty(),
+            "without a policy every row may go anywhere"
+        );
+
+        let (refused, warnings) =
+            topics_at_rest(&topology("[kafka]\nbrokers = \"k:9092\"\n"), true);
+        assert!(refused.is_empty());
+        assert_eq!(warnings.len(), 6, "{warnings:?}");
+        let (refused, warnings) = topics_at_rest(
+            &topology("[kafka]\nbrokers = \"k:9092\"\nregion = \"eu\"\n"),
+            true,
+        );
+        assert!(warnings.is_empty());
+        // na <-> apac rest in eu
+        assert_eq!(refused.len(), 2, "{refused:?}");
     }
 }

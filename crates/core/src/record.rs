@@ -22,7 +22,11 @@
 //! - `meridian-index`: the record's index among its transaction's records
 //!   ([`HEARTBEAT_INDEX`] for heartbeats);
 //! - `meridian-policy-version`: the policy the change was filtered with;
-//! - `meridian-crc32`: crc32 of the value.
+//! - `meridian-crc32`: crc32 of the value;
+//! - `meridian-more`: `1` when more records of the same source transaction
+//!   follow in the same partition (a share split over several records, or a
+//!   transaction captured in fragments); absent otherwise. A consumer that
+//!   commits whole transactions reads on to the record without it.
 //!
 //! A record's position is `(lsn, index)`; within a partition positions only
 //! grow, except when a source replays after a restart, which the consumer
@@ -39,6 +43,7 @@ pub const LSN: &str = "meridian-lsn";
 pub const INDEX: &str = "meridian-index";
 pub const POLICY_VERSION: &str = "meridian-policy-version";
 pub const CRC32: &str = "meridian-crc32";
+pub const MORE: &str = "meridian-more";
 
 /// The index of heartbeat records (after every change of their position).
 pub const HEARTBEAT_INDEX: u32 = u32::MAX;
@@ -176,9 +181,14 @@ pub fn records(
         ),
         _ => Vec::new(),
     };
+    // whether a later record of this transaction goes to the same partition
+    let more: Vec<bool> = (0..groups.len())
+        .map(|g| transaction.continues || groups[g + 1..].iter().any(|l| l.0 == groups[g].0))
+        .collect();
     groups
         .into_iter()
-        .map(|(partition, key, changes, _, last)| {
+        .zip(more)
+        .map(|((partition, key, changes, _, last), more)| {
             let position = Position {
                 lsn: transaction.end_lsn,
                 index: last,
@@ -192,10 +202,14 @@ pub fn records(
                 token: transaction.token,
             };
             let value = codec::encode(std::slice::from_ref(&part));
+            let mut headers = headers(source, position, policy_version, &value);
+            if more {
+                headers.push((MORE, b"1".to_vec()));
+            }
             Outgoing {
                 key: Some(key),
                 partition: Some(partition),
-                headers: headers(source, position, policy_version, &value),
+                headers,
                 value,
                 position,
             }
@@ -716,5 +730,25 @@ mod tests {
         let indexes: Vec<u32> = out.iter().map(|r| r.position.index).collect();
         assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
         assert_eq!(indexes.last(), Some(&26));
+        // every record but the last says more of its transaction follows
+        let more: Vec<bool> = out
+            .iter()
+            .map(|r| r.headers.iter().any(|(k, v)| *k == MORE && v == b"1"))
+            .collect();
+        assert!(more[..more.len() - 1].iter().all(|m| *m), "{more:?}");
+        assert!(!more[more.len() - 1], "{more:?}");
+        // a fragment's records all say more follows
+        let mut fragment = transaction(vec![Change {
+            table: table(),
+            kind: ChangeKind::Insert {
+                new: vec![Value::Text("1".into()), Value::Null],
+            },
+        }]);
+        fragment.continues = true;
+        let out = records("eu", fragment, &[], 0, 1);
+        assert!(
+            out.iter()
+                .all(|r| r.headers.iter().any(|(k, _)| *k == MORE))
+        );
     }
 }

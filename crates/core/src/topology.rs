@@ -76,21 +76,80 @@ pub enum Compression {
     None,
 }
 
-/// The Kafka cluster used by `kafka` links.
+/// The Kafka clusters used by `kafka` links, and their topics' settings.
+///
+/// A topic is data at rest in its cluster's region. A link's topic lives on
+/// the cluster its `[[links]]` entry names (`cluster = "na"`), else on the
+/// destination's cluster (`[kafka.clusters.<destination>]`), else on the one
+/// cluster `brokers` names (whose region `region` declares).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kafka {
-    /// Bootstrap servers, `host:port[,host:port...]`.
-    pub brokers: String,
+    /// Bootstrap servers, `host:port[,host:port...]`, of a cluster for every
+    /// link that has no regional one.
+    pub brokers: Option<String>,
+    /// The region that cluster runs in (undeclared: residency at rest cannot
+    /// be checked, and `policy check` says so).
+    pub region: Option<String>,
+    /// Clusters by the region they run in.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, KafkaCluster>,
     /// Topics are `<topic_prefix>.<source>.<destination>`.
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
-    /// Partitions of each link's topic (created when absent).
-    #[serde(default = "default_partitions")]
-    pub partitions: i32,
+    /// Partitions of each link's topic (created when absent); see
+    /// [`Kafka::partitions`].
+    #[serde(default, rename = "partitions")]
+    pub partitions_set: Option<i32>,
+    /// In which order a destination commits what a link carries.
+    #[serde(default)]
+    pub order: KafkaOrder,
     /// Replication factor of created topics: 3 on a production cluster.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
+}
+
+/// One regional Kafka cluster.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaCluster {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+}
+
+/// Where a link's topic lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaSite {
+    pub brokers: String,
+    /// The cluster's region, if declared.
+    pub region: Option<String>,
+}
+
+/// In which order a destination commits what a Kafka link carries.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaOrder {
+    /// A row's changes in order, partitions applied in parallel (4 by
+    /// default): a source transaction touching rows of several partitions
+    /// commits in several destination transactions, so an invariant across
+    /// rows (a foreign key, a sum) may be briefly broken at the destination.
+    #[default]
+    Row,
+    /// One partition per link: whole source transactions commit in source
+    /// commit order (transactions larger than a capture fragment, 10,000
+    /// changes or 1 MiB, excepted), on one apply session.
+    Transaction,
+}
+
+impl Kafka {
+    /// Partitions of each link's topic: 1 in transaction order, else
+    /// `partitions` (4 by default).
+    pub fn partitions(&self) -> i32 {
+        match self.order {
+            KafkaOrder::Transaction => 1,
+            KafkaOrder::Row => self.partitions_set.unwrap_or_else(default_partitions),
+        }
+    }
 }
 
 fn default_topic_prefix() -> String {
@@ -109,7 +168,11 @@ fn default_replication_factor() -> i32 {
 pub struct LinkSpec {
     pub source: String,
     pub destination: String,
-    pub transport: Transport,
+    #[serde(default)]
+    pub transport: Option<Transport>,
+    /// Kafka links: the region whose cluster (`[kafka.clusters.<region>]`)
+    /// carries the topic, instead of the destination's.
+    pub cluster: Option<String>,
 }
 
 /// The multi-region database.
@@ -365,26 +428,60 @@ impl Topology {
                 )));
             }
         }
-        let uses_kafka = topology.replication.transport == Transport::Kafka
-            || topology
-                .links
-                .iter()
-                .any(|l| l.transport == Transport::Kafka);
-        match &topology.kafka {
-            None if uses_kafka => {
-                return Err(err(
-                    "a link uses transport \"kafka\" but there is no [kafka] section; add \
-                     [kafka] brokers = \"host:9092\""
-                        .to_owned(),
-                ));
+        for (region, cluster) in topology.kafka.iter().flat_map(|k| &k.clusters) {
+            if !topology.regions.contains_key(region) {
+                return Err(err(format!(
+                    "kafka.clusters.{region}: unknown region; a cluster is named by the region \
+                     it runs in, one of {}",
+                    topology
+                        .regions
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
             }
+            if cluster.brokers.trim().is_empty() {
+                return Err(err(format!(
+                    "kafka.clusters.{region}.brokers is empty; expected host:port[,host:port]"
+                )));
+            }
+        }
+        if let Some(region) = topology.kafka.as_ref().and_then(|k| k.region.as_ref())
+            && !topology.regions.contains_key(region)
+        {
+            return Err(err(format!("kafka.region: unknown region {region:?}")));
+        }
+        for source in topology.regions.keys() {
+            for destination in topology.regions.keys().filter(|d| *d != source) {
+                if topology.transport(source, destination) == Transport::Kafka {
+                    topology.kafka_site(source, destination).map_err(&err)?;
+                }
+            }
+        }
+        match &topology.kafka {
             Some(k)
-                if k.brokers.trim().is_empty() || k.partitions < 1 || k.replication_factor < 1 =>
+                if k.brokers.as_ref().is_some_and(|b| b.trim().is_empty())
+                    || k.partitions() < 1
+                    || k.replication_factor < 1 =>
             {
                 return Err(err(format!(
                     "kafka: found brokers {:?}, partitions {}, replication_factor {}; expected \
                      host:port list and both numbers at least 1",
-                    k.brokers, k.partitions, k.replication_factor
+                    k.brokers.as_deref().unwrap_or_default(),
+                    k.partitions(),
+                    k.replication_factor
+                )));
+            }
+            Some(Kafka {
+                order: KafkaOrder::Transaction,
+                partitions_set: Some(n),
+                ..
+            }) if *n != 1 => {
+                return Err(err(format!(
+                    "kafka: order = \"transaction\" keeps each link on one partition, but \
+                     partitions = {n}; remove partitions, or use order = \"row\" for {n} \
+                     partitions applied in parallel"
                 )));
             }
             _ => {}
@@ -462,7 +559,51 @@ impl Topology {
         self.links
             .iter()
             .find(|l| l.source == source && l.destination == destination)
-            .map_or(self.replication.transport, |l| l.transport)
+            .and_then(|l| l.transport)
+            .unwrap_or(self.replication.transport)
+    }
+
+    /// The cluster that carries the Kafka link `source -> destination`'s
+    /// topic (see [`Kafka`]); an error names what is missing.
+    pub fn kafka_site(&self, source: &str, destination: &str) -> Result<KafkaSite, String> {
+        let kafka = self.kafka.as_ref().ok_or_else(|| {
+            "a link uses transport \"kafka\" but there is no [kafka] section; add \
+             [kafka.clusters.<region>] brokers = \"host:9092\""
+                .to_owned()
+        })?;
+        let named = self
+            .links
+            .iter()
+            .find(|l| l.source == source && l.destination == destination)
+            .and_then(|l| l.cluster.as_deref());
+        let regional = |region: &str| {
+            kafka.clusters.get(region).map(|c| KafkaSite {
+                brokers: c.brokers.clone(),
+                region: Some(region.to_owned()),
+            })
+        };
+        match named {
+            Some(region) => regional(region).ok_or_else(|| {
+                format!(
+                    "the link {source} -> {destination} names cluster {region:?}, but there is \
+                     no [kafka.clusters.{region}]"
+                )
+            }),
+            None => regional(destination)
+                .or_else(|| {
+                    kafka.brokers.as_ref().map(|b| KafkaSite {
+                        brokers: b.clone(),
+                        region: kafka.region.clone(),
+                    })
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "the Kafka link {source} -> {destination} has no cluster: add \
+                         [kafka.clusters.{destination}] brokers = \"host:9092\", name one with \
+                         cluster = \"<region>\" in its [[links]] entry, or set [kafka] brokers"
+                    )
+                }),
+        }
     }
 
     /// Looks a region up, with an error that lists the known ones.
@@ -504,6 +645,59 @@ mod tests {
         assert_eq!(t.replication.window, 8);
     }
 
+    /// A link's topic rests on the cluster its entry names, else on the
+    /// destination's, else on the one `[kafka] brokers` cluster; a link
+    /// with none, or a cluster in no region, is refused.
+    #[test]
+    fn places_each_kafka_topic_on_a_regional_cluster() {
+        let text = format!(
+            "{GOOD}\n[replication]\ntransport = \"kafka\"\n\
+             [kafka.clusters.eu]\nbrokers = \"kafka.eu:9092\"\n\
+             [kafka.clusters.na]\nbrokers = \"kafka.na:9092\"\n"
+        );
+        let t = Topology::parse(&text, "t.toml").unwrap();
+        let site = |s, d| t.kafka_site(s, d).unwrap();
+        assert_eq!(site("na", "eu").region.as_deref(), Some("eu"));
+        assert_eq!(site("na", "eu").brokers, "kafka.eu:9092");
+        assert_eq!(site("eu", "na").region.as_deref(), Some("na"));
+
+        let named =
+            format!("{text}[[links]]\nsource = \"na\"\ndestination = \"eu\"\ncluster = \"na\"\n");
+        let t = Topology::parse(&named, "t.toml").unwrap();
+        assert_eq!(t.kafka_site("na", "eu").unwrap().brokers, "kafka.na:9092");
+        assert_eq!(
+            t.transport("na", "eu"),
+            Transport::Kafka,
+            "the default transport stays"
+        );
+
+        let only_eu = text.replace("[kafka.clusters.na]\nbrokers = \"kafka.na:9092\"\n", "");
+        let e = Topology::parse(&only_eu, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("eu -> na has no cluster") && e.contains("[kafka.clusters.na]"),
+            "{e}"
+        );
+        let shared = format!(
+            "{GOOD}\n[replication]\ntransport = \"kafka\"\n\
+             [kafka]\nbrokers = \"kafka.all:9092\"\nregion = \"eu\"\n\
+             [kafka.clusters.eu]\nbrokers = \"kafka.eu:9092\"\n"
+        );
+        let t = Topology::parse(&shared, "t.toml").unwrap();
+        assert_eq!(
+            t.kafka_site("eu", "na").unwrap(),
+            KafkaSite {
+                brokers: "kafka.all:9092".into(),
+                region: Some("eu".into())
+            }
+        );
+        let nowhere = text.replace("[kafka.clusters.na]", "[kafka.clusters.mars]");
+        let e = Topology::parse(&nowhere, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("kafka.clusters.mars: unknown region"), "{e}");
+        let missing = named.replace("cluster = \"na\"", "cluster = \"apac\"");
+        let e = Topology::parse(&missing, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("no [kafka.clusters.apac]"), "{e}");
+    }
+
     #[test]
     fn chooses_the_transport_per_link() {
         let text = format!(
@@ -513,7 +707,20 @@ mod tests {
         let t = Topology::parse(&text, "t.toml").unwrap();
         assert_eq!(t.transport("na", "eu"), Transport::Kafka);
         assert_eq!(t.transport("eu", "na"), Transport::Grpc);
-        assert_eq!(t.kafka.as_ref().unwrap().partitions, 4);
+        assert_eq!(t.kafka.as_ref().unwrap().partitions(), 4);
+        let ordered = text.replace(
+            "brokers = \"127.0.0.1:9092\"\n",
+            "brokers = \"127.0.0.1:9092\"\norder = \"transaction\"\n",
+        );
+        let t = Topology::parse(&ordered, "t.toml").unwrap();
+        assert_eq!(t.kafka.as_ref().unwrap().order, KafkaOrder::Transaction);
+        assert_eq!(t.kafka.as_ref().unwrap().partitions(), 1);
+        let clash = ordered.replace("order = ", "partitions = 4\norder = ");
+        let e = Topology::parse(&clash, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("one partition") && e.contains("partitions = 4"),
+            "{e}"
+        );
 
         let no_kafka = text.replace("[kafka]\nbrokers = \"127.0.0.1:9092\"\n", "");
         let e = Topology::parse(&no_kafka, "t.toml")

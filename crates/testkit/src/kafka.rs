@@ -11,22 +11,31 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-/// Where the `tansu` binary is: `MERIDIAN_TANSU`, `tansu` on the PATH, or
-/// `~/.cargo/bin/tansu`.
+/// Where the `tansu` binary is: `MERIDIAN_TANSU`, or the patched build
+/// `.ci/tansu/install` makes (`~/.cache/meridian/tansu/bin/tansu`, or under
+/// `MERIDIAN_TANSU_ROOT`). Crates.io's tansu 0.6.0 as released is not used:
+/// its sqlite storage slows down with everything a topic ever held (see
+/// `.ci/tansu/install`).
 pub fn find_tansu() -> anyhow::Result<PathBuf> {
     if let Ok(path) = std::env::var("MERIDIAN_TANSU") {
         return Ok(path.into());
     }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cargo/bin/tansu"));
+    let root = match (
+        std::env::var_os("MERIDIAN_TANSU_ROOT"),
+        std::env::var_os("HOME"),
+    ) {
+        (Some(root), _) => PathBuf::from(root),
+        (None, Some(home)) => Path::new(&home).join(".cache/meridian/tansu"),
+        (None, None) => PathBuf::from(".cache/meridian/tansu"),
+    };
+    let binary = root.join("bin/tansu");
+    if binary.is_file() {
+        return Ok(binary);
     }
-    candidates.into_iter().find(|p| p.is_file()).context(
-        "the tansu broker is not installed; install it with \
-         `cargo install tansu --locked --features libsql,dynostore` (.ci/run does), \
-         or set MERIDIAN_TANSU to its path",
+    bail!(
+        "the patched tansu broker is not at {}; build it with `.ci/tansu/install` \
+         (about 8 minutes, once; .ci/run does), or set MERIDIAN_TANSU to a broker's path",
+        binary.display()
     )
 }
 
