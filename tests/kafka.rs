@@ -573,3 +573,65 @@ async fn a_partition_that_stops_moving_while_records_wait_is_shown_stalled() -> 
     }
     Ok(())
 }
+
+/// A cluster that requires SASL/SCRAM: the links authenticate as the user
+/// the topology names, with the password from the environment, and
+/// replicate; without the password an agent refuses to start and names the
+/// variable to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_authenticate_to_a_sasl_cluster() -> anyhow::Result<()> {
+    let mut d = Deployment::start_with_kafka_user(
+        binary(),
+        &Spec {
+            regions: &REGIONS,
+            schema: COUNTERS_SCHEMA,
+            tables: &[("public.counters", "id", "home")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: true,
+        },
+        ("meridian", "a-long-s3cret"),
+    )
+    .await?;
+    for s in 1..=3 {
+        for i in 0..REGIONS.len() {
+            step(&d, i, s).await?;
+        }
+    }
+    let rows = d
+        .wait_converged("counters", "id", 1, Duration::from_secs(120))
+        .await?;
+    assert!(rows >= 300, "{rows}");
+    // the broker does require it: a client without credentials reads nothing
+    let anonymous: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", d.broker().addr())
+        .set("log_level", "0")
+        .create()?;
+    let listed = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        anonymous
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map(|m| m.topics().len())
+    })
+    .await?;
+    assert!(listed.is_err(), "an anonymous client listed {listed:?} topics");
+
+    d.agent("na").kill9();
+    let out = tokio::process::Command::new(binary())
+        .args(["agent", "--region", "na", "--config"])
+        .arg(&d.config)
+        .env_remove("MERIDIAN_KAFKA_PASSWORD_NA")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("MERIDIAN_KAFKA_PASSWORD_NA") && !stderr.contains("a-long-s3cret"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -26,6 +26,7 @@ use meridian_apply::{Applier, ApplyError, Checkpoint, Letter, RecordProgress};
 use meridian_capture::ReplicationStream;
 use meridian_core::pgoutput::Keys;
 use meridian_core::record::{self, Position};
+use meridian_core::topology::{KafkaCluster, KafkaProtocol, kafka_password_env};
 use meridian_core::{Lsn, Transaction};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -46,12 +47,65 @@ use crate::telemetry::{self, LinkState, Telemetry};
 #[derive(Clone, Debug)]
 pub struct Cluster {
     pub brokers: String,
+    /// TLS and SASL settings (the password read from the environment).
+    pub security: Security,
     pub topic_prefix: String,
     pub partitions: i32,
     pub replication_factor: i32,
+    /// Retention of the topics Meridian creates.
+    pub retention_hours: i64,
     /// Transaction order: a batch of records is never cut inside a source
     /// transaction (see [`meridian_core::record::MORE`]).
     pub whole_transactions: bool,
+}
+
+/// How a cluster's clients authenticate and encrypt.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub protocol: KafkaProtocol,
+    pub mechanism: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// A value never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+impl Security {
+    /// The settings of `region`'s cluster, with the SASL password from
+    /// [`kafka_password_env`]; an error names the missing variable.
+    pub fn of(cluster: &KafkaCluster, region: Option<&str>) -> anyhow::Result<Security> {
+        let password = match (cluster.security_protocol.sasl(), region) {
+            (false, _) => None,
+            (true, Some(region)) => {
+                let env = kafka_password_env(region);
+                let password = std::env::var(&env).ok().filter(|p| !p.is_empty());
+                Some(Secret(password.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "kafka.clusters.{region} uses SASL, but {env} is not set; set it to the \
+                         password of SASL user {:?}",
+                        cluster.sasl_username.as_deref().unwrap_or_default()
+                    )
+                })?))
+            }
+            (true, None) => None, // validated: only regional clusters take SASL
+        };
+        Ok(Security {
+            protocol: cluster.security_protocol,
+            mechanism: cluster.sasl_mechanism.clone(),
+            username: cluster.sasl_username.clone(),
+            password,
+            ca: cluster.ca.clone(),
+        })
+    }
 }
 
 impl Cluster {
@@ -59,7 +113,21 @@ impl Cluster {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("socket.keepalive.enable", "true")
-            .set("log_level", "3");
+            .set("log_level", "3")
+            .set("security.protocol", self.security.protocol.name());
+        let s = &self.security;
+        if let Some(m) = &s.mechanism {
+            c.set("sasl.mechanisms", m);
+        }
+        if let Some(u) = &s.username {
+            c.set("sasl.username", u);
+        }
+        if let Some(p) = &s.password {
+            c.set("sasl.password", &p.0);
+        }
+        if let Some(ca) = &s.ca {
+            c.set("ssl.ca.location", ca.display().to_string());
+        }
         c
     }
 
@@ -146,8 +214,11 @@ impl Cluster {
         };
         let existing = partitions(admin.clone(), topic.to_owned()).await?;
         if existing > 0 {
+            self.warn_unsafe_settings(&admin, topic).await;
             return Ok(existing);
         }
+        let retention_ms = (self.retention_hours * 3_600_000).to_string();
+        let min_insync = (self.replication_factor - 1).clamp(1, 2).to_string();
         let created = admin
             .create_topics(
                 // records reach RECORD_MAX_BYTES plus one change; the
@@ -157,7 +228,12 @@ impl Cluster {
                     self.partitions,
                     TopicReplication::Fixed(self.replication_factor),
                 )
-                .set("max.message.bytes", "16777216")],
+                .set("max.message.bytes", "16777216")
+                // records leave by age only, never by key or size
+                .set("cleanup.policy", "delete")
+                .set("retention.ms", &retention_ms)
+                // a write acknowledged (acks=all) survives the loss of a replica
+                .set("min.insync.replicas", &min_insync)],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await
@@ -179,6 +255,81 @@ impl Cluster {
             n => Ok(n),
         }
     }
+}
+
+impl Cluster {
+    /// Logs a warning for each setting of the existing `topic` that can
+    /// lose records before a destination applies them ([`unsafe_settings`]).
+    async fn warn_unsafe_settings(&self, admin: &AdminClient<DefaultClientContext>, topic: &str) {
+        use rdkafka::admin::ResourceSpecifier;
+        let described = admin
+            .describe_configs(
+                &[ResourceSpecifier::Topic(topic)],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+            )
+            .await;
+        let settings: Vec<(String, String)> = match described.as_deref() {
+            Ok([Ok(resource)]) => resource
+                .entries
+                .iter()
+                .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                .collect(),
+            other => {
+                tracing::info!(%topic, result = ?other.map(|r| r.len()),
+                    "cannot read the topic's settings; not checked");
+                return;
+            }
+        };
+        for warning in unsafe_settings(&settings, self.replication_factor) {
+            tracing::warn!(%topic, "unsafe topic setting: {warning}");
+        }
+    }
+}
+
+/// Settings of an existing topic that can lose records before a
+/// destination applies them: compaction, retention by size or under a day,
+/// a message size limit below Meridian's records, one in-sync replica where
+/// the topology asks for several.
+pub fn unsafe_settings(settings: &[(String, String)], replication_factor: i32) -> Vec<String> {
+    let get = |name: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let number = |name: &str| get(name).and_then(|v| v.trim().parse::<i64>().ok());
+    let mut out = Vec::new();
+    if get("cleanup.policy").is_some_and(|p| p.contains("compact")) {
+        out.push(
+            "cleanup.policy includes compact: a row's older records may be removed before they \
+             are applied; set cleanup.policy=delete"
+                .to_owned(),
+        );
+    }
+    if let Some(bytes) = number("retention.bytes").filter(|b| *b >= 0) {
+        out.push(format!(
+            "retention.bytes={bytes}: records are removed by size however far behind a \
+             destination is; set -1 and size retention.ms for the longest outage"
+        ));
+    }
+    if let Some(ms) = number("retention.ms").filter(|ms| (0..86_400_000).contains(ms)) {
+        out.push(format!(
+            "retention.ms={ms} (under a day): a destination down for longer loses records"
+        ));
+    }
+    if let Some(max) = number("max.message.bytes").filter(|m| *m < 16 << 20) {
+        out.push(format!(
+            "max.message.bytes={max}: records of up to 16 MiB would be refused; set 16777216"
+        ));
+    }
+    if let Some(isr) = number("min.insync.replicas").filter(|isr| *isr < 2)
+        && replication_factor >= 3
+    {
+        out.push(format!(
+            "min.insync.replicas={isr}: an acknowledged write can be lost with one broker; set 2"
+        ));
+    }
+    out
 }
 
 fn kafka(e: impl std::fmt::Display) -> LinkError {
@@ -1005,5 +1156,55 @@ fn detach(m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
         offset: m.offset(),
         headers,
         value: m.payload().map(<[u8]>::to_vec),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_topic_settings_that_can_lose_records() {
+        let settings = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let safe = settings(&[
+            ("cleanup.policy", "delete"),
+            ("retention.bytes", "-1"),
+            ("retention.ms", "604800000"),
+            ("max.message.bytes", "16777216"),
+            ("min.insync.replicas", "2"),
+        ]);
+        assert!(unsafe_settings(&safe, 3).is_empty());
+        assert!(
+            unsafe_settings(&[], 3).is_empty(),
+            "nothing known, nothing said"
+        );
+        let bad = settings(&[
+            ("cleanup.policy", "compact,delete"),
+            ("retention.bytes", "1073741824"),
+            ("retention.ms", "3600000"),
+            ("max.message.bytes", "1048588"),
+            ("min.insync.replicas", "1"),
+        ]);
+        let warnings = unsafe_settings(&bad, 3);
+        assert_eq!(warnings.len(), 5, "{warnings:?}");
+        for name in [
+            "cleanup.policy",
+            "retention.bytes",
+            "retention.ms",
+            "max.message.bytes",
+            "min.insync.replicas",
+        ] {
+            assert!(
+                warnings.iter().any(|w| w.starts_with(name)),
+                "{name}: {warnings:?}"
+            );
+        }
+        // one in-sync replica is all a single-broker cluster has
+        assert_eq!(unsafe_settings(&bad, 1).len(), 4);
     }
 }

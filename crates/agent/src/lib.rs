@@ -200,7 +200,7 @@ pub async fn run(
         })
         .collect();
     // the cluster of a Kafka link (validated when the topology was read)
-    let cluster = |source: &str, destination: &str| {
+    let cluster = |source: &str, destination: &str| -> anyhow::Result<kafka::Cluster> {
         let k = topology
             .kafka
             .as_ref()
@@ -208,14 +208,27 @@ pub async fn run(
         let site = topology
             .kafka_site(source, destination)
             .expect("validated: every Kafka link has a cluster");
-        kafka::Cluster {
-            brokers: site.brokers,
+        Ok(kafka::Cluster {
+            security: kafka::Security::of(&site.cluster, site.region.as_deref())?,
+            brokers: site.cluster.brokers,
             topic_prefix: k.topic_prefix.clone(),
             partitions: k.partitions(),
             replication_factor: k.replication_factor,
+            retention_hours: k.retention_hours,
             whole_transactions: k.order == meridian_core::topology::KafkaOrder::Transaction,
-        }
+        })
     };
+    // every Kafka link's cluster and secrets, before any link starts
+    let mut inbound_clusters = std::collections::BTreeMap::new();
+    let mut outbound_clusters = std::collections::BTreeMap::new();
+    for peer in &peers {
+        if topology.transport(peer, region) == Transport::Kafka {
+            inbound_clusters.insert(peer.clone(), cluster(peer, region)?);
+        }
+        if topology.transport(region, peer) == Transport::Kafka {
+            outbound_clusters.insert(peer.clone(), cluster(region, peer)?);
+        }
+    }
     let mut links: Vec<_> = peers
         .iter()
         .filter(|peer| topology.transport(peer, region) == Transport::Kafka)
@@ -224,7 +237,7 @@ pub async fn run(
                 source: peer.clone(),
                 destination: region.to_owned(),
                 store: store.clone(),
-                cluster: cluster(peer, region),
+                cluster: inbound_clusters[peer].clone(),
                 policy: policy.clone(),
                 telemetry: telemetry.clone(),
                 waiting: Default::default(),
@@ -240,7 +253,7 @@ pub async fn run(
                 store: store.clone(),
                 slot: slot_name(region, peer),
                 publication: publication.clone(),
-                cluster: cluster(region, peer),
+                cluster: outbound_clusters[peer].clone(),
                 policy: policy.clone(),
                 audit: audit.clone(),
                 keys: keys.clone(),

@@ -104,23 +104,76 @@ pub struct Kafka {
     /// In which order a destination commits what a link carries.
     #[serde(default)]
     pub order: KafkaOrder,
+    /// Retention (`retention.ms`) of the topics Meridian creates: longer
+    /// than the longest outage of a destination to ride out.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: i64,
     /// Replication factor of created topics: 3 on a production cluster.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
 }
 
 /// One regional Kafka cluster.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaCluster {
     /// Bootstrap servers, `host:port[,host:port...]`.
     pub brokers: String,
+    /// How clients reach the brokers.
+    #[serde(default)]
+    pub security_protocol: KafkaProtocol,
+    /// `SCRAM-SHA-256`, `SCRAM-SHA-512` or `PLAIN`, with a `sasl_*` protocol.
+    pub sasl_mechanism: Option<String>,
+    /// The SASL user; its password comes from the environment,
+    /// `MERIDIAN_KAFKA_PASSWORD_<REGION>` (never from the file).
+    pub sasl_username: Option<String>,
+    /// The CA certificate (PEM) that signed the brokers' certificates, with
+    /// a TLS protocol; relative to the topology file's folder.
+    pub ca: Option<PathBuf>,
+}
+
+/// `security.protocol` of a Kafka cluster.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaProtocol {
+    /// librdkafka's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            KafkaProtocol::Plaintext => "plaintext",
+            KafkaProtocol::Ssl => "ssl",
+            KafkaProtocol::SaslPlaintext => "sasl_plaintext",
+            KafkaProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn sasl(self) -> bool {
+        matches!(self, KafkaProtocol::SaslPlaintext | KafkaProtocol::SaslSsl)
+    }
+
+    pub fn tls(self) -> bool {
+        matches!(self, KafkaProtocol::Ssl | KafkaProtocol::SaslSsl)
+    }
+}
+
+/// The environment variable holding the SASL password of `region`'s Kafka
+/// cluster.
+pub fn kafka_password_env(region: &str) -> String {
+    format!("MERIDIAN_KAFKA_PASSWORD_{}", region.to_uppercase())
 }
 
 /// Where a link's topic lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaSite {
-    pub brokers: String,
+    /// The cluster (for the older `[kafka] brokers` form, plaintext).
+    pub cluster: KafkaCluster,
     /// The cluster's region, if declared.
     pub region: Option<String>,
 }
@@ -157,6 +210,9 @@ fn default_topic_prefix() -> String {
 }
 fn default_partitions() -> i32 {
     4
+}
+fn default_retention_hours() -> i64 {
+    7 * 24
 }
 fn default_replication_factor() -> i32 {
     3
@@ -446,6 +502,35 @@ impl Topology {
                     "kafka.clusters.{region}.brokers is empty; expected host:port[,host:port]"
                 )));
             }
+            let protocol = cluster.security_protocol;
+            let problem = match (&cluster.sasl_mechanism, &cluster.sasl_username) {
+                (Some(_), _) | (_, Some(_)) if !protocol.sasl() => Some(format!(
+                    "sasl_mechanism and sasl_username need security_protocol = \"sasl_ssl\" \
+                     (or \"sasl_plaintext\"), not {:?}",
+                    protocol.name()
+                )),
+                (None, _) | (_, None) if protocol.sasl() => Some(format!(
+                    "security_protocol = {:?} needs sasl_mechanism (SCRAM-SHA-512, \
+                     SCRAM-SHA-256 or PLAIN) and sasl_username; the password comes from {}",
+                    protocol.name(),
+                    kafka_password_env(region)
+                )),
+                (Some(m), _)
+                    if !["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"].contains(&m.as_str()) =>
+                {
+                    Some(format!(
+                        "sasl_mechanism {m:?}: expected SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN"
+                    ))
+                }
+                _ if cluster.ca.is_some() && !protocol.tls() => Some(format!(
+                    "ca needs security_protocol = \"ssl\" or \"sasl_ssl\", not {:?}",
+                    protocol.name()
+                )),
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                return Err(err(format!("kafka.clusters.{region}: {problem}")));
+            }
         }
         if let Some(region) = topology.kafka.as_ref().and_then(|k| k.region.as_ref())
             && !topology.regions.contains_key(region)
@@ -463,14 +548,16 @@ impl Topology {
             Some(k)
                 if k.brokers.as_ref().is_some_and(|b| b.trim().is_empty())
                     || k.partitions() < 1
-                    || k.replication_factor < 1 =>
+                    || k.replication_factor < 1
+                    || k.retention_hours < 1 =>
             {
                 return Err(err(format!(
-                    "kafka: found brokers {:?}, partitions {}, replication_factor {}; expected \
-                     host:port list and both numbers at least 1",
+                    "kafka: found brokers {:?}, partitions {}, replication_factor {}, \
+                     retention_hours {}; expected a host:port list and numbers of at least 1",
                     k.brokers.as_deref().unwrap_or_default(),
                     k.partitions(),
-                    k.replication_factor
+                    k.replication_factor,
+                    k.retention_hours
                 )));
             }
             Some(Kafka {
@@ -514,7 +601,12 @@ impl Topology {
                     .global
                     .as_mut()
                     .map(|g| ("global.ca".to_owned(), &mut g.ca)),
-            );
+            )
+            .chain(topology.kafka.iter_mut().flat_map(|k| {
+                k.clusters
+                    .iter_mut()
+                    .map(|(name, c)| (format!("kafka.clusters.{name}.ca"), &mut c.ca))
+            }));
         for (key, ca) in cas {
             let Some(ca) = ca else { continue };
             *ca = dir.join(&*ca);
@@ -578,7 +670,7 @@ impl Topology {
             .and_then(|l| l.cluster.as_deref());
         let regional = |region: &str| {
             kafka.clusters.get(region).map(|c| KafkaSite {
-                brokers: c.brokers.clone(),
+                cluster: c.clone(),
                 region: Some(region.to_owned()),
             })
         };
@@ -592,7 +684,10 @@ impl Topology {
             None => regional(destination)
                 .or_else(|| {
                     kafka.brokers.as_ref().map(|b| KafkaSite {
-                        brokers: b.clone(),
+                        cluster: KafkaCluster {
+                            brokers: b.clone(),
+                            ..KafkaCluster::default()
+                        },
                         region: kafka.region.clone(),
                     })
                 })
@@ -658,13 +753,16 @@ mod tests {
         let t = Topology::parse(&text, "t.toml").unwrap();
         let site = |s, d| t.kafka_site(s, d).unwrap();
         assert_eq!(site("na", "eu").region.as_deref(), Some("eu"));
-        assert_eq!(site("na", "eu").brokers, "kafka.eu:9092");
+        assert_eq!(site("na", "eu").cluster.brokers, "kafka.eu:9092");
         assert_eq!(site("eu", "na").region.as_deref(), Some("na"));
 
         let named =
             format!("{text}[[links]]\nsource = \"na\"\ndestination = \"eu\"\ncluster = \"na\"\n");
         let t = Topology::parse(&named, "t.toml").unwrap();
-        assert_eq!(t.kafka_site("na", "eu").unwrap().brokers, "kafka.na:9092");
+        assert_eq!(
+            t.kafka_site("na", "eu").unwrap().cluster.brokers,
+            "kafka.na:9092"
+        );
         assert_eq!(
             t.transport("na", "eu"),
             Transport::Kafka,
@@ -686,13 +784,43 @@ mod tests {
         assert_eq!(
             t.kafka_site("eu", "na").unwrap(),
             KafkaSite {
-                brokers: "kafka.all:9092".into(),
+                cluster: KafkaCluster {
+                    brokers: "kafka.all:9092".into(),
+                    ..KafkaCluster::default()
+                },
                 region: Some("eu".into())
             }
         );
         let nowhere = text.replace("[kafka.clusters.na]", "[kafka.clusters.mars]");
         let e = Topology::parse(&nowhere, "t.toml").unwrap_err().to_string();
         assert!(e.contains("kafka.clusters.mars: unknown region"), "{e}");
+        let secure = text.replace(
+            "brokers = \"kafka.eu:9092\"\n",
+            "brokers = \"kafka.eu:9093\"\nsecurity_protocol = \"sasl_ssl\"\n\
+             sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"meridian\"\n",
+        );
+        let t = Topology::parse(&secure, "t.toml").unwrap();
+        let eu = &t.kafka_site("na", "eu").unwrap().cluster;
+        assert_eq!(eu.security_protocol, KafkaProtocol::SaslSsl);
+        assert_eq!(eu.sasl_username.as_deref(), Some("meridian"));
+        let e = Topology::parse(
+            &secure.replace("sasl_username = \"meridian\"\n", ""),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kafka.clusters.eu") && e.contains("MERIDIAN_KAFKA_PASSWORD_EU"),
+            "{e}"
+        );
+        let e = Topology::parse(&secure.replace("sasl_ssl", "plaintext"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("need security_protocol"), "{e}");
+        let e = Topology::parse(&secure.replace("SCRAM-SHA-512", "GSSAPI"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"GSSAPI\""), "{e}");
         let missing = named.replace("cluster = \"na\"", "cluster = \"apac\"");
         let e = Topology::parse(&missing, "t.toml").unwrap_err().to_string();
         assert!(e.contains("no [kafka.clusters.apac]"), "{e}");

@@ -63,6 +63,27 @@ impl Deployment {
         others: &[(&str, &Path)],
         spec: &Spec<'_>,
     ) -> anyhow::Result<Deployment> {
+        Self::start_inner(binary, others, spec, None).await
+    }
+
+    /// [`Deployment::start`] over Kafka (`spec.kafka`) with a broker that
+    /// requires SASL/SCRAM-SHA-512 of `user`: every region names the broker
+    /// as its cluster (`[kafka.clusters.<region>]`, `sasl_plaintext`), and
+    /// each agent gets the password in `MERIDIAN_KAFKA_PASSWORD_<REGION>`.
+    pub async fn start_with_kafka_user(
+        binary: &Path,
+        spec: &Spec<'_>,
+        user: (&str, &str),
+    ) -> anyhow::Result<Deployment> {
+        Self::start_inner(binary, &[], spec, Some(user)).await
+    }
+
+    async fn start_inner(
+        binary: &Path,
+        others: &[(&str, &Path)],
+        spec: &Spec<'_>,
+        kafka_user: Option<(&str, &str)>,
+    ) -> anyhow::Result<Deployment> {
         let mut clusters = Vec::new();
         let mut pools = Vec::new();
         for _ in spec.regions {
@@ -126,12 +147,39 @@ impl Deployment {
             ));
         }
         topology.push_str(spec.extra_topology);
+        let mut agent_env: Vec<(String, String)> = spec
+            .agent_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let broker = if spec.kafka {
-            let broker = KafkaBroker::start()?;
-            topology.push_str(&format!(
-                "\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n",
-                broker.addr()
-            ));
+            let broker = match kafka_user {
+                None => {
+                    let broker = KafkaBroker::start()?;
+                    topology.push_str(&format!(
+                        "\n[kafka]\nbrokers = \"{}\"\npartitions = 4\nreplication_factor = 1\n",
+                        broker.addr()
+                    ));
+                    broker
+                }
+                Some((user, password)) => {
+                    let broker = KafkaBroker::start_with_user(user, password)?;
+                    topology.push_str("\n[kafka]\npartitions = 4\nreplication_factor = 1\n");
+                    for region in spec.regions {
+                        topology.push_str(&format!(
+                            "[kafka.clusters.{region}]\nbrokers = \"{}\"\n\
+                             security_protocol = \"sasl_plaintext\"\n\
+                             sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"{user}\"\n",
+                            broker.addr()
+                        ));
+                        agent_env.push((
+                            format!("MERIDIAN_KAFKA_PASSWORD_{}", region.to_uppercase()),
+                            password.to_owned(),
+                        ));
+                    }
+                    broker
+                }
+            };
             for source in spec.regions {
                 for destination in spec.regions.iter().filter(|d| *d != source) {
                     topology.push_str(&format!(
@@ -160,7 +208,11 @@ impl Deployment {
                     .iter()
                     .find(|(region, _)| region == r)
                     .map_or(binary, |(_, b)| *b);
-                AgentProcess::spawn_with_env(binary, &config, r, &log_dir, spec.agent_env)
+                let env: Vec<(&str, &str)> = agent_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                AgentProcess::spawn_with_env(binary, &config, r, &log_dir, &env)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let deployment = Deployment {

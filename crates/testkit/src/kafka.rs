@@ -45,6 +45,8 @@ pub struct KafkaBroker {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// A SASL/SCRAM-SHA-512 user the broker requires, once set.
+    user: Option<(String, String)>,
 }
 
 impl KafkaBroker {
@@ -58,8 +60,26 @@ impl KafkaBroker {
             dir,
             port: crate::free_port(),
             child: None,
+            user: None,
         };
         broker.spawn()?;
+        Ok(broker)
+    }
+
+    /// Starts a broker that requires SASL authentication (SCRAM-SHA-512) of
+    /// the one user `name` with `password`.
+    pub fn start_with_user(name: &str, password: &str) -> anyhow::Result<KafkaBroker> {
+        let mut broker = Self::start()?;
+        let status = Command::new(&broker.binary)
+            .args(["user", "create", "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", broker.port))
+            .args([name, password])
+            .current_dir(&broker.dir)
+            .stdin(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "tansu user create failed: {status}");
+        broker.user = Some((name.to_owned(), password.to_owned()));
+        broker.restart()?;
         Ok(broker)
     }
 
@@ -78,6 +98,7 @@ impl KafkaBroker {
                 &url,
             ])
             .args(["--storage-engine", "sqlite://broker.db"])
+            .args(self.user.is_some().then_some("--authentication"))
             .current_dir(&self.dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -91,10 +112,18 @@ impl KafkaBroker {
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", self.addr())
-            .set("log_level", "0")
-            .create()?;
+            .set("log_level", "0");
+        if let Some((name, password)) = &self.user {
+            config
+                .set("security.protocol", "sasl_plaintext")
+                .set("sasl.mechanisms", "SCRAM-SHA-512")
+                .set("sasl.username", name)
+                .set("sasl.password", password);
+        }
+        let consumer: BaseConsumer = config.create()?;
         loop {
             if let Some(status) = self
                 .child
