@@ -254,7 +254,7 @@ async fn run(shape: Shape, kafka: Option<KafkaOrder>) -> anyhow::Result<()> {
         };
         topology.push_str(&format!(
             "\n[replication]\ntransport = \"kafka\"\n\n[kafka]\norder = \"{order}\"\nreplication_factor = 1\n\
-             [kafka.clusters.eu]\nbrokers = \"{}\"\n",
+             [kafka.clusters.eu]\nbrokers = \"{0}\"\n[kafka.clusters.na]\nbrokers = \"{0}\"\n",
             broker.addr()
         ));
     }

@@ -43,7 +43,8 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
         /// `kafka` carries every link through a local Kafka-protocol broker
-        /// (tansu; `cargo install tansu --locked --features libsql,dynostore`).
+        /// (tansu 0.6.0 with the storage patch `.ci/tansu/install` builds, or
+        /// the broker binary MERIDIAN_TANSU names).
         #[arg(long, default_value = "grpc")]
         transport: String,
     },

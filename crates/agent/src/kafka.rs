@@ -217,7 +217,7 @@ impl Cluster {
             self.warn_unsafe_settings(&admin, topic).await;
             return Ok(existing);
         }
-        let retention_ms = (self.retention_hours * 3_600_000).to_string();
+        let retention_ms = self.retention_hours.saturating_mul(3_600_000).to_string();
         let min_insync = (self.replication_factor - 1).clamp(1, 2).to_string();
         let created = admin
             .create_topics(
@@ -390,10 +390,11 @@ impl KafkaLink {
             // sends a row's next change to another partition, where it can
             // overtake the earlier ones
             return Err(crate::lifecycle::Refusal(format!(
-                "topic {topic} has {partitions} partitions, but the topology says {}: producing \
-                 with another count would break per-row order, so the link stops. Let the \
-                 destination drain the topic, then delete it (it is made anew with the \
-                 topology's count) or set [kafka] partitions = {partitions}",
+                "topic {topic} has {partitions} partitions, but the topology says {} (order = \
+                 \"transaction\" means 1): producing with another count would break the order, \
+                 so the link stops. Let the destination drain the topic, then delete it (it is \
+                 made anew with the topology's count), or set [kafka] partitions = \
+                 {partitions} with order = \"row\"",
                 self.cluster.partitions
             ))
             .into());
@@ -618,9 +619,21 @@ impl KafkaInbound {
         let topic = record::topic(&this.cluster.topic_prefix, &this.source, &this.destination);
         let mut backoff = Duration::from_millis(200);
         let partitions = loop {
-            match this.cluster.ensure_topic(&topic).await {
+            let found = this.cluster.ensure_topic(&topic).await.and_then(|n| {
+                match (this.cluster.whole_transactions, n) {
+                    (true, n) if n != 1 => Err(LinkError::Kafka(format!(
+                        "order = \"transaction\" needs topic {topic} to have one partition, \
+                         but it has {n}: its records would apply out of source order. Let the \
+                         destination drain the topic, then delete it (it is made anew with one)"
+                    ))),
+                    _ => Ok(n),
+                }
+            });
+            match found {
                 Ok(n) => break n,
                 Err(e) => {
+                    this.telemetry
+                        .inbound_stalled(&this.source, None, e.to_string());
                     tracing::warn!(source = %this.source, %topic, error = %e,
                         "kafka topic not ready; retrying");
                     tokio::select! {
@@ -631,6 +644,7 @@ impl KafkaInbound {
                 }
             }
         };
+        this.telemetry.inbound_moving(&this.source, None);
         let progress: Arc<[Progress]> = (0..partitions).map(|_| Progress::new()).collect();
         let mut tasks: Vec<_> = (0..partitions)
             .map(|p| {
@@ -666,12 +680,14 @@ impl KafkaInbound {
     /// that stopped asking). Its next apply clears it.
     async fn watch_progress(&self, topic: &str, progress: &[Progress]) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             for (partition, p) in progress.iter().enumerate() {
                 let partition = partition as i32;
                 let idle = p.idle();
-                if idle < STALL_AFTER {
+                // a partition between sessions shows its own error
+                if idle < STALL_AFTER || !p.live.load(Ordering::Acquire) {
                     continue;
                 }
                 let next = p.next_offset.load(Ordering::Acquire);
@@ -682,7 +698,11 @@ impl KafkaInbound {
                         idle.as_secs(),
                         high - next
                     ),
-                    Ok(_) => continue, // idle: nothing waits
+                    Ok(_) => {
+                        // idle: nothing waits (a stall this watch saw clears)
+                        self.telemetry.inbound_moving(&self.source, Some(partition));
+                        continue;
+                    }
                     Err(e) => format!(
                         "partition {partition} of {topic}: nothing applied for {} s and the \
                          broker does not say what it holds ({e})",
@@ -711,6 +731,7 @@ impl KafkaInbound {
                 r = self.partition_session(&topic, partition, partitions, progress) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
+            progress.ended();
             if let Err(e) = result {
                 self.telemetry
                     .error(&self.source, &self.destination, e.kind());
@@ -1094,6 +1115,8 @@ const STALL_AFTER: Duration = Duration::from_secs(10);
 struct Progress {
     next_offset: std::sync::atomic::AtomicI64,
     since: std::sync::Mutex<Instant>,
+    /// A session consumes the partition (from its start until it fails).
+    live: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -1101,13 +1124,21 @@ impl Progress {
         Progress {
             next_offset: std::sync::atomic::AtomicI64::new(0),
             since: std::sync::Mutex::new(Instant::now()),
+            live: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// The partition applied up to `next_offset` (or started there).
+    /// The partition applied up to `next_offset` (or a session started
+    /// there).
     fn moved(&self, next_offset: i64) {
         self.next_offset.store(next_offset, Ordering::Release);
         *self.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.live.store(true, Ordering::Release);
+    }
+
+    /// The partition's session ended (its error is shown instead).
+    fn ended(&self) {
+        self.live.store(false, Ordering::Release);
     }
 
     /// How long since the partition last moved.

@@ -954,7 +954,7 @@ pub(crate) async fn execute(
             let from: Vec<_> = ops.merges.iter().map(|m| &m.from).collect();
             let snapshot = statements::merge_snapshot(table, shape, &from, &copy)
                 .map_err(|e| build_error(&name, e))?;
-            phases[0].push((name.clone(), snapshot));
+            phases[0].extend(snapshot.map(|s| (name.clone(), s)));
             Some(meridian_core::change::quote_ident(&copy))
         } else {
             None

@@ -402,15 +402,16 @@ fn unnest_args(first: usize, n: usize, prefix: &str) -> (String, String) {
     (args, alias)
 }
 
-/// The statement that copies the rows merges will read (keys `from`) into
+/// The statements that copy the rows merges will read (keys `from`) into
 /// a temporary table dropped at commit, so merges of several shapes of one
-/// table all read the rows as they were before the batch.
+/// table all read the rows as they were before the batch, and index it by
+/// key (apply sessions join by nested loop only).
 pub fn merge_snapshot(
     table: &Table,
     shape: &TableShape,
     from: &[&meridian_core::Row],
     temp: &str,
-) -> Result<Statement, BuildError> {
+) -> Result<[Statement; 2], BuildError> {
     let name = table.qualified_name();
     let mut keys = Vec::new();
     for c in table.columns.iter().filter(|c| c.key) {
@@ -429,7 +430,19 @@ pub fn merge_snapshot(
         .map(|(i, (n, ty))| format!("t.{n} = d.k{i}::{ty}"))
         .collect::<Vec<_>>()
         .join(" AND ");
-    Ok(Statement {
+    let index = Statement {
+        sql: format!(
+            "CREATE INDEX ON {} ({})",
+            quote_ident(temp),
+            keys.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        params: Vec::new(),
+        rows: 0,
+    };
+    let copy = Statement {
         sql: format!(
             "CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT t.* FROM {name} AS t JOIN unnest({args}) AS d({alias}) ON {cond}",
             quote_ident(temp)
@@ -438,7 +451,8 @@ pub fn merge_snapshot(
             .map(|i| Param::Column(from.iter().map(|k| text(&k[i])).collect()))
             .collect(),
         rows: from.len(),
-    })
+    };
+    Ok([copy, index])
 }
 
 #[cfg(test)]

@@ -615,8 +615,8 @@ impl Topology {
                     file,
                     message: format!(
                         "{key}: {} is not a file; expected the PEM file of the CA that signed \
-                         the store's certificate (a path relative to the topology file's folder, \
-                         or absolute): fix the path or remove the key",
+                         the server's certificate (a path relative to the topology file's \
+                         folder, or absolute): fix the path or remove the key",
                         ca.display()
                     ),
                 });
