@@ -23,22 +23,23 @@ fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meridian"))
 }
 
+/// Three regions over Kafka, replicating `counters`.
+fn counters_spec(extra_topology: &str) -> Spec<'_> {
+    Spec {
+        regions: &REGIONS,
+        schema: COUNTERS_SCHEMA,
+        tables: &[("public.counters", "id", "home")],
+        proxied: &[],
+        extra_topology,
+        policy: None,
+        agent_env: &[],
+        global_schema: None,
+        kafka: true,
+    }
+}
+
 async fn start(extra_topology: &str) -> anyhow::Result<Deployment> {
-    Deployment::start(
-        binary(),
-        &Spec {
-            regions: &REGIONS,
-            schema: COUNTERS_SCHEMA,
-            tables: &[("public.counters", "id", "home")],
-            proxied: &[],
-            extra_topology,
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: true,
-        },
-    )
-    .await
+    Deployment::start(binary(), &counters_spec(extra_topology)).await
 }
 
 /// One workload transaction in the `region_index`th region.
@@ -490,20 +491,10 @@ async fn three_regions_writing_at_once_over_kafka_converge_through_kills() -> an
             .await?;
         assert!(rows >= 1000, "{table}: {rows}");
     }
+    common::assert_applied_once_and_nothing_dead(&d, &REGIONS).await?;
     for region in REGIONS {
-        let pool = d.pool(region);
-        let duplicates: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT 1 FROM apply_log GROUP BY tbl, id, version, op HAVING count(*) > 1) d",
-        )
-        .fetch_one(pool)
-        .await?;
-        assert_eq!(duplicates, 0, "{region}: a row version was applied twice");
-        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
-            .fetch_one(pool)
-            .await?;
-        assert_eq!(dead, 0, "{region}: nothing dead-lettered");
         let large: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE length(body) > 9000")
-            .fetch_one(pool)
+            .fetch_one(d.pool(region))
             .await?;
         assert!(large > 10, "{region}: large values replicated ({large})");
     }
@@ -582,17 +573,7 @@ async fn a_partition_that_stops_moving_while_records_wait_is_shown_stalled() -> 
 async fn links_authenticate_to_a_sasl_cluster() -> anyhow::Result<()> {
     let mut d = Deployment::start_with_kafka_user(
         binary(),
-        &Spec {
-            regions: &REGIONS,
-            schema: COUNTERS_SCHEMA,
-            tables: &[("public.counters", "id", "home")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: true,
-        },
+        &counters_spec(""),
         ("meridian", "a-long-s3cret"),
     )
     .await?;
