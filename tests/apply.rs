@@ -818,18 +818,9 @@ async fn unique_constraints_beyond_the_key(kafka: bool) -> anyhow::Result<()> {
         // warning at first and as critical past the warning threshold (5 s)
         let deadline = Instant::now() + Duration::from_secs(30);
         let (ok, link) = loop {
-            let status = std::process::Command::new(binary())
-                .args(["status", "--json", "--config"])
-                .arg(&d.config)
-                .output()?;
-            let report: serde_json::Value = serde_json::from_slice(&status.stdout)?;
-            let link = report["links"]
-                .as_array()
-                .and_then(|l| l.iter().find(|l| l["source"] == "na"))
-                .expect("the na -> eu link")
-                .clone();
+            let (ok, link) = d.link_status(binary(), "na", "eu")?;
             if link["health"] == "critical" || Instant::now() > deadline {
-                break (status.status.success(), link);
+                break (ok, link);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };

@@ -515,27 +515,9 @@ async fn a_partition_that_stops_moving_while_records_wait_is_shown_stalled() -> 
     for s in 1..=5 {
         step(&d, 0, s).await?;
     }
-    let link = |report: &serde_json::Value| {
-        report["links"]
-            .as_array()
-            .and_then(|l| {
-                l.iter()
-                    .find(|l| l["source"] == "na" && l["destination"] == "eu")
-            })
-            .cloned()
-            .unwrap_or_default()
-    };
-    let status = || -> anyhow::Result<(bool, serde_json::Value)> {
-        let out = std::process::Command::new(binary())
-            .args(["status", "--json", "--config"])
-            .arg(&d.config)
-            .output()?;
-        Ok((out.status.success(), serde_json::from_slice(&out.stdout)?))
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let (ok, stalled) = loop {
-        let (ok, report) = status()?;
-        let l = link(&report);
+        let (ok, l) = d.link_status(binary(), "na", "eu")?;
         if (l["state"] == "stalled" && l["health"] == "critical") || Instant::now() > deadline {
             break (ok, l);
         }
@@ -554,8 +536,7 @@ async fn a_partition_that_stops_moving_while_records_wait_is_shown_stalled() -> 
         .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, report) = status()?;
-        let l = link(&report);
+        let (_, l) = d.link_status(binary(), "na", "eu")?;
         if l["state"] != "stalled" {
             break;
         }

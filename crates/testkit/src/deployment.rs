@@ -349,6 +349,31 @@ impl Deployment {
         }
     }
 
+    /// The link `source -> destination` as `binary status --json` reports
+    /// it (null when absent), and whether `status` exited healthy.
+    pub fn link_status(
+        &self,
+        binary: &Path,
+        source: &str,
+        destination: &str,
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
+        let out = std::process::Command::new(binary)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("status --json: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let link = report["links"]
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|l| l["source"] == source && l["destination"] == destination)
+            })
+            .cloned()
+            .unwrap_or_default();
+        Ok((out.status.success(), link))
+    }
+
     /// md5 and row count of a table's rows in primary-key order.
     pub async fn fingerprint(
         &self,
