@@ -94,7 +94,8 @@ async fn run(rates: &[u64], seconds: u64) -> anyhow::Result<()> {
     let topology = format!(
         "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
          [regions.eu]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
-         [[tables]]\nname = \"public.probe\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n",
+         [[tables]]\nname = \"public.probe\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n\n\
+         [security]\nplaintext = true\n",
         source.url("postgres"),
         meridian_testkit::free_port(),
         meridian_dst.url("postgres"),

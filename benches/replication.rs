@@ -241,7 +241,8 @@ async fn run(shape: Shape, kafka: Option<KafkaOrder>) -> anyhow::Result<()> {
     topology.push_str(&format!(
         "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"{metrics}\"\n\n\
          [regions.eu]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
-         [[tables]]\nname = \"public.bench_rows\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n",
+         [[tables]]\nname = \"public.bench_rows\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n\n\
+         [security]\nplaintext = true\n",
         source.url("postgres"),
         meridian_testkit::free_port(),
         meridian_dst.url("postgres"),

@@ -103,7 +103,11 @@ pub(crate) async fn run(
             }
         })
     });
-    http::serve(listener, handler, shutdown).await;
+    // exposed beyond localhost, the page can require a bearer token
+    let token = std::env::var("MERIDIAN_DASHBOARD_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    http::serve(listener, handler, token, shutdown).await;
     poller.abort();
     Ok(())
 }

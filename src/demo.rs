@@ -79,6 +79,9 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
     let (global, clusters) = clusters.split_last().expect("four clusters");
     let mut pools = Vec::new();
     let mut topology = String::from("policy = \"residency.toml\"\n\n");
+    // mTLS between the agents: a test CA, a certificate per region
+    let regions: Vec<String> = REGIONS.iter().map(|r| r.to_string()).collect();
+    meridian_trust::certs::init(&regions, "demo", &clusters[0].dir().join("certs"))?;
     for (region, cluster) in REGIONS.iter().zip(clusters) {
         let pool = PgPoolOptions::new()
             .max_connections(2)
@@ -87,7 +90,8 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         pools.push(pool);
         topology.push_str(&format!(
-            "[regions.{region}]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n",
+            "[regions.{region}]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\
+             tls = {{ ca = \"certs/ca.pem\", cert = \"certs/{region}.pem\", key = \"certs/{region}-key.pem\" }}\n\n",
             cluster.url("postgres"),
             meridian_testkit::free_port()
         ));
@@ -122,6 +126,10 @@ pub(crate) async fn run(duration: Option<u64>, transport: &str) -> anyhow::Resul
     topology.push_str(
         "[[tables]]\nname = \"public.tenants\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n\n\
          [[tables]]\nname = \"public.orders\"\nprimary_key = [\"id\"]\nhome_column = \"home_region\"\n",
+    );
+    topology.push_str(
+        "\n[operator]\ntls = { ca = \"certs/ca.pem\", cert = \"certs/operator-demo.pem\", \
+         key = \"certs/operator-demo-key.pem\" }\n",
     );
     let config = clusters[0].dir().join("topology.toml");
     std::fs::write(&config, &topology)?;

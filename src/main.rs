@@ -3,6 +3,7 @@
 mod dashboard;
 mod dead_letters;
 mod demo;
+mod operator;
 mod placement;
 mod policy;
 mod resync;
@@ -84,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: SlotsCommand,
     },
+    /// Certificates for mTLS between agents and operators.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Rebuild a destination's copy of a source's rows after the link
     /// stopped for a lost slot, another incarnation, or a source restored
     /// to an earlier point (a dry run without --yes).
@@ -110,6 +116,26 @@ enum Command {
         interval_ms: u64,
         #[command(flatten)]
         thresholds: ThresholdArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a test CA and a certificate for each region
+    /// (spiffe://meridian/region/<r>) and for one operator
+    /// (spiffe://meridian/operator/<name>), and print the topology lines
+    /// that use them. For tests, demos and first deployments; production
+    /// certificates come from the platform's PKI in the same shape.
+    Init {
+        /// Regions, comma-separated (`na,eu,apac`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        regions: Vec<String>,
+        /// Folder to write into (created; an existing CA is never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// The operator's name.
+        #[arg(long, default_value = "admin")]
+        operator: String,
     },
 }
 
@@ -358,6 +384,14 @@ fn run() -> anyhow::Result<()> {
             Command::Slots {
                 command: SlotsCommand::Prune { config, yes },
             } => slots::prune(&config, yes).await,
+            Command::Certs {
+                command:
+                    CertsCommand::Init {
+                        regions,
+                        out,
+                        operator,
+                    },
+            } => certs_init(&regions, &out, &operator),
             Command::DeadLetters { command } => match command {
                 DeadLetterCommand::List {
                     config,
@@ -417,4 +451,33 @@ pub(crate) fn shutdown_on_signal() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
+}
+
+/// `meridian certs init`: writes the files and shows how to use them.
+fn certs_init(regions: &[String], out: &std::path::Path, operator: &str) -> anyhow::Result<()> {
+    let written = meridian_trust::certs::init(regions, operator, out)?;
+    println!("wrote a test CA and certificates to {}:", out.display());
+    println!(
+        "  {}  (CA bundle every party trusts; ca-key.pem signs more: keep it safe)",
+        written.ca.display()
+    );
+    for (id, cert, key) in &written.certs {
+        println!("  {}  {}  ({})", cert.display(), key.display(), id.uri());
+    }
+    println!(
+        "\ntopology lines (paths relative to the topology file's folder if it is not this one):"
+    );
+    for (id, cert, key) in &written.certs {
+        let line = format!(
+            "tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}",
+            written.ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+        match id {
+            meridian_trust::Identity::Region(r) => println!("[regions.{r}]     {line}"),
+            meridian_trust::Identity::Operator(_) => println!("[operator]        {line}"),
+        }
+    }
+    Ok(())
 }

@@ -215,17 +215,21 @@ pub(crate) async fn reload(config: &Path, only: Option<&str>) -> anyhow::Result<
     if let Some(region) = only {
         topology.region(region).map_err(anyhow::Error::msg)?;
     }
+    let dialer = crate::operator::Dialer::new(&topology)?;
     let mut failed = 0;
     for (name, region) in &topology.regions {
         if only.is_some_and(|o| o != name) {
             continue;
         }
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", region.connect_addr()))?
-                .connect_timeout(std::time::Duration::from_secs(5))
-                .timeout(std::time::Duration::from_secs(10));
         let result = async {
-            let mut client = AdminClient::new(endpoint.connect().await?);
+            let channel = dialer
+                .connect(
+                    name,
+                    region.connect_addr(),
+                    std::time::Duration::from_secs(10),
+                )
+                .await?;
+            let mut client = AdminClient::new(channel);
             anyhow::Ok(
                 client
                     .reload_policy(ReloadPolicyRequest {})

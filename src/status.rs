@@ -98,9 +98,16 @@ pub(crate) async fn gather(
     thresholds: Thresholds,
     timeout: Duration,
 ) -> Report {
+    let dialer = crate::operator::Dialer::new(topology).map_err(|e| format!("{e:#}"));
     let asks = topology.regions.iter().map(|(name, region)| {
-        let addr = format!("http://{}", region.connect_addr());
-        async move { (name.clone(), ask(addr, timeout).await) }
+        let dialer = dialer.clone();
+        async move {
+            let answer = match dialer {
+                Ok(d) => ask(&d, name, region.connect_addr(), timeout).await,
+                Err(e) => Err(e),
+            };
+            (name.clone(), answer)
+        }
     });
     let answers = futures::future::join_all(asks).await;
     let mut regions = Vec::new();
@@ -264,14 +271,17 @@ fn health(state: &str, lag_seconds: f64, t: Thresholds) -> &'static str {
     }
 }
 
-async fn ask(addr: String, timeout: Duration) -> Result<StatusReply, String> {
+async fn ask(
+    dialer: &crate::operator::Dialer,
+    region: &str,
+    addr: &str,
+    timeout: Duration,
+) -> Result<StatusReply, String> {
     let call = async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(timeout)
-            .connect()
+        let channel = dialer
+            .connect(region, addr, timeout)
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            .map_err(|e| format!("{e:#}"))?;
         AdminClient::new(channel)
             .status(StatusRequest {})
             .await

@@ -599,12 +599,8 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
         sqlx::query_scalar("SELECT end_lsn FROM meridian.watermarks WHERE source_region = 'na'")
             .fetch_one(d.pool("eu"))
             .await?;
-    let topology = meridian_core::topology::Topology::load(&d.config)?;
-    let addr = format!(
-        "http://{}",
-        topology.region("eu").map_err(anyhow::Error::msg)?.listen
-    );
-    let mut client = ReplicationClient::connect(addr).await?;
+    let na = meridian_trust::Identity::Region("na".into());
+    let mut client = ReplicationClient::new(d.channel_as(na, "eu").await?);
     let mut payload = b"MB".to_vec();
     payload.push(9);
     payload.extend_from_slice(&[0, 0, 0, 0]);

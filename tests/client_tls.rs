@@ -32,6 +32,7 @@ fn open(dir: &Path, stores: &Stores<'_>) -> Result<Client, Error> {
             ca(stores.region_ca)
         );
     }
+    text += "[security]\nplaintext = true\n";
     text += &format!(
         "[global]\nstore = {:?}\n{}",
         stores.global,

@@ -543,7 +543,8 @@ async fn agents_of_the_previous_release_and_this_one_work_together_or_wait_loudl
     assert_eq!(held, 0, "nothing skipped past the refused batch");
 
     // na is upgraded: everything arrives, once
-    d.agent("na").replace_binary(binary())?;
+    let config = d.config.clone();
+    d.agent("na").replace_binary(binary(), &config)?;
     d.wait_converged("items", "id", 12, Duration::from_secs(60))
         .await?;
     Ok(())

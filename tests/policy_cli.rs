@@ -16,6 +16,8 @@ listen = "127.0.0.1:7402"
 name = "public.orders"
 primary_key = ["id"]
 home_column = "region"
+[security]
+plaintext = true
 "#;
 
 const POLICY: &str = r#"version = 4

@@ -274,16 +274,23 @@ async fn kill_9_of_agents(kafka: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
-    let mut d = Deployment::start(
+/// A byte flipped between the agents: in plain TCP the batch's crc32
+/// catches it and the receiver refuses the batch; under mTLS the record's
+/// authentication tag catches it first and the connection ends. Either way
+/// the source sends it again and nothing is lost or set aside.
+async fn corrupt_one_chunk(plaintext: bool) -> anyhow::Result<Deployment> {
+    let d = Deployment::start(
         binary(),
         &Spec {
             regions: &["na", "eu"],
             schema: "CREATE TABLE blobs (id bigint PRIMARY KEY, home text NOT NULL, data text);",
             tables: &[("public.blobs", "id", "home")],
             proxied: &["eu"],
-            extra_topology: "",
+            extra_topology: if plaintext {
+                "[security]\nplaintext = true\n"
+            } else {
+                ""
+            },
             policy: None,
             agent_env: &[],
             global_schema: None,
@@ -312,15 +319,32 @@ async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
         1,
         "the proxy corrupted one chunk"
     );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
+        .fetch_one(d.pool("eu"))
+        .await?;
+    assert_eq!(dead, 0, "a corrupted batch is resent, not dead-lettered");
+    Ok(d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_batch_is_rejected_and_resent() -> anyhow::Result<()> {
+    let mut d = corrupt_one_chunk(true).await?;
     let log = d.agent("eu").log();
     assert!(
         log.contains("crc32 mismatch"),
         "the receiver detected the corruption:\n{log}"
     );
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM meridian.dead_letters")
-        .fetch_one(d.pool("eu"))
-        .await?;
-    assert_eq!(dead, 0, "a corrupted batch is resent, not dead-lettered");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_chunk_under_mtls_ends_the_connection_and_is_resent() -> anyhow::Result<()> {
+    let mut d = corrupt_one_chunk(false).await?;
+    let log = d.agent("na").log();
+    assert!(
+        log.contains("link connected") && log.matches("link connected").count() >= 2,
+        "the source reconnected after the damaged record:\n{log}"
+    );
     Ok(())
 }
 

@@ -82,7 +82,8 @@ async fn start_over(kafka: bool) -> anyhow::Result<Deployment> {
             proxied: &REGIONS,
             // batches cross uncompressed, so the proxies' captures can be
             // searched for values that must not leave eu
-            extra_topology: "[replication]\ncompression = \"none\"\n",
+            // plain TCP, so the proxies' captures show what crossed
+            extra_topology: "[replication]\ncompression = \"none\"\n[security]\nplaintext = true\n",
             policy: Some(POLICY),
             agent_env: &[("MERIDIAN_POLICY_HASH_KEY", "test-only-key")],
             global_schema: None,

@@ -21,14 +21,29 @@ pub struct AdminService {
     /// The store's columns, read at start, for checking reloaded policies.
     pub columns: residency::StoreColumns,
     pub telemetry: Arc<Telemetry>,
+    /// Callers are known by their certificates (mTLS): any valid one may
+    /// read status; changes need an operator's.
+    pub tls: bool,
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn reload_policy(
         &self,
-        _: Request<ReloadPolicyRequest>,
+        request: Request<ReloadPolicyRequest>,
     ) -> Result<Response<ReloadPolicyReply>, Status> {
+        let caller = meridian_trust::net::caller(&request);
+        if self.tls && !matches!(caller, Some(meridian_trust::Identity::Operator(_))) {
+            self.telemetry.refused("not_an_operator");
+            let who = caller.map_or("no certificate".to_owned(), |c| c.to_string());
+            return Err(Status::permission_denied(format!(
+                "reloading the policy needs an operator certificate (spiffe://{}/operator/<name>); this call came from {who}",
+                meridian_trust::TRUST_DOMAIN
+            )));
+        }
+        if let Some(who) = caller {
+            tracing::info!(region = %self.region, caller = %who, "policy reload requested");
+        }
         let version = residency::reload(&self.topology, &self.columns, &self.policy)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         Ok(Response::new(ReloadPolicyReply {

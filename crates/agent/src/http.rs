@@ -6,9 +6,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// A response: status code, content type, body.
 pub struct Reply {
@@ -38,39 +40,50 @@ impl Reply {
 /// Answers a request for a path (query string included).
 pub type Handler = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
 
-/// Serves `GET` requests on `listener` with `handler` until shutdown.
-pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+/// Most connections served at once; more are closed on accept, so idle or
+/// slow clients cannot take the agent's file descriptors.
+const MAX_CONNECTIONS: usize = 256;
+/// Longest wait for a request's head, and for the reply to be taken.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET` requests on `listener` with `handler` until shutdown. With
+/// a `token`, only requests carrying `Authorization: Bearer <token>` are
+/// answered (401 otherwise).
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    token: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let token = token.map(Arc::new);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            // the request line and headers; bodies are not read
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                match socket.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&chunk[..n]),
-                }
+        let mut socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(e) => {
+                // out of file descriptors and the like: back off, go on
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            let head = String::from_utf8_lossy(&request);
-            let mut parts = head.split_whitespace();
-            let reply = match (parts.next(), parts.next()) {
-                (Some("GET"), Some(path)) => handler(path.to_owned()).await,
-                _ => Reply {
-                    status: 405,
-                    content_type: "text/plain; charset=utf-8",
-                    body: "only GET\n".to_owned(),
-                },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: closed at once
+        };
+        let (handler, token) = (handler.clone(), token.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(head) = tokio::time::timeout(IO_TIMEOUT, read_head(&mut socket)).await else {
+                return;
             };
+            let reply = answer(&head, token.as_deref().map(String::as_str), &handler).await;
             let reason = match reply.status {
                 200 => "OK",
+                401 => "Unauthorized",
                 404 => "Not Found",
                 _ => "Method Not Allowed",
             };
@@ -81,7 +94,79 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch:
                 reply.body.len(),
                 reply.body
             );
-            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = tokio::time::timeout(IO_TIMEOUT, socket.write_all(response.as_bytes())).await;
         });
+    }
+}
+
+/// The request line and headers (bodies are not read), at most 16 KiB.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> String {
+    let mut request = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&request).into_owned()
+}
+
+async fn answer(head: &str, token: Option<&str>, handler: &Handler) -> Reply {
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next(), parts.next());
+    if let Some(token) = token
+        && !bearer_matches(head, token)
+    {
+        return Reply {
+            status: 401,
+            content_type: "text/plain; charset=utf-8",
+            body: "a bearer token is required (Authorization: Bearer ...)\n".to_owned(),
+        };
+    }
+    match (method, path) {
+        (Some("GET"), Some(path)) => handler(path.to_owned()).await,
+        _ => Reply {
+            status: 405,
+            content_type: "text/plain; charset=utf-8",
+            body: "only GET\n".to_owned(),
+        },
+    }
+}
+
+/// Whether the head carries `Authorization: Bearer <token>`, compared in
+/// time independent of where the first difference is.
+fn bearer_matches(head: &str, token: &str) -> bool {
+    let sent = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().strip_prefix("Bearer ").map(str::trim))
+            .flatten()
+    });
+    let Some(sent) = sent else { return false };
+    sent.len() == token.len()
+        && sent
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_token_passes() {
+        let head = "GET /metrics HTTP/1.1\r\nHost: x\r\nauthorization: Bearer s3cret\r\n\r\n";
+        assert!(bearer_matches(head, "s3cret"));
+        assert!(!bearer_matches(head, "s3cre"));
+        assert!(!bearer_matches(head, "s3cret!"));
+        assert!(!bearer_matches("GET / HTTP/1.1\r\n\r\n", "s3cret"));
+        assert!(!bearer_matches(
+            "GET / HTTP/1.1\r\nAuthorization: Basic s3cret\r\n\r\n",
+            "s3cret"
+        ));
     }
 }

@@ -594,6 +594,9 @@ pub struct KafkaInbound {
     pub store: String,
     pub cluster: Cluster,
     pub policy: SharedPolicy,
+    /// The replicated tables and their key columns, from this region's
+    /// topology: nothing else is written, whatever a record says.
+    pub keys: Arc<Keys>,
     pub telemetry: Arc<Telemetry>,
     /// Partitions whose next record waits on a unique constraint, with its
     /// position ([`ApplyError::Waiting`]); shared by the partition tasks.
@@ -919,6 +922,7 @@ impl KafkaInbound {
                 position,
                 policy.as_deref(),
             );
+            let verdict = inbound::record_within(verdict, &self.keys);
             let incoming = match verdict {
                 RecordVerdict::Apply(incoming) => incoming,
                 RecordVerdict::Refiltered {

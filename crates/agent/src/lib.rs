@@ -47,6 +47,69 @@ use tokio_stream::wrappers::TcpListenerStream;
 /// large transaction makes one large message).
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
+/// Most concurrent gRPC streams on one connection (a peer's link holds
+/// one; status calls are short).
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// How often the agent looks for rotated certificate files (SIGHUP reloads
+/// at once).
+const TLS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The agent's mTLS credentials, checked to speak for `region`, and kept
+/// current as their files rotate; `None` under `[security] plaintext =
+/// true`, with a warning.
+fn credentials(
+    me: &meridian_core::topology::Region,
+    region: &str,
+) -> anyhow::Result<Option<Arc<meridian_trust::tls::Live>>> {
+    let Some(files) = &me.tls else {
+        tracing::warn!(
+            region,
+            "[security] plaintext = true: peers and operators are not authenticated and \
+             replication traffic is not encrypted; use this only on a closed test network"
+        );
+        return Ok(None);
+    };
+    let live = meridian_trust::tls::Live::load(meridian_trust::tls::Files {
+        ca: files.ca.clone(),
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+    })
+    .with_context(|| format!("regions.{region}.tls"))?;
+    let identity = live.current().identity.clone();
+    anyhow::ensure!(
+        identity == meridian_trust::Identity::Region(region.to_owned()),
+        "regions.{region}.tls: {} is a certificate for {identity}, not region {region} \
+         (its SPIFFE ID must be {})",
+        files.cert.display(),
+        meridian_trust::Identity::Region(region.to_owned()).uri()
+    );
+    let live = Arc::new(live);
+    let watched = live.clone();
+    let region = region.to_owned();
+    tokio::spawn(async move {
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(TLS_RELOAD_INTERVAL);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { match &mut hangup { Some(h) => h.recv().await, None => None } } => true,
+            };
+            match watched.reload_if_changed(forced) {
+                Ok(true) => {
+                    tracing::info!(region, "TLS certificate reloaded; new connections use it")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(region, error = %format!("{e:#}"), "TLS files not reloaded; the current ones stay in use")
+                }
+            }
+        }
+    });
+    Ok(Some(live))
+}
+
 /// Reads a topology file and applies environment overrides.
 pub fn load_topology(path: &Path) -> anyhow::Result<Topology> {
     Ok(Topology::load(path)?)
@@ -147,6 +210,15 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let keys: meridian_core::pgoutput::Keys = topology
+        .tables
+        .iter()
+        .map(|t| {
+            let (schema, name) = t.split_name();
+            ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
+        })
+        .collect();
+    let tls = credentials(&me, region)?;
     let listener = tokio::net::TcpListener::bind(&me.listen)
         .await
         .with_context(|| format!("cannot listen on {} (regions.{region}.listen)", me.listen))?;
@@ -158,29 +230,49 @@ pub async fn run(
         topology.regions.keys().cloned(),
         policy.clone(),
         telemetry.clone(),
+        receiver::Admission {
+            keys: Arc::new(keys.clone()),
+            tls: tls.is_some(),
+        },
     );
     let server = ReplicationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut server_shutdown = shutdown.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            // a peer gone without FIN or RST is noticed within ~40 s
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
-            .add_service(server)
-            .add_service(AdminServer::new(admin::AdminService {
-                region: region.to_owned(),
-                topology: topology.clone(),
-                policy: policy.clone(),
-                columns: columns.clone(),
-                telemetry: telemetry.clone(),
-            }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = server_shutdown.wait_for(|s| *s).await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        // a peer gone without FIN or RST is noticed within ~40 s
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        // at most a window of batches in flight per stream, a few streams per peer
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .add_service(server)
+        .add_service(AdminServer::new(admin::AdminService {
+            region: region.to_owned(),
+            topology: topology.clone(),
+            policy: policy.clone(),
+            columns: columns.clone(),
+            telemetry: telemetry.clone(),
+            tls: tls.is_some(),
+        }));
+    let stopped = async move {
+        let _ = server_shutdown.wait_for(|s| *s).await;
+    };
+    let server = match &tls {
+        Some(live) => {
+            let t = telemetry.clone();
+            let incoming = meridian_trust::net::incoming(
+                listener,
+                live.clone(),
+                meridian_trust::net::Limits::default(),
+                Arc::new(move |reason| t.refused(reason)),
+            );
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
+        ),
+    };
     if let Some(addr) = &me.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -191,14 +283,6 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    let keys: meridian_core::pgoutput::Keys = topology
-        .tables
-        .iter()
-        .map(|t| {
-            let (schema, name) = t.split_name();
-            ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
-        })
-        .collect();
     // the cluster of a Kafka link (validated when the topology was read)
     let cluster = |source: &str, destination: &str| -> anyhow::Result<kafka::Cluster> {
         let k = topology
@@ -239,6 +323,7 @@ pub async fn run(
                 store: store.clone(),
                 cluster: inbound_clusters[peer].clone(),
                 policy: policy.clone(),
+                keys: Arc::new(keys.clone()),
                 telemetry: telemetry.clone(),
                 waiting: Default::default(),
             };
@@ -267,6 +352,7 @@ pub async fn run(
                 destination: peer.clone(),
                 store: store.clone(),
                 peer_addr: topology.regions[peer].connect_addr().to_owned(),
+                tls: tls.clone(),
                 slot: slot_name(region, peer),
                 publication: publication.clone(),
                 batch_max_changes: topology.replication.batch_max_changes,

@@ -105,6 +105,9 @@ pub struct Link {
     /// The source store URL (secret).
     pub store: String,
     pub peer_addr: String,
+    /// This agent's mTLS credentials: the peer must prove it is
+    /// `destination`. None only under `[security] plaintext = true`.
+    pub tls: Option<Arc<meridian_trust::tls::Live>>,
     pub slot: String,
     pub publication: String,
     pub batch_max_changes: usize,
@@ -235,15 +238,24 @@ impl Link {
         let (incarnation, source_pool) =
             crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
                 .await?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.peer_addr))
-            .map_err(|e| LinkError::Protocol(format!("peer address {}: {e}", self.peer_addr)))?
-            .connect_timeout(HANDSHAKE_TIMEOUT)
-            .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .tcp_keepalive(Some(crate::KEEPALIVE_INTERVAL))
-            .connect()
-            .await?;
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.peer_addr))
+                .map_err(|e| LinkError::Protocol(format!("peer address {}: {e}", self.peer_addr)))?
+                .connect_timeout(HANDSHAKE_TIMEOUT)
+                .http2_keep_alive_interval(crate::KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(crate::KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .tcp_keepalive(Some(crate::KEEPALIVE_INTERVAL));
+        let tls = match &self.tls {
+            Some(live) => Some(
+                live.current()
+                    .client_config(meridian_trust::Identity::Region(self.destination.clone()))
+                    .map_err(|e| LinkError::Protocol(format!("{e:#}")))?,
+            ),
+            None => None,
+        };
+        let channel =
+            meridian_trust::net::dial(endpoint, &self.peer_addr, tls, HANDSHAKE_TIMEOUT).await?;
         let mut client = ReplicationClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

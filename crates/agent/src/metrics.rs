@@ -12,6 +12,11 @@ use crate::telemetry::Telemetry;
 /// The OpenMetrics content type.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The environment variable that, when set, makes `/metrics` require
+/// `Authorization: Bearer <its value>` (for an endpoint exposed beyond
+/// localhost; Prometheus's `authorization` scrape setting sends it).
+pub const TOKEN_ENV: &str = "MERIDIAN_METRICS_TOKEN";
+
 /// Serves `GET /metrics` on `listener` until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -28,5 +33,6 @@ pub async fn serve(
             }
         })
     });
-    http::serve(listener, handler, shutdown).await
+    let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    http::serve(listener, handler, token, shutdown).await
 }

@@ -19,11 +19,13 @@ use std::time::Instant;
 
 use meridian_apply::{Applier, ApplyError, Checkpoint, Letter};
 use meridian_capture::origin_name;
+use meridian_core::pgoutput::Keys;
 use meridian_core::{Lsn, Transaction};
 use meridian_proto::replication::{
     Ack, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
     replication_server::Replication, source_message,
 };
+use meridian_trust::Identity;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -52,6 +54,17 @@ pub struct ReplicationService {
     sessions: Mutex<HashMap<String, Session>>,
     policy: SharedPolicy,
     telemetry: Arc<Telemetry>,
+    admission: Admission,
+}
+
+/// What a receiver lets in, whatever a peer sends.
+pub struct Admission {
+    /// The replicated tables and their key columns, from this region's
+    /// topology: nothing else is written, whatever a batch says.
+    pub keys: Arc<Keys>,
+    /// Peers are known by their certificates (mTLS): a stream may only
+    /// carry the changes of the region its certificate names.
+    pub tls: bool,
 }
 
 impl ReplicationService {
@@ -62,6 +75,7 @@ impl ReplicationService {
         regions: impl IntoIterator<Item = String>,
         policy: SharedPolicy,
         telemetry: Arc<Telemetry>,
+        admission: Admission,
     ) -> Self {
         ReplicationService {
             region: region.to_owned(),
@@ -71,7 +85,27 @@ impl ReplicationService {
             sessions: Mutex::new(HashMap::new()),
             policy,
             telemetry,
+            admission,
         }
+    }
+
+    /// Whether the caller's certificate lets it send `source`'s changes;
+    /// a refusal is counted and explained.
+    fn admit(&self, caller: Option<&Identity>, source: &str) -> Result<(), Status> {
+        if !self.admission.tls {
+            return Ok(());
+        }
+        let reason = match caller {
+            Some(Identity::Region(r)) if r == source => return Ok(()),
+            Some(Identity::Region(_)) => "wrong_region",
+            _ => "not_a_region",
+        };
+        self.telemetry.refused(reason);
+        let who = caller.map_or("no certificate".to_owned(), |c| c.to_string());
+        tracing::error!(claimed = %source, caller = %who, "replication stream refused: the certificate does not speak for the source it claims");
+        Err(Status::permission_denied(format!(
+            "the connection's certificate is for {who}; only region {source}'s agent may send its changes"
+        )))
     }
 
     fn session(&self, source: &str) -> Session {
@@ -100,6 +134,7 @@ impl Replication for ReplicationService {
         &self,
         request: Request<Streaming<SourceMessage>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let caller = meridian_trust::net::caller(&request).cloned();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.kind) {
             Some(source_message::Kind::Hello(h)) => h,
@@ -115,6 +150,7 @@ impl Replication for ReplicationService {
                 self.region, hello.destination_region
             )));
         }
+        self.admit(caller.as_ref(), &hello.source_region)?;
         if hello.source_region == self.region || !self.regions.contains(&hello.source_region) {
             return Err(Status::permission_denied(format!(
                 "source region {:?} is not a peer in this agent's topology",
@@ -149,6 +185,7 @@ impl Replication for ReplicationService {
         let source = hello.source_region;
         let me = Receiver {
             region: self.region.clone(),
+            keys: self.admission.keys.clone(),
             policy: self.policy.clone(),
             telemetry: self.telemetry.clone(),
         };
@@ -165,6 +202,7 @@ impl Replication for ReplicationService {
 /// What a stream needs to know about the receiving region.
 struct Receiver {
     region: String,
+    keys: Arc<Keys>,
     policy: SharedPolicy,
     telemetry: Arc<Telemetry>,
 }
@@ -254,6 +292,7 @@ async fn apply_stream(
             &me.region,
             policy.as_deref(),
         );
+        let verdict = inbound::batch_within(verdict, &me.keys);
         let applied = match verdict {
             BatchVerdict::Apply(transactions) => {
                 let started = Instant::now();

@@ -274,7 +274,8 @@ mod tests {
     use super::*;
 
     fn topology(kafka: &str) -> Topology {
-        let mut text = String::from("[replication]\ntransport = \"kafka\"\n");
+        let mut text =
+            String::from("[replication]\ntransport = \"kafka\"\n[security]\nplaintext = true\n");
         for (i, region) in ["na", "eu", "apac"].iter().enumerate() {
             text.push_str(&format!(
                 "[regions.{region}]\nstore = \"postgres://127.0.0.1:{0}/app\"\nlisten = \"127.0.0.1:{0}\"\n",

@@ -56,10 +56,12 @@ pub const POLICY_CHANGES: &str = "meridian_policy_changes";
 pub const POLICY_VERSION: &str = "meridian_policy_version";
 /// Always 1; labels tell the agent's region and version.
 pub const AGENT_INFO: &str = "meridian_agent_info";
+/// Connections and calls refused for who they came from, by reason.
+pub const REFUSED: &str = "meridian_refused";
 
 /// Every family the agent exports, with its OpenMetrics type. A family
 /// shows in a scrape once it has a sample.
-pub const FAMILIES: [(&str, &str); 20] = [
+pub const FAMILIES: [(&str, &str); 21] = [
     (LINK_LAG_SECONDS, "gauge"),
     (LINK_LAG_BYTES, "gauge"),
     (LINK_STATE, "gauge"),
@@ -77,6 +79,7 @@ pub const FAMILIES: [(&str, &str); 20] = [
     (DEAD_LETTERS_PENDING, "gauge"),
     (INBOUND_STALLED, "gauge"),
     (ERRORS, "counter"),
+    (REFUSED, "counter"),
     (POLICY_CHANGES, "counter"),
     (POLICY_VERSION, "gauge"),
     (AGENT_INFO, "gauge"),
@@ -130,6 +133,13 @@ pub struct RegionLabels {
     pub region: String,
 }
 
+/// A refusal's reason: one of a fixed set (`no_certificate`, `unknown_ca`,
+/// `expired`, `wrong_region`, ...), never a value the peer sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InfoLabels {
     pub region: String,
@@ -157,6 +167,7 @@ pub struct Metrics {
     pub dead_letters_pending: Family<LinkLabels, Gauge>,
     pub inbound_stalled: Family<LinkLabels, Gauge>,
     pub errors: Family<ErrorLabels, Counter>,
+    pub refused: Family<RefusalLabels, Counter>,
     pub policy_changes: Family<PolicyLabels, Counter>,
     pub policy_version: Family<RegionLabels, Gauge>,
     pub info: Family<InfoLabels, Gauge>,
@@ -281,6 +292,7 @@ impl Telemetry {
             dead_letters_pending: Family::default(),
             inbound_stalled: Family::default(),
             errors: Family::default(),
+            refused: Family::default(),
             policy_changes: Family::default(),
             policy_version: Family::default(),
             info: Family::default(),
@@ -364,7 +376,12 @@ impl Telemetry {
             "Partitions (Kafka) or streams (gRPC) from the source that stopped on an error in this region and have not applied since.",
             m.inbound_stalled.clone(),
         );
-        r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture (links); crc_mismatch, policy_violation, undecodable, store_unavailable (receiver); schema, version, kafka, bad_record (both); heartbeat, monitor (source store).", m.errors.clone());
+        r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture (links); crc_mismatch, policy_violation, undecodable, store_unavailable (receiver); schema, version, kafka, bad_record, not_in_topology (both); heartbeat, monitor (source store).", m.errors.clone());
+        r.register(
+            REFUSED,
+            "Connections and calls refused for who they came from: no_certificate, unknown_ca, expired, revoked, bad_certificate, not_tls, handshake, timeout, no_identity, too_many_connections (at the TLS handshake); wrong_region, not_a_region, not_an_operator (at the call).",
+            m.refused.clone(),
+        );
         r.register(
             POLICY_CHANGES,
             "Row changes the residency policy passed, transformed or blocked.",
@@ -470,6 +487,14 @@ impl Telemetry {
                 destination: destination.to_owned(),
                 kind: kind.to_owned(),
             })
+            .inc();
+    }
+
+    /// Counts a connection or call refused for `reason` (see [`REFUSED`]).
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics
+            .refused
+            .get_or_create(&RefusalLabels { reason })
             .inc();
     }
 
@@ -781,6 +806,7 @@ mod tests {
                 region: "eu".into(),
             })
             .set(1);
+        t.refused("no_certificate");
         let text = t.encode();
         let mut typed: Vec<String> = text
             .lines()

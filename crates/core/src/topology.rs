@@ -7,6 +7,11 @@
 //! ca = "certs/na-ca.pem"                         # optional: verify the store's TLS certificate
 //! listen = "0.0.0.0:7401"                        # the agent's gRPC address
 //! connect = "na-agent.internal:7401"             # optional: what peers dial
+//! # mTLS between agents: this agent's certificate carries spiffe://meridian/region/na
+//! tls = { ca = "certs/ca.pem", cert = "certs/na.pem", key = "certs/na-key.pem" }
+//!
+//! [operator]                                     # what `meridian status` and friends present
+//! tls = { ca = "certs/ca.pem", cert = "certs/operator-alice.pem", key = "certs/operator-alice-key.pem" }
 //!
 //! [[tables]]
 //! name = "public.orders"
@@ -50,6 +55,47 @@ pub struct Topology {
     /// Per-link settings that differ from `[replication]`.
     #[serde(default)]
     pub links: Vec<LinkSpec>,
+    /// Transport security switches.
+    #[serde(default)]
+    pub security: Security,
+    /// The credentials operator commands (`status`, `policy reload`,
+    /// `dashboard`) present to agents.
+    pub operator: Option<Operator>,
+}
+
+/// `[security]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// Agents talk to each other and to operators in plain TCP: no
+    /// certificates, no identities, anyone who reaches `listen` can claim to
+    /// be any region. Only for a closed test network; agents warn at every
+    /// start. Without it, every region needs `tls`.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+/// `[operator]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operator {
+    /// A certificate with a `spiffe://meridian/operator/<name>` identity,
+    /// and the CA bundle the agents' certificates chain to.
+    pub tls: TlsFiles,
+}
+
+/// One party's TLS material, relative to the topology file's folder (or
+/// absolute). Read where it is used, so a region's files need exist only
+/// on that region's machines.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA bundle (PEM) that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This party's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 /// How a link carries changes.
@@ -262,6 +308,10 @@ pub struct Region {
     pub connect: Option<String>,
     /// Address of the agent's Prometheus endpoint (`GET /metrics`); none if unset.
     pub metrics: Option<String>,
+    /// The agent's mTLS material: its certificate must carry
+    /// `spiffe://meridian/region/<this region>`. Required unless
+    /// `[security] plaintext = true`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Region {
@@ -573,6 +623,26 @@ impl Topology {
             }
             _ => {}
         }
+        let without: Vec<&str> = topology
+            .regions
+            .iter()
+            .filter(|(_, r)| r.tls.is_none())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !topology.security.plaintext {
+            if let Some(name) = without.first() {
+                return Err(err(format!(
+                    "regions.{name}.tls: missing; every agent needs a certificate for mTLS \
+                     (tls = {{ ca = \"certs/ca.pem\", cert = \"certs/{name}.pem\", key = \"certs/{name}-key.pem\" }}, \
+                     made by `meridian certs init`), or set [security] plaintext = true for a closed test network"
+                )));
+            }
+        } else if let Some((name, _)) = topology.regions.iter().find(|(_, r)| r.tls.is_some()) {
+            return Err(err(format!(
+                "regions.{name}.tls: given, but [security] plaintext = true; agents either all use mTLS \
+                 or all use plain TCP: remove plaintext, or the tls keys"
+            )));
+        }
         Ok(topology)
     }
 
@@ -591,6 +661,16 @@ impl Topology {
         let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(policy) = &topology.policy {
             topology.policy = Some(dir.join(policy).display().to_string());
+        }
+        let tls = topology
+            .regions
+            .values_mut()
+            .filter_map(|r| r.tls.as_mut())
+            .chain(topology.operator.as_mut().map(|o| &mut o.tls));
+        for files in tls {
+            for path in [&mut files.ca, &mut files.cert, &mut files.key] {
+                *path = dir.join(&*path);
+            }
         }
         let cas = topology
             .regions
@@ -728,7 +808,42 @@ mod tests {
         name = "public.orders"
         primary_key = ["id"]
         home_column = "region"
+        [security]
+        plaintext = true
     "#;
+
+    /// Every agent has a certificate, or none does and the file says so.
+    #[test]
+    fn agents_use_mtls_unless_plaintext_is_explicit() {
+        let secure = GOOD.replace("[security]\n        plaintext = true", "").replace(
+            "listen = \"127.0.0.1:7401\"",
+            "listen = \"127.0.0.1:7401\"\ntls = { ca = \"ca.pem\", cert = \"na.pem\", key = \"na-key.pem\" }",
+        );
+        let e = Topology::parse(&secure, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("regions.eu.tls: missing") && e.contains("certs init"),
+            "{e}"
+        );
+        let both = secure.replace(
+            "listen = \"127.0.0.1:7402\"",
+            "listen = \"127.0.0.1:7402\"\ntls = { ca = \"ca.pem\", cert = \"eu.pem\", key = \"eu-key.pem\" }",
+        );
+        let t = Topology::parse(&both, "t.toml").unwrap();
+        assert_eq!(
+            t.regions["eu"].tls.as_ref().unwrap().cert,
+            Path::new("eu.pem")
+        );
+        assert!(!t.security.plaintext);
+        let mixed = format!("{secure}\n[security]\nplaintext = true\n");
+        let e = Topology::parse(&mixed, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("regions.na.tls: given, but [security] plaintext = true"),
+            "{e}"
+        );
+        let typo = both.replace("cert = \"eu.pem\"", "certificate = \"eu.pem\"");
+        let e = Topology::parse(&typo, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("certificate"), "{e}");
+    }
 
     #[test]
     fn parses_a_valid_topology() {

@@ -76,10 +76,11 @@ impl AgentProcess {
     }
 
     /// SIGKILL, then the same agent started from another binary (an
-    /// upgrade or a downgrade).
-    pub fn replace_binary(&mut self, binary: &Path) -> anyhow::Result<()> {
+    /// upgrade or a downgrade) and the topology file that release reads.
+    pub fn replace_binary(&mut self, binary: &Path, config: &Path) -> anyhow::Result<()> {
         self.kill9();
         self.binary = binary.to_owned();
+        self.config = config.to_owned();
         self.restart()
     }
 

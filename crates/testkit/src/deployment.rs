@@ -21,7 +21,11 @@ pub struct Spec<'a> {
     pub tables: &'a [(&'a str, &'a str, &'a str)],
     /// Regions whose agent peers reach through a proxy.
     pub proxied: &'a [&'a str],
-    /// Extra topology lines (e.g. a `[replication]` section).
+    /// Extra topology lines (e.g. a `[replication]` section). Agents and
+    /// the kit's operator commands use mTLS with certificates the kit makes
+    /// (`certs/` beside the topology), unless these lines set `[security]
+    /// plaintext = true`, or agents of another release run (which predate
+    /// mTLS).
     pub extra_topology: &'a str,
     /// A residency policy, written beside the topology as `policy.toml`.
     pub policy: Option<&'a str>,
@@ -46,6 +50,8 @@ pub struct Deployment {
     global: Option<(PgCluster, PgPool)>,
     broker: Option<KafkaBroker>,
     pub config: PathBuf,
+    /// The CA of the agents' certificates; `None` in plain TCP.
+    pub authority: Option<meridian_trust::certs::Authority>,
 }
 
 impl Deployment {
@@ -119,6 +125,21 @@ impl Deployment {
             std::fs::write(clusters[0].dir().join("policy.toml"), policy)?;
             topology.push_str("policy = \"policy.toml\"\n\n");
         }
+        let plaintext = spec.extra_topology.contains("plaintext = true") || !others.is_empty();
+        let authority = match plaintext {
+            true => None,
+            false => {
+                let ca = meridian_trust::certs::Authority::new("test CA")?;
+                let regions: Vec<String> = spec.regions.iter().map(|r| r.to_string()).collect();
+                meridian_trust::certs::write_all(
+                    &ca,
+                    &regions,
+                    "tests",
+                    &clusters[0].dir().join("certs"),
+                )?;
+                Some(ca)
+            }
+        };
         let mut proxies = Vec::new();
         let mut metrics = Vec::new();
         for (region, cluster) in spec.regions.iter().zip(&clusters) {
@@ -129,6 +150,11 @@ impl Deployment {
                 cluster.url("postgres"),
             ));
             metrics.push(metrics_addr);
+            if authority.is_some() {
+                topology.push_str(&format!(
+                    "tls = {{ ca = \"certs/ca.pem\", cert = \"certs/{region}.pem\", key = \"certs/{region}-key.pem\" }}\n"
+                ));
+            }
             if spec.proxied.contains(region) {
                 let proxy = TcpProxy::start(&listen).await?;
                 topology.push_str(&format!("connect = \"{}\"\n", proxy.addr()));
@@ -198,21 +224,37 @@ impl Deployment {
             ));
         }
         let config = clusters[0].dir().join("topology.toml");
+        // agents of another release read the topology without the switch
+        // they do not know
+        let previous = clusters[0].dir().join("topology-previous.toml");
+        std::fs::write(&previous, &topology)?;
+        match authority.is_some() {
+            true => topology.push_str(
+                "\n[operator]\ntls = { ca = \"certs/ca.pem\", cert = \"certs/operator-tests.pem\", \
+                 key = \"certs/operator-tests-key.pem\" }\n",
+            ),
+            false if !spec.extra_topology.contains("plaintext = true") => {
+                topology.push_str("\n[security]\nplaintext = true\n")
+            }
+            false => {}
+        }
         std::fs::write(&config, topology)?;
         let log_dir = clusters[0].dir().to_owned();
         let agents = spec
             .regions
             .iter()
             .map(|r| {
-                let binary = others
-                    .iter()
-                    .find(|(region, _)| region == r)
-                    .map_or(binary, |(_, b)| *b);
+                let other = others.iter().find(|(region, _)| region == r);
+                let binary = other.map_or(binary, |(_, b)| *b);
+                let config = match other {
+                    Some(_) => &previous,
+                    None => &config,
+                };
                 let env: Vec<(&str, &str)> = agent_env
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                AgentProcess::spawn_with_env(binary, &config, r, &log_dir, &env)
+                AgentProcess::spawn_with_env(binary, config, r, &log_dir, &env)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let deployment = Deployment {
@@ -225,12 +267,76 @@ impl Deployment {
             global,
             broker,
             config,
+            authority,
         };
         for i in 0..deployment.regions.len() {
             deployment.wait_for_slots(i).await?;
             deployment.wait_for_metrics(i).await?;
         }
         Ok(deployment)
+    }
+
+    /// A gRPC channel to `to`'s agent presenting the certificate of
+    /// `identity` issued by the deployment's CA (plain TCP when the
+    /// deployment runs without mTLS): for tests that play a peer or an
+    /// operator.
+    pub async fn channel_as(
+        &self,
+        identity: meridian_trust::Identity,
+        to: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let ca = self.authority.as_ref();
+        let credentials = match ca {
+            Some(ca) => {
+                let (cert, key) = ca.issue(&identity, Default::default())?;
+                Some(self.credentials(&ca.pem(), &cert, &key)?)
+            }
+            None => None,
+        };
+        self.channel_with(credentials.as_ref(), to).await
+    }
+
+    /// Credentials from PEM texts (written beside the topology).
+    pub fn credentials(
+        &self,
+        ca: &str,
+        cert: &str,
+        key: &str,
+    ) -> anyhow::Result<meridian_trust::tls::Credentials> {
+        let dir = self.clusters[0]
+            .dir()
+            .join(format!("certs/extra-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        let files = meridian_trust::tls::Files {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&files.ca, ca)?;
+        std::fs::write(&files.cert, cert)?;
+        std::fs::write(&files.key, key)?;
+        meridian_trust::tls::Credentials::load(&files)
+    }
+
+    /// A gRPC channel to `to`'s agent with `credentials` (expecting `to`'s
+    /// certificate), or in plain TCP without.
+    pub async fn channel_with(
+        &self,
+        credentials: Option<&meridian_trust::tls::Credentials>,
+        to: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let topology = meridian_core::topology::Topology::load(&self.config)?;
+        let addr = topology
+            .region(to)
+            .map_err(anyhow::Error::msg)?
+            .listen
+            .clone();
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+        let config = match credentials {
+            Some(c) => Some(c.client_config(meridian_trust::Identity::Region(to.to_owned()))?),
+            None => None,
+        };
+        Ok(meridian_trust::net::dial(endpoint, &addr, config, Duration::from_secs(10)).await?)
     }
 
     fn index(&self, region: &str) -> usize {

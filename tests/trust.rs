@@ -1,0 +1,430 @@
+//! Trust between regions, against real agents over mTLS: who may connect,
+//! who may speak for which region, and what even a region's own certificate
+//! cannot make a receiver write.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_core::change::{Change, ChangeKind, Column, Table, Value};
+use meridian_core::{Lsn, Transaction, codec};
+use meridian_proto::admin::{ReloadPolicyRequest, StatusRequest, admin_client::AdminClient};
+use meridian_proto::replication::{
+    Batch, Hello, SourceMessage, destination_message, replication_client::ReplicationClient,
+    source_message,
+};
+use meridian_testkit::{Deployment, Spec};
+use meridian_trust::Identity;
+use meridian_trust::certs::{Authority, Validity};
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meridian"))
+}
+
+const SCHEMA: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, note text)";
+
+async fn start() -> anyhow::Result<Deployment> {
+    Deployment::start(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables: &[("public.orders", "id", "region")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await
+}
+
+async fn count(d: &Deployment, region: &str, sql: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(d.pool(region)).await?)
+}
+
+async fn wait_for(d: &Deployment, region: &str, sql: &str, want: i64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = count(d, region, sql).await?;
+        if n == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{sql} in {region}: {n}, expected {want}\n{}",
+            d.agent_log(region)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `eu`'s count of refusals for `reason`.
+async fn refused(d: &Deployment, reason: &str) -> anyhow::Result<f64> {
+    Ok(d.metric(
+        "eu",
+        &format!("meridian_refused_total{{reason=\"{reason}\"}}"),
+    )
+    .await?
+    .unwrap_or(0.0))
+}
+
+async fn wait_refused(d: &Deployment, reason: &str, at_least: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refused(d, reason).await? < at_least {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no refusal counted for {reason}:\n{}",
+            d.metrics("eu").await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Opens a replication stream to eu as `na` (a Hello) and sends `batches`;
+/// the first Nack's reason, or the error that ended the call.
+async fn send_as_na(
+    channel: tonic::transport::Channel,
+    batches: Vec<Vec<Transaction>>,
+) -> Result<Option<String>, String> {
+    let mut messages = vec![SourceMessage {
+        kind: Some(source_message::Kind::Hello(Hello {
+            source_region: "na".into(),
+            destination_region: "eu".into(),
+            incarnation: String::new(),
+        })),
+    }];
+    for (i, transactions) in batches.into_iter().enumerate() {
+        let payload = codec::encode(&transactions);
+        messages.push(SourceMessage {
+            kind: Some(source_message::Kind::Batch(Batch {
+                seq: i as u64 + 1,
+                end_lsn: transactions.last().map_or(0, |t| t.end_lsn.0),
+                crc32: codec::checksum(&payload),
+                payload,
+                policy_version: 0,
+                compression: String::new(),
+            })),
+        });
+    }
+    let mut replies = ReplicationClient::new(channel)
+        .replicate(futures::stream::iter(messages))
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+    while let Some(m) = replies
+        .message()
+        .await
+        .map_err(|e| e.message().to_owned())?
+    {
+        if let Some(destination_message::Kind::Nack(n)) = m.kind {
+            return Ok(Some(n.reason));
+        }
+    }
+    Ok(None)
+}
+
+fn table(schema: &str, name: &str, columns: &[(&str, bool)]) -> Arc<Table> {
+    Arc::new(Table {
+        schema: schema.into(),
+        name: name.into(),
+        columns: columns
+            .iter()
+            .map(|(n, key)| Column {
+                name: (*n).into(),
+                type_oid: 25,
+                key: *key,
+            })
+            .collect(),
+    })
+}
+
+fn transaction(end_lsn: u64, changes: Vec<Change>) -> Transaction {
+    Transaction {
+        commit_lsn: Lsn(end_lsn - 8),
+        end_lsn: Lsn(end_lsn),
+        commit_time: 0,
+        changes,
+        continues: false,
+        token: None,
+    }
+}
+
+fn text(v: &str) -> Value {
+    Value::Text(v.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certificates_of_the_ca_that_speak_for_the_source_get_in() -> anyhow::Result<()> {
+    let d = start().await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (1, 'na', 'first')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 1).await?;
+    let ca = d.authority.as_ref().expect("the deployment runs mTLS");
+    let na = Identity::Region("na".into());
+
+    // plain TCP: no TLS at all
+    let plain = d.channel_with(None, "eu").await;
+    if let Ok(channel) = plain {
+        assert!(send_as_na(channel, vec![]).await.is_err());
+    }
+    wait_refused(&d, "not_tls", 1.0).await?;
+
+    // a certificate for na from a CA eu does not trust
+    let stranger = Authority::new("not the deployment's CA")?;
+    let (cert, key) = stranger.issue(&na, Validity::default())?;
+    let creds = d.credentials(&ca.pem(), &cert, &key)?;
+    if let Ok(channel) = d.channel_with(Some(&creds), "eu").await {
+        assert!(send_as_na(channel, vec![]).await.is_err());
+    }
+    wait_refused(&d, "unknown_ca", 1.0).await?;
+
+    // an expired certificate for na from the right CA
+    let old = Validity {
+        not_before: (2020, 1, 1),
+        not_after: (2021, 1, 1),
+    };
+    let (cert, key) = ca.issue(&na, old)?;
+    let creds = d.credentials(&ca.pem(), &cert, &key)?;
+    if let Ok(channel) = d.channel_with(Some(&creds), "eu").await {
+        assert!(send_as_na(channel, vec![]).await.is_err());
+    }
+    wait_refused(&d, "expired", 1.0).await?;
+
+    // a valid certificate of another region claiming to be na
+    let apac = d.channel_as(Identity::Region("apac".into()), "eu").await?;
+    let e = send_as_na(apac, vec![]).await.unwrap_err();
+    assert!(
+        e.contains("certificate is for region apac; only region na's agent may send"),
+        "{e}"
+    );
+    wait_refused(&d, "wrong_region", 1.0).await?;
+    // an operator's certificate is not a region's
+    let operator = d
+        .channel_as(Identity::Operator("alice".into()), "eu")
+        .await?;
+    let e = send_as_na(operator, vec![]).await.unwrap_err();
+    assert!(e.contains("operator alice"), "{e}");
+    wait_refused(&d, "not_a_region", 1.0).await?;
+
+    // none of it touched the link: na's rows still arrive
+    sqlx::raw_sql("INSERT INTO orders VALUES (2, 'na', 'second')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 2).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_needs_a_certificate_and_policy_reload_an_operators() -> anyhow::Result<()> {
+    let d = start().await?;
+    let region = d.channel_as(Identity::Region("na".into()), "eu").await?;
+    let reply = AdminClient::new(region.clone())
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(reply.region, "eu");
+    let e = AdminClient::new(region)
+        .reload_policy(ReloadPolicyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message().contains("needs an operator certificate"),
+        "{e:?}"
+    );
+    wait_refused(&d, "not_an_operator", 1.0).await?;
+
+    let operator = d
+        .channel_as(Identity::Operator("alice".into()), "eu")
+        .await?;
+    let reply = AdminClient::new(operator)
+        .reload_policy(ReloadPolicyRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(reply.region, "eu");
+    // the CLI presents the topology's [operator] certificate
+    let out = std::process::Command::new(binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for region in ["na", "eu"] {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(&format!("{region} ")) && l.contains(" up ")),
+            "{shown}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Review finding 2, from a peer that holds na's own certificate (stolen,
+/// or a misconfigured staging agent): it can still not write what eu's
+/// topology does not replicate, nor choose the key columns rows are
+/// matched and deleted by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> anyhow::Result<()> {
+    let mut d = start().await?;
+    sqlx::raw_sql("INSERT INTO orders SELECT g, 'na', 'kept' FROM generate_series(1, 20) g")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 20).await?;
+    d.agent("na").kill9();
+    let before: i64 = count(
+        &d,
+        "eu",
+        "SELECT end_lsn FROM meridian.watermarks WHERE source_region = 'na'",
+    )
+    .await?;
+    let na = Identity::Region("na".into());
+
+    // a write to Meridian's own watermark table
+    let watermarks = table(
+        "meridian",
+        "watermarks",
+        &[("source_region", true), ("end_lsn", false)],
+    );
+    let forged = transaction(
+        before as u64 + 1_000,
+        vec![Change {
+            table: watermarks,
+            kind: ChangeKind::Insert {
+                new: vec![text("na"), text(&i64::MAX.to_string())],
+            },
+        }],
+    );
+    let nack = send_as_na(d.channel_as(na.clone(), "eu").await?, vec![vec![forged]])
+        .await
+        .map_err(anyhow::Error::msg)?
+        .expect("refused");
+    assert!(
+        nack.contains("\"meridian.watermarks\" is not replicated by this region's topology"),
+        "{nack}"
+    );
+
+    // a delete keyed by the home column: would match every na row
+    let by_home = table(
+        "public",
+        "orders",
+        &[("id", false), ("region", true), ("note", false)],
+    );
+    let forged = transaction(
+        before as u64 + 2_000,
+        vec![Change {
+            table: by_home,
+            kind: ChangeKind::Delete {
+                old: vec![Value::Null, text("na"), Value::Null],
+            },
+        }],
+    );
+    let nack = send_as_na(d.channel_as(na.clone(), "eu").await?, vec![vec![forged]])
+        .await
+        .map_err(anyhow::Error::msg)?
+        .expect("refused");
+    assert!(
+        nack.contains("marks [\"region\"] as its key columns"),
+        "{nack}"
+    );
+
+    assert_eq!(count(&d, "eu", "SELECT count(*) FROM orders").await?, 20);
+    let after: i64 = count(
+        &d,
+        "eu",
+        "SELECT end_lsn FROM meridian.watermarks WHERE source_region = 'na'",
+    )
+    .await?;
+    assert_eq!(after, before, "no forged batch moved the watermark");
+    // the real na comes back and carries on where it was
+    d.agent("na").restart()?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (21, 'na', 'after')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 21).await?;
+    Ok(())
+}
+
+/// Certificates rotate without a restart: eu moves to a certificate of a
+/// new CA (every bundle already trusts both), SIGHUP, and the next
+/// connection from na uses it; a client that trusts only the old CA can no
+/// longer reach eu.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_on_sighup_without_a_restart() -> anyhow::Result<()> {
+    let mut d = start().await?;
+    let certs = d.config.parent().expect("a folder").join("certs");
+    let old_ca = d.authority.as_ref().expect("mTLS").pem();
+    let next = Authority::new("next CA")?;
+    // first every party trusts both CAs
+    std::fs::write(certs.join("ca.pem"), format!("{old_ca}{}", next.pem()))?;
+    d.agent("na").hangup()?;
+    d.agent("eu").hangup()?;
+    // then eu takes a certificate of the new CA
+    let eu = Identity::Region("eu".into());
+    let (cert, key) = next.issue(&eu, Validity::default())?;
+    std::fs::write(certs.join("eu.pem"), cert)?;
+    std::fs::write(certs.join("eu-key.pem"), key)?;
+    d.agent("eu").hangup()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.agent_log("eu").contains("TLS certificate reloaded") {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("eu"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a client trusting only the old CA refuses eu's new certificate
+    let (cert, key) = d
+        .authority
+        .as_ref()
+        .expect("mTLS")
+        .issue(&Identity::Region("na".into()), Validity::default())?;
+    let old_only = d.credentials(&old_ca, &cert, &key)?;
+    assert!(d.channel_with(Some(&old_only), "eu").await.is_err());
+    // na's link reconnects (its agent restarts) and goes on
+    d.agent("na").restart()?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (7, 'na', 'rotated')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders WHERE id = 7", 1).await?;
+    Ok(())
+}
+
+/// Idle clients cannot take an agent's file descriptors: 10,000 connections
+/// to eu's metrics port that never send a request, and replication goes on;
+/// scrapes are answered again once the idle ones time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_to_the_metrics_port_do_not_stop_replication()
+-> anyhow::Result<()> {
+    let mut d = start().await?;
+    let topology = meridian_core::topology::Topology::load(&d.config)?;
+    let metrics = topology.regions["eu"]
+        .metrics
+        .clone()
+        .expect("the kit gives every agent a metrics port");
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(tokio::net::TcpStream::connect(&metrics).await?);
+    }
+    // the agent holds a bounded number of them, not one descriptor each
+    let pid = d.agent("eu").pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    assert!(open < 1_000, "eu's agent holds {open} file descriptors");
+    sqlx::raw_sql("INSERT INTO orders SELECT g, 'na', 'during' FROM generate_series(1, 100) g")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 100).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scraped = loop {
+        match d.metrics("eu").await {
+            Ok(text) => break text,
+            Err(e) => anyhow::ensure!(Instant::now() < deadline, "no scrape answered: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(scraped.contains("meridian_agent_info"), "{scraped}");
+    drop(idle);
+    Ok(())
+}
