@@ -428,3 +428,80 @@ async fn ten_thousand_idle_connections_to_the_metrics_port_do_not_stop_replicati
     drop(idle);
     Ok(())
 }
+
+/// Stores that accept only TLS: agents connect to them (SQL and the
+/// replication connection) with `sslmode=verify-full` against the region's
+/// `ca`, and an agent given the wrong CA refuses its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_verify_their_stores_over_tls() -> anyhow::Result<()> {
+    let mut d = Deployment::start_with_tls_stores(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables: &[("public.orders", "id", "region")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (1, 'na', 'over tls')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 1).await?;
+    // the walsenders serving na's links are TLS sessions
+    let plain: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE NOT s.ssl",
+    )
+    .fetch_one(d.pool("na"))
+    .await?;
+    let tls: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl",
+    )
+    .fetch_one(d.pool("na"))
+    .await?;
+    assert_eq!((plain, tls), (0, 1));
+
+    // na's agent given eu's CA for na's store: it does not connect
+    let text = std::fs::read_to_string(&d.config)?;
+    let na_ca = d
+        .cluster("na")
+        .ca_path()
+        .expect("tls")
+        .display()
+        .to_string();
+    let eu_ca = d
+        .cluster("eu")
+        .ca_path()
+        .expect("tls")
+        .display()
+        .to_string();
+    let wrong = text.replacen(
+        &format!("ca = \"{na_ca}\""),
+        &format!("ca = \"{eu_ca}\""),
+        1,
+    );
+    assert_ne!(wrong, text);
+    std::fs::write(&d.config, wrong)?;
+    d.agent("na").restart()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d
+        .agent_log("na")
+        .contains("cannot connect to region na's store")
+    {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("na"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = d.agent_log("na");
+    assert!(
+        log.contains("UnknownIssuer")
+            || log.contains("unknown issuer")
+            || log.contains("certificate"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -8,6 +8,40 @@ pub struct ConnInfo {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// libpq's `sslmode` (`prefer` when absent; `allow` and `prefer`
+    /// connect without TLS here).
+    pub sslmode: SslMode,
+    /// `sslrootcert`: the CA the store's certificate must chain to.
+    pub sslrootcert: Option<std::path::PathBuf>,
+}
+
+/// libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Result<SslMode, String> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "store URL has sslmode={other:?}; expected disable, allow, prefer, require, verify-ca or verify-full"
+                ));
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -21,13 +55,25 @@ impl std::fmt::Debug for ConnInfo {
 }
 
 impl ConnInfo {
-    /// Parses a URL. Query parameters are ignored; only TCP hosts are supported.
+    /// Parses a URL. Of the query parameters, `sslmode` and `sslrootcert`
+    /// are read, the others ignored; only TCP hosts are supported.
     pub fn parse(url: &str) -> Result<ConnInfo, String> {
         let rest = url
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
             .ok_or("store URL must start with postgres://")?;
-        let rest = rest.split(['?', '#']).next().unwrap_or_default();
+        let rest = rest.split('#').next().unwrap_or_default();
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut sslmode = SslMode::Prefer;
+        let mut sslrootcert = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "sslmode" => sslmode = SslMode::parse(&decode(value)?)?,
+                "sslrootcert" => sslrootcert = Some(decode(value)?.into()),
+                _ => {}
+            }
+        }
         let (auth, hostpath) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
@@ -60,6 +106,8 @@ impl ConnInfo {
             user,
             password,
             database,
+            sslmode,
+            sslrootcert,
         })
     }
 }
@@ -88,6 +136,28 @@ fn decode(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_tls_parameters() {
+        let c = ConnInfo::parse(
+            "postgres://app@db:5432/orders?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem",
+        )
+        .unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            c.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca dir/ca.pem"))
+        );
+        assert_eq!(c.database, "orders");
+        assert_eq!(
+            ConnInfo::parse("postgres://db/x").unwrap().sslmode,
+            SslMode::Prefer
+        );
+        let e = ConnInfo::parse("postgres://db/x?sslmode=verify")
+            .err()
+            .unwrap();
+        assert!(e.contains("sslmode=\"verify\""), "{e}");
+    }
 
     #[test]
     fn parses_urls() {

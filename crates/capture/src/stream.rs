@@ -13,7 +13,43 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conninfo::ConnInfo;
+use crate::conninfo::{ConnInfo, SslMode};
+
+/// A connection to the store, in plain TCP or TLS.
+trait Socket: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Socket for T {}
+
+/// Connects to the store, with TLS when `sslmode` asks for it (`require`,
+/// `verify-ca`, `verify-full`; `allow` and `prefer` stay in plain TCP).
+async fn connect(info: &ConnInfo) -> Result<Box<dyn Socket>, CaptureError> {
+    let mut tcp = TcpStream::connect((info.host.as_str(), info.port)).await?;
+    tcp.set_nodelay(true)?;
+    let verify = match info.sslmode {
+        SslMode::Disable | SslMode::Allow | SslMode::Prefer => return Ok(Box::new(tcp)),
+        SslMode::Require => meridian_trust::store::Verify::Nothing,
+        SslMode::VerifyCa => meridian_trust::store::Verify::Chain,
+        SslMode::VerifyFull => meridian_trust::store::Verify::ChainAndName,
+    };
+    let config = meridian_trust::store::client_config(verify, info.sslrootcert.as_deref())
+        .map_err(|e| CaptureError::Config(format!("{e:#}")))?;
+    // SSLRequest: the server answers S (go on with TLS) or N
+    let mut request = BytesMut::new();
+    request.put_i32(8);
+    request.put_i32(80877103);
+    tcp.write_all(&request).await?;
+    if tcp.read_u8().await? != b'S' {
+        return Err(CaptureError::Config(format!(
+            "store {}:{} does not accept TLS, but the store URL asks for sslmode {:?}",
+            info.host, info.port, info.sslmode
+        )));
+    }
+    let name = rustls::pki_types::ServerName::try_from(info.host.clone())
+        .map_err(|e| CaptureError::Config(format!("store host {:?}: {e}", info.host)))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    Ok(Box::new(tls))
+}
 
 /// How often the stream reports its confirmed position to the server, also
 /// when nothing arrives (the server drops a silent client after
@@ -75,7 +111,7 @@ impl CaptureError {
 /// Not cancel-safe across [`ReplicationStream::next`] only in the sense that a
 /// dropped call loses nothing: all state lives in `self`.
 pub struct ReplicationStream {
-    socket: TcpStream,
+    socket: Box<dyn Socket>,
     read: BytesMut,
     decoder: Decoder,
     /// Highest position confirmed as durably applied at the destination,
@@ -104,8 +140,7 @@ impl ReplicationStream {
         keys: Keys,
     ) -> Result<ReplicationStream, CaptureError> {
         let info = ConnInfo::parse(url).map_err(CaptureError::Config)?;
-        let socket = TcpStream::connect((info.host.as_str(), info.port)).await?;
-        socket.set_nodelay(true)?;
+        let socket = connect(&info).await?;
         let mut stream = ReplicationStream {
             socket,
             read: BytesMut::with_capacity(READ_CHUNK),

@@ -210,7 +210,9 @@ impl Decoder {
                 let name = r.cstr("relation name")?;
                 let _identity = r.u8("replica identity")?;
                 let n = r.i16("relation column count")?.max(0) as usize;
-                let mut columns = Vec::with_capacity(n);
+                // a column takes at least 10 bytes: never reserve more than
+                // the message can hold
+                let mut columns = Vec::with_capacity(n.min(r.0.len() / 10));
                 for _ in 0..n {
                     let flags = r.u8("column flags")?;
                     let name = r.cstr("column name")?;

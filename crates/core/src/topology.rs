@@ -384,6 +384,47 @@ fn check_url(key: &str, store: &Dsn) -> Result<(), String> {
     }
 }
 
+/// `url` with TLS verified against `ca`: `sslmode=verify-full` (a
+/// `verify-ca` or `verify-full` already there is kept; weaker modes are
+/// raised) and `sslrootcert` set to `ca`, replacing any other.
+pub fn with_ca(url: &str, ca: &Path) -> String {
+    let (base, fragment) = match url.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (url, None),
+    };
+    let (path, query) = base.split_once('?').unwrap_or((base, ""));
+    let mut mode = "verify-full";
+    let mut params: Vec<&str> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("sslmode", m @ ("verify-ca" | "verify-full")) => mode = m,
+            ("sslmode" | "sslrootcert", _) => {}
+            _ => params.push(pair),
+        }
+    }
+    let ca: String = ca
+        .display()
+        .to_string()
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let sslmode = format!("sslmode={mode}");
+    let sslrootcert = format!("sslrootcert={ca}");
+    params.push(&sslmode);
+    params.push(&sslrootcert);
+    let mut out = format!("{path}?{}", params.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
 fn check_ca(key: &str, ca: Option<&Path>) -> Result<(), String> {
     match ca {
         Some(ca) if ca.as_os_str().is_empty() => Err(format!(
@@ -702,6 +743,13 @@ impl Topology {
                 });
             }
         }
+        // every connection to a region's store verifies it, not only the
+        // client library's: agents and operator commands read the URL
+        for region in topology.regions.values_mut() {
+            if let Some(ca) = &region.ca {
+                region.store = Dsn(with_ca(region.store.expose(), ca));
+            }
+        }
         Ok(topology)
     }
 
@@ -811,6 +859,23 @@ mod tests {
         [security]
         plaintext = true
     "#;
+
+    #[test]
+    fn a_store_ca_makes_every_connection_verify_the_store() {
+        let ca = Path::new("/etc/meridian/ca dir/na.pem");
+        assert_eq!(
+            with_ca("postgres://u:p@db:5432/app", ca),
+            "postgres://u:p@db:5432/app?sslmode=verify-full&sslrootcert=/etc/meridian/ca%20dir/na.pem"
+        );
+        assert_eq!(
+            with_ca(
+                "postgres://db/app?sslmode=require&application_name=x&sslrootcert=old.pem",
+                ca
+            ),
+            "postgres://db/app?application_name=x&sslmode=verify-full&sslrootcert=/etc/meridian/ca%20dir/na.pem"
+        );
+        assert!(with_ca("postgres://db/app?sslmode=verify-ca", ca).contains("sslmode=verify-ca&"));
+    }
 
     /// Every agent has a certificate, or none does and the file says so.
     #[test]

@@ -69,7 +69,7 @@ impl Deployment {
         others: &[(&str, &Path)],
         spec: &Spec<'_>,
     ) -> anyhow::Result<Deployment> {
-        Self::start_inner(binary, others, spec, None).await
+        Self::start_inner(binary, others, spec, None, false).await
     }
 
     /// [`Deployment::start`] over Kafka (`spec.kafka`) with a broker that
@@ -81,7 +81,16 @@ impl Deployment {
         spec: &Spec<'_>,
         user: (&str, &str),
     ) -> anyhow::Result<Deployment> {
-        Self::start_inner(binary, &[], spec, Some(user)).await
+        Self::start_inner(binary, &[], spec, Some(user), false).await
+    }
+
+    /// [`Deployment::start`] on stores that accept only TLS connections,
+    /// each with its own CA, named as the region's `ca` in the topology.
+    pub async fn start_with_tls_stores(
+        binary: &Path,
+        spec: &Spec<'_>,
+    ) -> anyhow::Result<Deployment> {
+        Self::start_inner(binary, &[], spec, None, true).await
     }
 
     async fn start_inner(
@@ -89,11 +98,15 @@ impl Deployment {
         others: &[(&str, &Path)],
         spec: &Spec<'_>,
         kafka_user: Option<(&str, &str)>,
+        tls_stores: bool,
     ) -> anyhow::Result<Deployment> {
         let mut clusters = Vec::new();
         let mut pools = Vec::new();
         for _ in spec.regions {
-            let cluster = PgCluster::start()?;
+            let cluster = match tls_stores {
+                true => PgCluster::start_tls()?,
+                false => PgCluster::start()?,
+            };
             let pool = PgPoolOptions::new()
                 .max_connections(4)
                 .connect(&cluster.url("postgres"))
@@ -150,6 +163,9 @@ impl Deployment {
                 cluster.url("postgres"),
             ));
             metrics.push(metrics_addr);
+            if let Some(ca) = cluster.ca_path() {
+                topology.push_str(&format!("ca = \"{}\"\n", ca.display()));
+            }
             if authority.is_some() {
                 topology.push_str(&format!(
                     "tls = {{ ca = \"certs/ca.pem\", cert = \"certs/{region}.pem\", key = \"certs/{region}-key.pem\" }}\n"

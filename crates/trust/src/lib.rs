@@ -7,11 +7,14 @@
 //!   built from them, reloaded when the files change.
 //! - [`net`]: an mTLS listener (with a connection cap and a handshake
 //!   timeout) and dialer for tonic.
+//! - [`store`]: TLS to a PostgreSQL store as libpq's `sslmode` says, for
+//!   connections sqlx does not make.
 //! - [`certs`]: a CA for tests, demos and first deployments.
 
 pub mod certs;
 mod identity;
 pub mod net;
+pub mod store;
 pub mod tls;
 
 pub use identity::{Identity, TRUST_DOMAIN};
