@@ -16,5 +16,6 @@ mod identity;
 pub mod net;
 pub mod store;
 pub mod tls;
+mod verify;
 
 pub use identity::{Identity, TRUST_DOMAIN};

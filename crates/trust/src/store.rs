@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::verify::Verifier;
 
 /// What a client checks of the store's certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,85 +56,22 @@ pub fn client_config(verify: Verify, ca: Option<&Path>) -> anyhow::Result<Arc<Cl
         (Verify::Chain, Some(roots)) => {
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Chain {
-                    roots: Some(roots),
-                    provider,
+                .with_custom_certificate_verifier(Arc::new(Verifier {
+                    provider: provider.clone(),
+                    check: Box::new(move |end_entity, intermediates, now| {
+                        crate::verify::chain(&provider, &roots, end_entity, intermediates, now)
+                    }),
                 }))
         }
         (Verify::Nothing, _) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Chain {
-                roots: None,
+            .with_custom_certificate_verifier(Arc::new(Verifier {
                 provider,
+                check: Box::new(|_, _, _| Ok(())),
             })),
         (_, None) => anyhow::bail!(
             "sslmode verify-ca and verify-full need the store's CA (sslrootcert, or `ca` in the topology)"
         ),
     };
     Ok(Arc::new(config.with_no_client_auth()))
-}
-
-/// Checks the chain only (`roots`), or nothing (`None`); signatures of the
-/// handshake are always checked.
-#[derive(Debug)]
-struct Chain {
-    roots: Option<Arc<RootCertStore>>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Chain {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Some(roots) = &self.roots {
-            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &cert,
-                roots,
-                intermediates,
-                now,
-                self.provider.signature_verification_algorithms.all,
-            )?;
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

@@ -14,12 +14,11 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use anyhow::Context;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::Identity;
 
@@ -110,10 +109,20 @@ impl Credentials {
     /// The client side, for dialing `expect`: the server's certificate must
     /// chain to the CA bundle and carry `expect`'s SPIFFE ID.
     pub fn client_config(&self, expect: Identity) -> anyhow::Result<Arc<ClientConfig>> {
-        let verifier = Arc::new(PeerVerifier {
-            roots: self.roots.clone(),
-            expect,
-            provider: provider(),
+        // the chain as WebPKI checks it, the name as a SPIFFE ID
+        let (roots, crypto) = (self.roots.clone(), provider());
+        let verifier = Arc::new(crate::verify::Verifier {
+            provider: crypto.clone(),
+            check: Box::new(move |end_entity, intermediates, now| {
+                crate::verify::chain(&crypto, &roots, end_entity, intermediates, now)?;
+                match Identity::of_certificate(end_entity) {
+                    Ok(id) if id == expect => Ok(()),
+                    Ok(id) => Err(refused(format!(
+                        "the peer's certificate is for {id}, expected {expect}"
+                    ))),
+                    Err(e) => Err(refused(e)),
+                }
+            }),
         });
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -123,77 +132,6 @@ impl Credentials {
             .context("the client certificate and key")?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(config))
-    }
-}
-
-/// Checks a server's chain like WebPKI does, but its name as a SPIFFE ID
-/// rather than a host name.
-#[derive(Debug)]
-struct PeerVerifier {
-    roots: Arc<RootCertStore>,
-    expect: Identity,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PeerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        match Identity::of_certificate(end_entity) {
-            Ok(id) if id == self.expect => Ok(ServerCertVerified::assertion()),
-            Ok(id) => Err(refused(format!(
-                "the peer's certificate is for {id}, expected {}",
-                self.expect
-            ))),
-            Err(e) => Err(refused(e)),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
