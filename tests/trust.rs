@@ -506,3 +506,74 @@ async fn agents_verify_their_stores_over_tls() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The agent's store role as the README documents it: no superuser, only
+/// what the agent needs.
+const LEAST_PRIVILEGE: &str = "
+CREATE ROLE app_owner;
+ALTER TABLE orders OWNER TO app_owner;
+CREATE ROLE meridian_agent LOGIN REPLICATION;
+GRANT app_owner TO meridian_agent;
+GRANT CREATE ON DATABASE postgres TO meridian_agent;
+GRANT CREATE ON SCHEMA public TO meridian_agent;
+GRANT SET ON PARAMETER session_replication_role TO meridian_agent;
+GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text),
+                          pg_replication_origin_session_setup(text) TO meridian_agent;
+";
+
+/// Agents replicate both ways as a role that is not a superuser, and an
+/// agent whose role lost a privilege says which, and how to grant it, at
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_run_as_a_least_privilege_role_and_name_what_is_missing() -> anyhow::Result<()> {
+    let schema = format!("{SCHEMA};\n{LEAST_PRIVILEGE}");
+    let mut d = Deployment::start_as_store_user(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: &schema,
+            tables: &[("public.orders", "id", "region")],
+            proxied: &[],
+            extra_topology: "",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+        "meridian_agent",
+    )
+    .await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (1, 'na', 'from na')")
+        .execute(d.pool("na"))
+        .await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (2, 'eu', 'from eu')")
+        .execute(d.pool("eu"))
+        .await?;
+    for region in ["na", "eu"] {
+        wait_for(&d, region, "SELECT count(*) FROM orders", 2).await?;
+    }
+    let sessions: i64 = count(
+        &d,
+        "eu",
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'meridian_agent'",
+    )
+    .await?;
+    assert!(sessions > 0, "eu's agent logs in as meridian_agent");
+    let superuser: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = 'meridian_agent'")
+            .fetch_one(d.pool("eu"))
+            .await?;
+    assert!(!superuser);
+
+    sqlx::raw_sql("REVOKE SET ON PARAMETER session_replication_role FROM meridian_agent")
+        .execute(d.pool("eu"))
+        .await?;
+    d.agent("eu").restart()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = "GRANT SET ON PARAMETER session_replication_role TO \"meridian_agent\";";
+    while !d.agent_log("eu").contains(wanted) {
+        anyhow::ensure!(Instant::now() < deadline, "{}", d.agent_log("eu"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod metrics;
 pub mod monitor;
+pub mod privileges;
 pub mod receiver;
 mod reselect;
 pub mod residency;
@@ -130,6 +131,18 @@ pub async fn run(
         .connect(&store)
         .await
         .with_context(|| format!("cannot connect to region {region}'s store {}", me.store))?;
+    let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+    let held = privileges::held(&pool, &tables)
+        .await
+        .with_context(|| format!("reading the privileges of region {region}'s store role"))?;
+    let missing = privileges::missing(&held);
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "region {region}'s store role {:?} lacks what the agent needs (run these as the tables' owner or a superuser):\n  {}",
+            held.role,
+            missing.join("\n  ")
+        );
+    }
     let columns = residency::store_columns(&pool, &topology.tables)
         .await
         .with_context(|| format!("reading the replicated tables of region {region}'s store"))?;

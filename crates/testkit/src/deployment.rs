@@ -39,6 +39,19 @@ pub struct Spec<'a> {
     pub kafka: bool,
 }
 
+/// How a deployment differs from [`Deployment::start`]'s.
+#[derive(Clone, Copy, Default)]
+struct Options<'a> {
+    /// Agents of other binaries, by region.
+    others: &'a [(&'a str, &'a Path)],
+    /// A SASL user the Kafka broker requires.
+    kafka_user: Option<(&'a str, &'a str)>,
+    /// Stores accept only TLS.
+    tls_stores: bool,
+    /// The role agents log into their stores as.
+    store_user: Option<&'a str>,
+}
+
 /// A running deployment. Dropping it kills the agents and removes the clusters.
 pub struct Deployment {
     pub regions: Vec<String>,
@@ -69,7 +82,11 @@ impl Deployment {
         others: &[(&str, &Path)],
         spec: &Spec<'_>,
     ) -> anyhow::Result<Deployment> {
-        Self::start_inner(binary, others, spec, None, false).await
+        let options = Options {
+            others,
+            ..Options::default()
+        };
+        Self::start_inner(binary, spec, &options).await
     }
 
     /// [`Deployment::start`] over Kafka (`spec.kafka`) with a broker that
@@ -81,7 +98,11 @@ impl Deployment {
         spec: &Spec<'_>,
         user: (&str, &str),
     ) -> anyhow::Result<Deployment> {
-        Self::start_inner(binary, &[], spec, Some(user), false).await
+        let options = Options {
+            kafka_user: Some(user),
+            ..Options::default()
+        };
+        Self::start_inner(binary, spec, &options).await
     }
 
     /// [`Deployment::start`] on stores that accept only TLS connections,
@@ -90,16 +111,39 @@ impl Deployment {
         binary: &Path,
         spec: &Spec<'_>,
     ) -> anyhow::Result<Deployment> {
-        Self::start_inner(binary, &[], spec, None, true).await
+        let options = Options {
+            tls_stores: true,
+            ..Options::default()
+        };
+        Self::start_inner(binary, spec, &options).await
+    }
+
+    /// [`Deployment::start`] with agents logging into their stores as
+    /// `user` (which `spec.schema` creates and grants) instead of the
+    /// superuser.
+    pub async fn start_as_store_user(
+        binary: &Path,
+        spec: &Spec<'_>,
+        user: &str,
+    ) -> anyhow::Result<Deployment> {
+        let options = Options {
+            store_user: Some(user),
+            ..Options::default()
+        };
+        Self::start_inner(binary, spec, &options).await
     }
 
     async fn start_inner(
         binary: &Path,
-        others: &[(&str, &Path)],
         spec: &Spec<'_>,
-        kafka_user: Option<(&str, &str)>,
-        tls_stores: bool,
+        options: &Options<'_>,
     ) -> anyhow::Result<Deployment> {
+        let Options {
+            others,
+            kafka_user,
+            tls_stores,
+            store_user,
+        } = *options;
         let mut clusters = Vec::new();
         let mut pools = Vec::new();
         for _ in spec.regions {
@@ -160,7 +204,10 @@ impl Deployment {
             let metrics_addr = format!("127.0.0.1:{}", free_port());
             topology.push_str(&format!(
                 "[regions.{region}]\nstore = \"{}\"\nlisten = \"{listen}\"\nmetrics = \"{metrics_addr}\"\n",
-                cluster.url("postgres"),
+                match store_user {
+                    Some(user) => cluster.url("postgres").replacen("postgres@", &format!("{user}@"), 1),
+                    None => cluster.url("postgres"),
+                },
             ));
             metrics.push(metrics_addr);
             if let Some(ca) = cluster.ca_path() {
