@@ -25,6 +25,11 @@
 //! MERIDIAN_BENCH_SCALE=0.2 cargo bench --bench replication         # smaller backlogs
 //! MERIDIAN_BENCH_TRANSPORT=kafka cargo bench --bench replication   # through tansu
 //! MERIDIAN_BENCH_TRANSPORT=kafka-transaction cargo bench ...        # order = "transaction"
+//! MERIDIAN_BENCH_TLS=1 cargo bench --bench replication              # gRPC links over mTLS
+//!
+//! By default agents talk in plain TCP (`[security] plaintext = true`), as
+//! the native subscription does; `MERIDIAN_BENCH_TLS=1` measures what mTLS
+//! between the agents costs.
 //! ```
 
 use std::path::Path;
@@ -238,11 +243,29 @@ async fn run(shape: Shape, kafka: Option<KafkaOrder>) -> anyhow::Result<()> {
         topology.push_str("policy = \"policy.toml\"\n\n");
     }
     let metrics = format!("127.0.0.1:{}", meridian_testkit::free_port());
+    let tls = std::env::var("MERIDIAN_BENCH_TLS").is_ok_and(|v| v == "1");
+    let (na_tls, eu_tls, security) = match tls {
+        true => {
+            let regions = ["na".to_owned(), "eu".to_owned()];
+            meridian_trust::certs::init(&regions, "bench", &source.dir().join("certs"))?;
+            let line = |r: &str| {
+                format!(
+                    "tls = {{ ca = \"certs/ca.pem\", cert = \"certs/{r}.pem\", key = \"certs/{r}-key.pem\" }}\n"
+                )
+            };
+            (line("na"), line("eu"), "")
+        }
+        false => (
+            String::new(),
+            String::new(),
+            "[security]\nplaintext = true\n",
+        ),
+    };
     topology.push_str(&format!(
-        "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"{metrics}\"\n\n\
-         [regions.eu]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n\n\
+        "[regions.na]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"{metrics}\"\n{na_tls}\n\
+         [regions.eu]\nstore = \"{}\"\nlisten = \"127.0.0.1:{}\"\n{eu_tls}\n\
          [[tables]]\nname = \"public.bench_rows\"\nprimary_key = [\"id\"]\nhome_column = \"region\"\n\n\
-         [security]\nplaintext = true\n",
+         {security}",
         source.url("postgres"),
         meridian_testkit::free_port(),
         meridian_dst.url("postgres"),
@@ -387,6 +410,7 @@ async fn run(shape: Shape, kafka: Option<KafkaOrder>) -> anyhow::Result<()> {
         "shipped_over_pgoutput_bytes": shipped.map(|b| round(b as f64 / pgoutput_bytes as f64)),
         "meridian": {
             "transport": match (kafka, kafka_order) {
+                (false, _) if tls => "grpc (mTLS)",
                 (false, _) => "grpc",
                 (true, KafkaOrder::Row) => "kafka (tansu, sqlite storage, order = row, 4 partitions)",
                 (true, KafkaOrder::Transaction) => "kafka (tansu, sqlite storage, order = transaction, 1 partition)",

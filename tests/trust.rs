@@ -577,3 +577,42 @@ async fn agents_run_as_a_least_privilege_role_and_name_what_is_missing() -> anyh
     }
     Ok(())
 }
+
+/// Review finding 2, attack 4, from na's own certificate: a Hello and then
+/// silence holds no lock the real na waits behind; na's next stream takes
+/// over and its rows arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_and_silence_does_not_hold_back_the_real_source() -> anyhow::Result<()> {
+    let mut d = start().await?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (1, 'na', 'before')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 1).await?;
+    d.agent("na").kill9();
+    let channel = d.channel_as(Identity::Region("na".into()), "eu").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(SourceMessage {
+        kind: Some(source_message::Kind::Hello(Hello {
+            source_region: "na".into(),
+            destination_region: "eu".into(),
+            incarnation: String::new(),
+        })),
+    })
+    .await?;
+    let silent = ReplicationClient::new(channel)
+        .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    // the silent stream got its Welcome and holds eu's session for na
+    let mut silent = silent.into_inner();
+    assert!(matches!(
+        silent.message().await?.and_then(|m| m.kind),
+        Some(destination_message::Kind::Welcome(_))
+    ));
+    d.agent("na").restart()?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (2, 'na', 'after')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 2).await?;
+    drop(tx);
+    Ok(())
+}

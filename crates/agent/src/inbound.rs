@@ -14,11 +14,10 @@
 //! - A Kafka record at or below the partition's stored position is a replay
 //!   and skipped.
 
-use std::sync::Arc;
-
 use crate::wire;
 use meridian_core::pgoutput::Keys;
 use meridian_core::record::{self, Incoming, Position, RecordError};
+use meridian_core::scope::outside_topology;
 use meridian_core::{Transaction, codec};
 use meridian_policy::Enforcer;
 
@@ -56,6 +55,7 @@ pub(crate) fn judge_batch(
     source: &str,
     destination: &str,
     policy: Option<&Enforcer>,
+    keys: &Keys,
 ) -> BatchVerdict {
     if codec::checksum(payload) != crc32 {
         return BatchVerdict::Refuse {
@@ -82,14 +82,23 @@ pub(crate) fn judge_batch(
         }
     };
     match codec::decode(&payload) {
-        Ok(transactions) => match forbidden(&transactions, source, destination, policy) {
-            Some(f) => BatchVerdict::Refuse {
-                reason: f.reason.clone(),
-                kind: "policy_violation",
-                forbidden: Some(f),
-            },
-            None => BatchVerdict::Apply(transactions),
-        },
+        Ok(transactions) => {
+            if let Some(reason) = outside_topology(&transactions, keys) {
+                return BatchVerdict::Refuse {
+                    reason,
+                    kind: "not_in_topology",
+                    forbidden: None,
+                };
+            }
+            match forbidden(&transactions, source, destination, policy) {
+                Some(f) => BatchVerdict::Refuse {
+                    reason: f.reason.clone(),
+                    kind: "policy_violation",
+                    forbidden: Some(f),
+                },
+                None => BatchVerdict::Apply(transactions),
+            }
+        }
         Err(e @ codec::CodecError::Version(_)) => BatchVerdict::Refuse {
             reason: e.to_string(),
             kind: "version",
@@ -149,6 +158,7 @@ pub(crate) fn judge_record(
     destination: &str,
     stored: Position,
     policy: Option<&Enforcer>,
+    keys: &Keys,
 ) -> RecordVerdict {
     let incoming = match record::decode(headers, value, source) {
         Ok(incoming) => incoming,
@@ -168,6 +178,13 @@ pub(crate) fn judge_record(
     };
     if incoming.position <= stored {
         return RecordVerdict::Skip;
+    }
+    if let Some(reason) = outside_topology(std::slice::from_ref(&incoming.transaction), keys) {
+        return RecordVerdict::Refuse {
+            reason,
+            kind: "not_in_topology",
+            forbidden: None,
+        };
     }
     match forbidden(
         std::slice::from_ref(&incoming.transaction),
@@ -207,77 +224,6 @@ pub(crate) fn judge_record(
     }
 }
 
-/// What a peer sent that this region's own topology does not allow it to
-/// write, whatever the peer's credentials: a table the topology does not
-/// replicate (`meridian.*`, or anything else), or key columns other than
-/// the table's primary key in the topology (apply deletes and matches rows
-/// by them). The reason names tables and columns, never values.
-pub(crate) fn outside_topology(transactions: &[Transaction], keys: &Keys) -> Option<String> {
-    let mut seen = std::collections::HashSet::new();
-    for change in transactions.iter().flat_map(|t| &t.changes) {
-        let table = &change.table;
-        if !seen.insert(Arc::as_ptr(table)) {
-            continue;
-        }
-        let name = format!("{}.{}", table.schema, table.name);
-        let Some(expected) = keys.get(&(table.schema.clone(), table.name.clone())) else {
-            return Some(format!(
-                "table {name:?} is not replicated by this region's topology; nothing of the batch was written"
-            ));
-        };
-        let mut sent: Vec<&str> = table
-            .columns
-            .iter()
-            .filter(|c| c.key)
-            .map(|c| c.name.as_str())
-            .collect();
-        let mut wanted: Vec<&str> = expected.iter().map(String::as_str).collect();
-        sent.sort_unstable();
-        wanted.sort_unstable();
-        if sent != wanted {
-            return Some(format!(
-                "table {name}: the batch marks {sent:?} as its key columns, this region's topology says {wanted:?}; nothing of the batch was written"
-            ));
-        }
-    }
-    None
-}
-
-/// A batch verdict, refused (the stream ends, nothing skipped) if it would
-/// write outside the topology ([`outside_topology`]).
-pub(crate) fn batch_within(verdict: BatchVerdict, keys: &Keys) -> BatchVerdict {
-    match verdict {
-        BatchVerdict::Apply(t) => match outside_topology(&t, keys) {
-            Some(reason) => BatchVerdict::Refuse {
-                reason,
-                kind: "not_in_topology",
-                forbidden: None,
-            },
-            None => BatchVerdict::Apply(t),
-        },
-        other => other,
-    }
-}
-
-/// A record verdict, refused (the partition waits) if it would write
-/// outside the topology ([`outside_topology`]).
-pub(crate) fn record_within(verdict: RecordVerdict, keys: &Keys) -> RecordVerdict {
-    let transaction = match &verdict {
-        RecordVerdict::Apply(incoming) | RecordVerdict::Refiltered { incoming, .. } => {
-            &incoming.transaction
-        }
-        _ => return verdict,
-    };
-    match outside_topology(std::slice::from_ref(transaction), keys) {
-        Some(reason) => RecordVerdict::Refuse {
-            reason,
-            kind: "not_in_topology",
-            forbidden: None,
-        },
-        None => verdict,
-    }
-}
-
 fn forbidden(
     transactions: &[Transaction],
     source: &str,
@@ -294,6 +240,8 @@ fn forbidden(
 
 #[cfg(test)]
 mod tests {
+
+    use std::sync::Arc;
 
     use super::*;
     use meridian_core::change::{Change, ChangeKind, Column, Table, Value};
@@ -510,42 +458,67 @@ columns = { id = "keep", region = "keep" }"#,
         ));
     }
 
-    /// Only the topology's tables, keyed by the topology's key columns, may
-    /// be written, whatever a peer marks.
-    #[test]
-    fn a_peer_cannot_choose_tables_or_key_columns() {
-        let keys: Keys = [(
+    /// The tests' region replicates `public.orders`, keyed by `id`.
+    fn orders_by_id() -> Keys {
+        [(
             ("public".to_owned(), "orders".to_owned()),
             vec!["id".to_owned()],
         )]
         .into_iter()
-        .collect();
-        let good = transaction("a@example.com");
-        assert_eq!(outside_topology(std::slice::from_ref(&good), &keys), None);
+        .collect()
+    }
 
-        let mut elsewhere = good.clone();
-        let mut table = (*elsewhere.changes[0].table).clone();
-        table.schema = "meridian".into();
-        table.name = "watermarks".into();
-        elsewhere.changes[0].table = Arc::new(table);
-        let e = outside_topology(&[good.clone(), elsewhere], &keys).unwrap();
-        assert!(
-            e.contains("\"meridian.watermarks\" is not replicated"),
-            "{e}"
-        );
+    fn judge_batch(
+        payload: (&[u8], &str),
+        crc32: u32,
+        source: &str,
+        destination: &str,
+        policy: Option<&Enforcer>,
+    ) -> BatchVerdict {
+        super::judge_batch(payload, crc32, source, destination, policy, &orders_by_id())
+    }
 
-        // a delete keyed by the home column alone would match every row of a region
-        let mut rekeyed = good.clone();
-        let mut table = (*rekeyed.changes[0].table).clone();
-        for c in &mut table.columns {
-            c.key = c.name == "region";
+    fn judge_record(
+        headers: &[(String, Vec<u8>)],
+        value: Option<&[u8]>,
+        source: &str,
+        destination: &str,
+        stored: Position,
+        policy: Option<&Enforcer>,
+    ) -> RecordVerdict {
+        super::judge_record(
+            headers,
+            value,
+            source,
+            destination,
+            stored,
+            policy,
+            &orders_by_id(),
+        )
+    }
+
+    /// What lies outside the topology is refused before the policy looks
+    /// at it, so it is named (and counted) as such.
+    #[test]
+    fn the_topology_is_checked_before_the_policy() {
+        let mut t = transaction("a@example.com");
+        let mut table = (*t.changes[0].table).clone();
+        table.name = "x".repeat(200);
+        t.changes[0].table = Arc::new(table);
+        let payload = codec::encode(&[t]);
+        let p = policy();
+        match judge_batch(
+            (&payload, ""),
+            codec::checksum(&payload),
+            "eu",
+            "na",
+            Some(&p),
+        ) {
+            BatchVerdict::Refuse { kind, reason, .. } => {
+                assert_eq!(kind, "not_in_topology");
+                assert!(reason.len() < 200, "{reason}");
+            }
+            other => panic!("{other:?}"),
         }
-        rekeyed.changes[0].table = Arc::new(table);
-        let e = outside_topology(&[rekeyed], &keys).unwrap();
-        assert!(
-            e.contains(r#"marks ["region"]"#) && e.contains(r#"says ["id"]"#),
-            "{e}"
-        );
-        assert!(!e.contains("a@example.com"));
     }
 }

@@ -921,8 +921,8 @@ impl KafkaInbound {
                 &self.destination,
                 position,
                 policy.as_deref(),
+                &self.keys,
             );
-            let verdict = inbound::record_within(verdict, &self.keys);
             let incoming = match verdict {
                 RecordVerdict::Apply(incoming) => incoming,
                 RecordVerdict::Refiltered {

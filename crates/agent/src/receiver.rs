@@ -44,6 +44,9 @@ struct Session {
     generation: Arc<watch::Sender<u64>>,
 }
 
+/// Longest a new stream may take to send its Hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The `Replication` gRPC service of one region's agent.
 pub struct ReplicationService {
     region: String,
@@ -100,12 +103,29 @@ impl ReplicationService {
             Some(Identity::Region(_)) => "wrong_region",
             _ => "not_a_region",
         };
+        Err(self.refuse(caller, reason, Some(source)))
+    }
+
+    /// Counts, logs and explains a refused stream; `claimed` is the source
+    /// the Hello named (a peer's string: cut short).
+    fn refuse(
+        &self,
+        caller: Option<&Identity>,
+        reason: &'static str,
+        claimed: Option<&str>,
+    ) -> Status {
         self.telemetry.refused(reason);
         let who = caller.map_or("no certificate".to_owned(), |c| c.to_string());
-        tracing::error!(claimed = %source, caller = %who, "replication stream refused: the certificate does not speak for the source it claims");
-        Err(Status::permission_denied(format!(
-            "the connection's certificate is for {who}; only region {source}'s agent may send its changes"
-        )))
+        let claimed: String = claimed.unwrap_or("").chars().take(64).collect();
+        tracing::error!(?claimed, caller = %who, reason, "replication stream refused");
+        match claimed.is_empty() {
+            true => Status::permission_denied(format!(
+                "the connection's certificate is for {who}; only regions' agents may open replication streams"
+            )),
+            false => Status::permission_denied(format!(
+                "the connection's certificate is for {who}; only region {claimed}'s agent may send its changes"
+            )),
+        }
     }
 
     fn session(&self, source: &str) -> Session {
@@ -135,8 +155,16 @@ impl Replication for ReplicationService {
         request: Request<Streaming<SourceMessage>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let caller = meridian_trust::net::caller(&request).cloned();
+        // only an agent's certificate may open a stream: nothing else is
+        // read (or buffered) from anyone else
+        if self.admission.tls && !matches!(caller, Some(Identity::Region(_))) {
+            return Err(self.refuse(caller.as_ref(), "not_a_region", None));
+        }
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await?.and_then(|m| m.kind) {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no Hello within {HELLO_TIMEOUT:?}")))?;
+        let hello = match first?.and_then(|m| m.kind) {
             Some(source_message::Kind::Hello(h)) => h,
             _ => {
                 return Err(Status::invalid_argument(
@@ -291,8 +319,8 @@ async fn apply_stream(
             source,
             &me.region,
             policy.as_deref(),
+            &me.keys,
         );
-        let verdict = inbound::batch_within(verdict, &me.keys);
         let applied = match verdict {
             BatchVerdict::Apply(transactions) => {
                 let started = Instant::now();

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use meridian_core::change::ChangeKind;
+use meridian_core::pgoutput::Keys;
 use meridian_core::{Lsn, codec, plan};
 use sqlx::{Connection, PgConnection};
 
@@ -62,6 +63,8 @@ pub enum ReplayError {
     NoPayload(i64),
     #[error("dead letter {id}: the payload cannot be decoded: {reason}")]
     Undecodable { id: i64, reason: String },
+    #[error("dead letter {id} is not replayed: {reason}")]
+    OutsideTopology { id: i64, reason: String },
     #[error("replay failed, the dead letter stays pending: {0}")]
     Apply(#[from] ApplyError),
     #[error("store: {0}")]
@@ -131,8 +134,16 @@ pub async fn show(
 /// Applies a pending dead letter to the store at `url` and marks it
 /// replayed by `by`, in one transaction. `origin` is the replication origin
 /// of the session (a `meridian_*` name, so capture does not ship the rows
-/// again). Returns the row changes applied.
-pub async fn replay(url: &str, origin: &str, id: i64, by: &str) -> Result<usize, ReplayError> {
+/// again). Only tables of `keys` (the topology's), keyed by their key
+/// columns, are written: a payload that says otherwise is refused, as a
+/// peer's batch would be. Returns the row changes applied.
+pub async fn replay(
+    url: &str,
+    origin: &str,
+    id: i64,
+    by: &str,
+    keys: &Keys,
+) -> Result<usize, ReplayError> {
     let mut conn = apply_session(url, origin).await?;
     let mut tx = conn.begin().await?;
     let row: Option<(String, Vec<u8>)> = sqlx::query_as(
@@ -152,6 +163,9 @@ pub async fn replay(url: &str, origin: &str, id: i64, by: &str) -> Result<usize,
         id,
         reason: e.to_string(),
     })?;
+    if let Some(reason) = meridian_core::scope::outside_topology(&transactions, keys) {
+        return Err(ReplayError::OutsideTopology { id, reason });
+    }
     let mut changes = 0;
     if let Some(plan) = plan::plan(&transactions, Lsn(0)).map_err(|e| ReplayError::Undecodable {
         id,

@@ -19,16 +19,21 @@ use crate::conninfo::{ConnInfo, SslMode};
 trait Socket: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Socket for T {}
 
-/// Connects to the store, with TLS when `sslmode` asks for it (`require`,
-/// `verify-ca`, `verify-full`; `allow` and `prefer` stay in plain TCP).
+/// Connects to the store as libpq would for `sslmode`: `disable` and
+/// `allow` in plain TCP; `prefer` with TLS when the server offers it
+/// (unverified), else plain; `require` with TLS (checked against
+/// `sslrootcert` when one is given, as libpq does); `verify-ca` and
+/// `verify-full` with TLS against `sslrootcert`.
 async fn connect(info: &ConnInfo) -> Result<Box<dyn Socket>, CaptureError> {
+    use meridian_trust::store::Verify;
     let mut tcp = TcpStream::connect((info.host.as_str(), info.port)).await?;
     tcp.set_nodelay(true)?;
     let verify = match info.sslmode {
-        SslMode::Disable | SslMode::Allow | SslMode::Prefer => return Ok(Box::new(tcp)),
-        SslMode::Require => meridian_trust::store::Verify::Nothing,
-        SslMode::VerifyCa => meridian_trust::store::Verify::Chain,
-        SslMode::VerifyFull => meridian_trust::store::Verify::ChainAndName,
+        SslMode::Disable | SslMode::Allow => return Ok(Box::new(tcp)),
+        SslMode::Prefer | SslMode::Require if info.sslrootcert.is_some() => Verify::Chain,
+        SslMode::Prefer | SslMode::Require => Verify::Nothing,
+        SslMode::VerifyCa => Verify::Chain,
+        SslMode::VerifyFull => Verify::ChainAndName,
     };
     let config = meridian_trust::store::client_config(verify, info.sslrootcert.as_deref())
         .map_err(|e| CaptureError::Config(format!("{e:#}")))?;
@@ -38,6 +43,9 @@ async fn connect(info: &ConnInfo) -> Result<Box<dyn Socket>, CaptureError> {
     request.put_i32(80877103);
     tcp.write_all(&request).await?;
     if tcp.read_u8().await? != b'S' {
+        if info.sslmode == SslMode::Prefer {
+            return Ok(Box::new(tcp));
+        }
         return Err(CaptureError::Config(format!(
             "store {}:{} does not accept TLS, but the store URL asks for sslmode {:?}",
             info.host, info.port, info.sslmode
@@ -192,9 +200,13 @@ impl ReplicationStream {
             let mut frame = self.frame().await?;
             buf.clear();
             match frame.tag {
+                b'R' if frame.body.len() < 4 => return Err(unexpected(b'R', "authentication")),
                 b'R' => match frame.body.get_i32() {
                     0 => {}
                     3 => frontend::password_message(password()?.as_bytes(), &mut buf)?,
+                    5 if frame.body.len() < 4 => {
+                        return Err(unexpected(b'R', "md5 authentication"));
+                    }
                     5 => {
                         let salt = [frame.body[0], frame.body[1], frame.body[2], frame.body[3]];
                         let hash = md5_hash(info.user.as_bytes(), password()?.as_bytes(), salt);

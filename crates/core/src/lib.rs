@@ -17,6 +17,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod plan;
 pub mod record;
+pub mod scope;
 pub mod topology;
 
 pub use change::{Change, Column, Row, Table, Transaction, Value};

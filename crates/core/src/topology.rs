@@ -538,6 +538,11 @@ impl Topology {
                     "{at}.name: the table is listed twice; keep one entry"
                 )));
             }
+            if t.split_name().0 == "meridian" {
+                return Err(err(format!(
+                    "{at}.name: schema meridian holds Meridian's own state (watermarks, positions, dead letters) and is never replicated; move the table to another schema"
+                )));
+            }
             if t.primary_key.is_empty() {
                 return Err(err(format!(
                     "{at}.primary_key: found an empty list; expected the key columns, like [\"id\"]"
@@ -875,6 +880,16 @@ mod tests {
             "postgres://db/app?application_name=x&sslmode=verify-full&sslrootcert=/etc/meridian/ca%20dir/na.pem"
         );
         assert!(with_ca("postgres://db/app?sslmode=verify-ca", ca).contains("sslmode=verify-ca&"));
+    }
+
+    #[test]
+    fn meridians_own_schema_is_never_replicated() {
+        let text = GOOD.replace("public.orders", "meridian.watermarks");
+        let e = Topology::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("schema meridian holds Meridian's own state"),
+            "{e}"
+        );
     }
 
     /// Every agent has a certificate, or none does and the file says so.

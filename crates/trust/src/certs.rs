@@ -149,6 +149,10 @@ fn write(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
         .mode(if secret { 0o600 } else { 0o644 })
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // the mode of a file that existed before is set too
+    let mode = if secret { 0o600 } else { 0o644 };
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     file.write_all(contents.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -37,6 +37,48 @@ pub struct Conn {
     stream: TlsStream<TcpStream>,
     peer: Peer,
     _permit: OwnedSemaphorePermit,
+    _held: Held<Identity>,
+}
+
+/// Places held per key (an identity, a client address), so one peer or one
+/// address cannot take every place under a cap.
+struct Counts<K>(std::sync::Mutex<std::collections::HashMap<K, usize>>);
+
+/// One key's place, given back on drop.
+struct Held<K: std::hash::Hash + Eq> {
+    counts: Arc<Counts<K>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
+    fn new() -> Arc<Counts<K>> {
+        Arc::new(Counts(Default::default()))
+    }
+
+    fn take(self: &Arc<Self>, key: &K, max: usize) -> Option<Held<K>> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            counts: self.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Drop for Held<K> {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Connected for Conn {
@@ -82,20 +124,31 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Bounds on what unauthenticated clients can hold.
+/// Bounds on what clients can hold: unauthenticated ones only handshake
+/// places (bounded per address too), so they never take an authenticated
+/// peer's place.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Most connections open at once (handshaking or established).
+    /// Most authenticated connections open at once.
     pub max_connections: usize,
+    /// Most TLS handshakes under way at once.
+    pub max_handshakes: usize,
+    /// Most TLS handshakes under way from one client address.
+    pub max_handshakes_per_address: usize,
     /// Longest a client may take to finish the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Most connections open at once with one identity.
+    pub max_per_identity: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_connections: 512,
+            max_handshakes: 64,
+            max_handshakes_per_address: 8,
             handshake_timeout: Duration::from_secs(10),
+            max_per_identity: 32,
         }
     }
 }
@@ -116,7 +169,6 @@ pub fn refusal_reason(e: &std::io::Error) -> &'static str {
             | CertificateError::NotValidYet
             | CertificateError::NotValidYetContext { .. },
         ) => "expired",
-        Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
         Error::InvalidCertificate(_) => "bad_certificate",
         Error::InvalidMessage(_) | Error::InappropriateHandshakeMessage { .. } => "not_tls",
         _ => "handshake",
@@ -126,7 +178,8 @@ pub fn refusal_reason(e: &std::io::Error) -> &'static str {
 /// Accepts connections on `listener`, handshakes each with the current
 /// credentials of `live` (a client certificate is required), and yields
 /// those whose certificate carries a Meridian identity. Every refusal is
-/// passed to `refused` with its [`refusal_reason`] (or `too_many_connections`,
+/// passed to `refused` with its [`refusal_reason`] (or `too_many_handshakes`,
+/// `too_many_from_address`, `too_many_connections`, `too_many_from_identity`,
 /// `timeout`, `no_identity`); the loop ends when the receiver is dropped.
 pub fn incoming(
     listener: TcpListener,
@@ -136,6 +189,10 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let per_address = Counts::<std::net::IpAddr>::new();
+    let per_identity = Counts::<Identity>::new();
+    let warn = Arc::new(Throttle::default());
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -150,21 +207,33 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                refused("too_many_connections");
-                continue; // dropped: closed at once
+            // dropped when refused: closed at once
+            let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+                refused("too_many_handshakes");
+                continue;
+            };
+            let Some(from_address) =
+                per_address.take(&remote.ip(), limits.max_handshakes_per_address)
+            else {
+                refused("too_many_from_address");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(live.current().server_config());
             let (tx, refused) = (tx.clone(), refused.clone());
+            let (slots, per_identity, warn) = (slots.clone(), per_identity.clone(), warn.clone());
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+                drop((handshaking, from_address));
                 let stream = match handshake {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         let reason = refusal_reason(&e);
-                        tracing::warn!(%remote, reason, error = %e, "TLS handshake refused");
+                        if warn.due() {
+                            tracing::warn!(%remote, reason, error = %e,
+                                "TLS handshake refused (further refusals this second are counted, not logged)");
+                        }
                         return refused(reason);
                     }
                     Err(_) => return refused("timeout"),
@@ -178,10 +247,21 @@ pub fn incoming(
                 let identity = match identity {
                     Some(Ok(id)) => id,
                     Some(Err(e)) => {
-                        tracing::warn!(%remote, error = %e, "connection refused: no identity");
+                        if warn.due() {
+                            tracing::warn!(%remote, error = %e, "connection refused: no identity");
+                        }
                         return refused("no_identity");
                     }
                     None => return refused("no_certificate"),
+                };
+                let Ok(permit) = slots.try_acquire_owned() else {
+                    return refused("too_many_connections");
+                };
+                let Some(held) = per_identity.take(&identity, limits.max_per_identity) else {
+                    if warn.due() {
+                        tracing::warn!(%remote, %identity, "connection refused: too many from this identity");
+                    }
+                    return refused("too_many_from_identity");
                 };
                 let conn = Conn {
                     stream,
@@ -190,12 +270,31 @@ pub fn incoming(
                         remote: Some(remote),
                     },
                     _permit: permit,
+                    _held: held,
                 };
                 let _ = tx.send(Ok(conn)).await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// At most one log line a second for refusals (every one is counted), so a
+/// flood of bad clients cannot flood the log.
+#[derive(Default)]
+struct Throttle(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Throttle {
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => false,
+            _ => {
+                *last = Some(std::time::Instant::now());
+                true
+            }
+        }
+    }
 }
 
 /// Connects `endpoint` to `addr` over mTLS with `config` (which names the

@@ -101,6 +101,28 @@ impl Credentials {
         })
     }
 
+    /// Whether this party's own certificate is valid now and chains to its
+    /// own CA bundle: what its peers will check. Expired, not yet valid, or
+    /// from a CA the bundle does not hold (a CA rotation done halfway) is
+    /// an error naming the file.
+    fn check_own(&self, files: &Files) -> anyhow::Result<()> {
+        let crypto = provider();
+        crate::verify::chain(
+            &crypto,
+            &self.roots,
+            &self.chain[0],
+            &self.chain[1..],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: this certificate would be refused by peers: {e} (checked against {})",
+                files.cert.display(),
+                files.ca.display()
+            )
+        })
+    }
+
     /// The server side: a client certificate is required.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
@@ -163,9 +185,13 @@ fn stamps(files: &Files) -> [Option<SystemTime>; 3] {
 }
 
 impl Live {
+    /// Loads `files`; the certificate must be valid now and chain to the
+    /// bundle (see [`Live::reload_if_changed`]).
     pub fn load(files: Files) -> anyhow::Result<Live> {
         let stamp = stamps(&files);
-        let credentials = Arc::new(Credentials::load(&files)?);
+        let credentials = Credentials::load(&files)?;
+        credentials.check_own(&files)?;
+        let credentials = Arc::new(credentials);
         Ok(Live {
             files,
             current: RwLock::new((credentials, stamp)),
@@ -192,6 +218,9 @@ impl Live {
         let mut current = self.current.write().expect("credentials lock");
         current.1 = stamp; // a bad file is reported once, not every tick
         let loaded = loaded?;
+        loaded
+            .check_own(&self.files)
+            .context("keeping the certificate in use")?;
         anyhow::ensure!(
             loaded.identity == current.0.identity,
             "{}: the new certificate is for {}, not {}; keeping the old one",

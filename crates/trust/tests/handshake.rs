@@ -58,8 +58,8 @@ fn files(
 
 type Refusals = Arc<Mutex<Vec<&'static str>>>;
 
-/// A listener for region eu that echoes one line per connection and
-/// reports the caller's identity in it.
+/// A listener for region eu that answers each connection with one line,
+/// the caller's identity, and holds it until the caller closes.
 async fn serve(live: Arc<Live>, limits: Limits) -> (String, Refusals) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -76,8 +76,10 @@ async fn serve(live: Arc<Live>, limits: Limits) -> (String, Refusals) {
             tokio::spawn(async move {
                 use tonic::transport::server::Connected;
                 let who = conn.connect_info().identity.uri();
-                let _ = conn.write_all(who.as_bytes()).await;
-                let _ = conn.shutdown().await;
+                let _ = conn.write_all(format!("{who}\n").as_bytes()).await;
+                // hold the connection (and its places) until the client goes
+                let mut rest = Vec::new();
+                let _ = conn.read_to_end(&mut rest).await;
             });
         }
     });
@@ -93,11 +95,16 @@ async fn call(addr: &str, client: &Credentials, expect: Identity) -> Result<Stri
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out)
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match tls.read(&mut byte).await.map_err(|e| e.to_string())? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => out.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 async fn refusals_settle(r: &Refusals, n: usize) -> Vec<&'static str> {
@@ -197,7 +204,10 @@ async fn the_connection_cap_and_handshake_timeout_bound_idle_clients() {
     let server = Live::load(files(&d, "eu", &ca, &ca, &eu, Validity::default())).unwrap();
     let limits = Limits {
         max_connections: 4,
+        max_handshakes: 4,
+        max_handshakes_per_address: 4,
         handshake_timeout: Duration::from_millis(300),
+        max_per_identity: 2,
     };
     let (addr, refusals) = serve(Arc::new(server), limits).await;
     let mut idle = Vec::new();
@@ -206,9 +216,7 @@ async fn the_connection_cap_and_handshake_timeout_bound_idle_clients() {
     }
     let seen = refusals_settle(&refusals, 6).await;
     assert_eq!(
-        seen.iter()
-            .filter(|r| **r == "too_many_connections")
-            .count(),
+        seen.iter().filter(|r| **r == "too_many_handshakes").count(),
         2,
         "{seen:?}"
     );
@@ -219,7 +227,33 @@ async fn the_connection_cap_and_handshake_timeout_bound_idle_clients() {
     );
     // the idle ones timed out and gave their places back
     let client = Credentials::load(&files(&d, "na", &ca, &ca, &na, Validity::default())).unwrap();
-    assert_eq!(call(&addr, &client, eu).await.unwrap(), na.uri());
+    assert_eq!(call(&addr, &client, eu.clone()).await.unwrap(), na.uri());
+
+    // one identity holds at most two places; others still get in
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let config = client.client_config(eu.clone()).unwrap();
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("meridian").unwrap();
+        held.push(
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap(),
+        );
+    }
+    let seen = refusals_settle(&refusals, 7).await;
+    assert_eq!(
+        seen.iter()
+            .filter(|r| **r == "too_many_from_identity")
+            .count(),
+        1,
+        "{seen:?}"
+    );
+    let apac = Identity::Region("apac".into());
+    let other =
+        Credentials::load(&files(&d, "apac", &ca, &ca, &apac, Validity::default())).unwrap();
+    assert_eq!(call(&addr, &other, eu).await.unwrap(), apac.uri());
 }
 
 #[tokio::test]
@@ -250,6 +284,21 @@ async fn rotated_files_are_used_for_new_connections() {
     std::fs::write(&server_files.cert, cert).unwrap();
     std::fs::write(&server_files.key, key).unwrap();
     assert!(live.reload_if_changed(true).unwrap());
+    assert_eq!(
+        call(&addr, &next_client, eu.clone()).await.unwrap(),
+        na.uri()
+    );
+
+    // a rotation to an expired certificate is refused; the current one stays
+    let old = Validity {
+        not_before: (2020, 1, 1),
+        not_after: (2021, 1, 1),
+    };
+    let (cert, key) = next_ca.issue(&eu, old).unwrap();
+    std::fs::write(&server_files.cert, cert).unwrap();
+    std::fs::write(&server_files.key, key).unwrap();
+    let e = format!("{:#}", live.reload_if_changed(true).unwrap_err());
+    assert!(e.contains("would be refused by peers"), "{e}");
     assert_eq!(
         call(&addr, &next_client, eu.clone()).await.unwrap(),
         na.uri()
