@@ -20,11 +20,13 @@ const PAGE: &str = include_str!("dashboard.html");
 /// History kept per link.
 const HISTORY_SECONDS: f64 = 3600.0;
 
-/// (unix seconds, lag seconds, bytes shipped so far)
-type Sample = (f64, f64, Option<u64>);
+/// (unix seconds, lag seconds, bytes shipped so far, changes shipped so far)
+type Sample = (f64, f64, Option<u64>, Option<u64>);
 
 #[derive(Serialize)]
 struct State {
+    /// The topology file, for the commands the page names.
+    config: String,
     report: Report,
     history: BTreeMap<String, VecDeque<Sample>>,
 }
@@ -40,10 +42,10 @@ impl State {
             let lag = l
                 .lag_seconds
                 .unwrap_or(report.thresholds.critical_seconds * 1.2);
-            samples.push_back((report.at, lag, l.bytes_shipped));
+            samples.push_back((report.at, lag, l.bytes_shipped, l.changes_shipped));
             while samples
                 .front()
-                .is_some_and(|(t, _, _)| report.at - t > HISTORY_SECONDS)
+                .is_some_and(|(t, _, _, _)| report.at - t > HISTORY_SECONDS)
             {
                 samples.pop_front();
             }
@@ -59,9 +61,11 @@ pub(crate) async fn run(
     every: Duration,
 ) -> anyhow::Result<()> {
     let topology = meridian_agent::load_topology(config)?;
+    let config_path = config.to_owned();
     let timeout = every.min(Duration::from_secs(3));
-    let first = status::gather(&topology, thresholds, timeout).await;
+    let first = status::gather(&topology, &config_path, thresholds, timeout).await;
     let state = Arc::new(Mutex::new(State {
+        config: config.display().to_string(),
         report: first.clone(),
         history: BTreeMap::new(),
     }));
@@ -83,7 +87,7 @@ pub(crate) async fn run(
                     _ = tick.tick() => {}
                     _ = shutdown.wait_for(|s| *s) => return,
                 }
-                let report = status::gather(&topology, thresholds, timeout).await;
+                let report = status::gather(&topology, &config_path, thresholds, timeout).await;
                 state.lock().expect("state").record(report);
             }
         })
@@ -95,8 +99,8 @@ pub(crate) async fn run(
             match path.split('?').next().unwrap_or_default() {
                 "/" => Reply::ok(
                     "text/html; charset=utf-8",
-                    // `</` cannot end the script element early
-                    PAGE.replace("/*INITIAL*/null", &json().replace("</", "<\\/")),
+                    // no `<` in the script: neither `</script>` nor `<!--` can end or confuse it
+                    PAGE.replace("/*INITIAL*/null", &json().replace('<', "\\u003c")),
                 ),
                 "/api/status" => Reply::ok("application/json", json()),
                 _ => Reply::not_found(),

@@ -3,6 +3,7 @@
 mod dashboard;
 mod dead_letters;
 mod demo;
+mod human;
 mod operator;
 mod placement;
 mod policy;

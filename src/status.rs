@@ -58,6 +58,15 @@ pub(crate) struct InboundReport {
     /// The longest stall's error, and how long it lasts.
     pub stalled_error: Option<String>,
     pub stalled_seconds: Option<f64>,
+    /// Batches or records refused or re-filtered for the residency policy
+    /// or the topology since the agent started.
+    pub policy_violations: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct TableReport {
+    pub table: String,
+    pub changes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -88,6 +97,16 @@ pub(crate) struct LinkReport {
     /// Dead letters from the source waiting at the destination (None when
     /// the destination did not answer).
     pub dead_letters_pending: Option<u64>,
+    /// Refused or re-filtered batches at the destination (policy or
+    /// topology), since its agent started.
+    pub policy_violations: Option<u64>,
+    /// Changes shipped per table.
+    pub tables: Vec<TableReport>,
+    /// What is wrong now, if anything (not connected, stalled, lagging,
+    /// data set aside); `last_error` is history.
+    pub problem: Option<String>,
+    /// `last_error` is older than the link's current healthy state.
+    pub error_is_history: bool,
     /// ok, warn or critical.
     pub health: &'static str,
 }
@@ -95,6 +114,7 @@ pub(crate) struct LinkReport {
 /// Asks every region's agent at once, each with `timeout`.
 pub(crate) async fn gather(
     topology: &Topology,
+    config: &Path,
     thresholds: Thresholds,
     timeout: Duration,
 ) -> Report {
@@ -132,6 +152,17 @@ pub(crate) async fn gather(
                             bytes_shipped: Some(l.bytes_shipped),
                             changes_shipped: Some(l.changes_shipped),
                             dead_letters_pending: None,
+                            policy_violations: None,
+                            tables: l
+                                .tables
+                                .iter()
+                                .map(|t| TableReport {
+                                    table: t.table.clone(),
+                                    changes: t.changes,
+                                })
+                                .collect(),
+                            problem: None,
+                            error_is_history: false,
                             health: health(&l.state, l.lag_seconds, thresholds),
                         },
                         None => unknown_link(&region, peer, "the agent has no such link"),
@@ -169,6 +200,7 @@ pub(crate) async fn gather(
                             stalled: i.stalled,
                             stalled_error: (i.stalled > 0).then_some(i.stalled_error),
                             stalled_seconds: (i.stalled > 0).then_some(i.stalled_seconds),
+                            policy_violations: i.policy_violations,
                         })
                         .collect(),
                 });
@@ -205,6 +237,7 @@ pub(crate) async fn gather(
         // data set aside at the destination is a gap until an operator
         // acts: such a link is never "ok"
         l.dead_letters_pending = Some(inbound.dead_letters_pending);
+        l.policy_violations = Some(inbound.policy_violations);
         if inbound.dead_letters_pending > 0 && l.health == "ok" {
             l.health = "warn";
         }
@@ -227,6 +260,15 @@ pub(crate) async fn gather(
             };
         }
     }
+    for l in &mut links {
+        l.problem = problem(l, config, thresholds);
+        // an error from before the link connected again is history
+        l.error_is_history = l.state == "connected"
+            && matches!(
+                (l.last_error_age_seconds, l.state_seconds),
+                (Some(age), Some(connected_for)) if age >= connected_for
+            );
+    }
     // an orphaned slot pins WAL until someone drops it
     let healthy = regions
         .iter()
@@ -244,6 +286,39 @@ pub(crate) async fn gather(
     }
 }
 
+/// What is wrong with a link now, in a few words with the command that
+/// explains more; None when nothing is.
+fn problem(l: &LinkReport, config: &Path, t: Thresholds) -> Option<String> {
+    match l.state.as_str() {
+        "connected" => {}
+        "stalled" | "unknown" => return l.last_error.clone(),
+        state => {
+            // an error from before the link entered this state is not why
+            let recent = matches!(
+                (l.last_error_age_seconds, l.state_seconds),
+                (Some(age), Some(since)) if age <= since + 1.0
+            );
+            return Some(match &l.last_error {
+                Some(e) if recent => format!("{state}: {e}"),
+                _ => state.to_owned(),
+            });
+        }
+    }
+    if let Some(lag) = l.lag_seconds.filter(|lag| *lag >= t.warn_seconds) {
+        return Some(format!("lag {}", crate::human::duration(lag)));
+    }
+    match l.dead_letters_pending {
+        Some(n) if n > 0 => Some(format!(
+            "{} dead letter(s) pending at {} (meridian dead-letters list --config {} --region {})",
+            count(n as f64),
+            l.destination,
+            config.display(),
+            l.destination
+        )),
+        _ => None,
+    }
+}
+
 fn unknown_link(source: &str, destination: &str, why: &str) -> LinkReport {
     LinkReport {
         source: source.to_owned(),
@@ -257,6 +332,10 @@ fn unknown_link(source: &str, destination: &str, why: &str) -> LinkReport {
         bytes_shipped: None,
         changes_shipped: None,
         dead_letters_pending: None,
+        policy_violations: None,
+        tables: Vec::new(),
+        problem: None,
+        error_is_history: false,
         health: "critical",
     }
 }
@@ -300,7 +379,7 @@ pub(crate) async fn run(
     as_json: bool,
 ) -> anyhow::Result<()> {
     let topology = meridian_agent::load_topology(config)?;
-    let report = gather(&topology, thresholds, Duration::from_secs(3)).await;
+    let report = gather(&topology, config, thresholds, Duration::from_secs(3)).await;
     let text = if as_json {
         serde_json::to_string_pretty(&report)? + "\n"
     } else {
@@ -366,20 +445,21 @@ pub(crate) fn render(report: &Report) -> String {
     }
     line(String::new());
     line(format!(
-        "{:<14} {:>12} {:>12} {:>14}",
-        "APPLIED", "CHANGES", "DEAD LETTERS", "LAST APPLY"
+        "{:<14} {:>12} {:>12} {:>11} {:>14}",
+        "APPLIED", "CHANGES", "DEAD LETTERS", "VIOLATIONS", "LAST APPLY"
     ));
     for r in report.regions.iter().filter(|r| r.reachable) {
         for i in &r.inbound {
             line(format!(
-                "{:<14} {:>12} {:>12} {:>14}",
+                "{:<14} {:>12} {:>12} {:>11} {:>14}",
                 format!("{} <- {}", r.region, i.source),
-                i.changes_applied,
+                count(i.changes_applied as f64),
                 if i.dead_letters_pending > 0 {
-                    format!("{} pending", i.dead_letters_pending)
+                    format!("{} pending", count(i.dead_letters_pending as f64))
                 } else {
-                    i.dead_letters.to_string()
+                    count(i.dead_letters as f64)
                 },
+                count(i.policy_violations as f64),
                 i.seconds_since_apply
                     .map_or("-".into(), |s| format!("{} ago", duration(s))),
             ));
@@ -387,31 +467,40 @@ pub(crate) fn render(report: &Report) -> String {
     }
     line(String::new());
     line(format!(
-        "{:<14} {:<10} {:>8} {:>10} {:>11} {:<8} {}",
-        "LINK", "STATE", "FOR", "LAG", "LAG BYTES", "HEALTH", "LAST ERROR"
+        "{:<14} {:<10} {:>8} {:>8} {:>10} {:>20} {:<8} {}",
+        "LINK", "STATE", "FOR", "LAG", "LAG BYTES", "SHIPPED", "HEALTH", "PROBLEM / LAST ERROR"
     ));
     for l in &report.links {
+        let shipped = match (l.changes_shipped, l.bytes_shipped) {
+            (Some(c), Some(b)) => format!("{} ch, {}", count(c as f64), bytes(b)),
+            _ => "-".to_owned(),
+        };
+        let error = match (&l.last_error, l.last_error_age_seconds) {
+            (Some(e), Some(age)) if l.error_is_history => {
+                format!("(earlier, {} ago: {e})", duration(age))
+            }
+            (Some(e), Some(age)) => format!("{e} ({} ago)", duration(age)),
+            (Some(e), None) => e.clone(),
+            (None, _) => String::new(),
+        };
+        // the problem now, then the last error unless it says the same
+        let said = match &l.problem {
+            Some(p) if error.is_empty() || p.contains(l.last_error.as_deref().unwrap_or("")) => {
+                p.clone()
+            }
+            Some(p) => format!("{p}; last error: {error}"),
+            None => error,
+        };
         line(format!(
-            "{:<14} {:<10} {:>8} {:>10} {:>11} {:<8} {}",
+            "{:<14} {:<10} {:>8} {:>8} {:>10} {:>20} {:<8} {}",
             format!("{} -> {}", l.source, l.destination),
             l.state,
             l.state_seconds.map_or("-".into(), duration),
-            l.lag_seconds.map_or("-".into(), |s| format!("{s:.2} s")),
+            l.lag_seconds.map_or("-".into(), duration),
             l.lag_bytes.map_or("-".into(), bytes),
+            shipped,
             l.health,
-            match (&l.last_error, l.last_error_age_seconds) {
-                (Some(e), Some(age)) => format!("{e} ({} ago)", duration(age)),
-                (Some(e), None) => e.clone(),
-                (None, _) => String::new(),
-            } + &match l.dead_letters_pending {
-                Some(n) if n > 0 => format!(
-                    "{}{n} dead letter(s) pending at {} (meridian dead-letters list --region {})",
-                    if l.last_error.is_some() { "; " } else { "" },
-                    l.destination,
-                    l.destination
-                ),
-                _ => String::new(),
-            },
+            said,
         ));
     }
     line(String::new());
@@ -419,27 +508,21 @@ pub(crate) fn render(report: &Report) -> String {
         "healthy".to_owned()
     } else {
         format!(
-            "UNHEALTHY (links not connected, lag >= {} s, or regions unreachable)",
-            report.thresholds.critical_seconds
+            "UNHEALTHY (links not connected, lag >= {}, or regions unreachable)",
+            duration(report.thresholds.critical_seconds)
         )
     });
     out
 }
 
 fn duration(seconds: f64) -> String {
-    let s = seconds as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        _ => format!("{}h{}m", s / 3600, s % 3600 / 60),
-    }
+    crate::human::duration(seconds)
 }
 
 fn bytes(n: u64) -> String {
-    match n {
-        0..1024 => format!("{n} B"),
-        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
-        1_048_576..1_073_741_824 => format!("{:.1} MiB", n as f64 / 1_048_576.0),
-        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
-    }
+    crate::human::bytes(n as f64)
+}
+
+fn count(n: f64) -> String {
+    crate::human::count(n)
 }

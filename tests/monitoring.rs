@@ -47,6 +47,19 @@ fn steady_writes(d: &Deployment) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The value of `series` in `region`'s metrics once it is above 0 (within
+/// 30 s).
+async fn metric_above_zero(d: &Deployment, region: &str, series: &str) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match d.metric(region, series).await? {
+            Some(n) if n > 0.0 => return Ok(n),
+            other => anyhow::ensure!(Instant::now() < deadline, "{series} in {region}: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn link(source: &str, destination: &str) -> String {
     format!(r#"{{source="{source}",destination="{destination}"}}"#)
 }
@@ -167,21 +180,23 @@ async fn lag_metrics_and_status_follow_a_paused_link() -> anyhow::Result<()> {
     }
     assert_eq!(report["links"].as_array().unwrap().len(), 6);
 
-    // shipped at the source, applied at the destination, per table
-    let shipped = d
-        .metric(
-            "na",
-            r#"meridian_changes_shipped_total{table="public.events",source="na",destination="eu"}"#,
-        )
-        .await?;
-    assert!(shipped.is_some_and(|n| n > 0.0), "{shipped:?}");
-    let applied = d
-        .metric(
-            "eu",
-            r#"meridian_changes_applied_total{table="public.events",source="na",destination="eu"}"#,
-        )
-        .await?;
-    assert!(applied.is_some_and(|n| n > 0.0), "{applied:?}");
+    // shipped at the source, applied at the destination, per table (a lag
+    // under a second can be read before the first heartbeat, so wait for
+    // the first rows)
+    let shipped = metric_above_zero(
+        &d,
+        "na",
+        r#"meridian_changes_shipped_total{table="public.events",source="na",destination="eu"}"#,
+    )
+    .await?;
+    assert!(shipped > 0.0);
+    let applied = metric_above_zero(
+        &d,
+        "eu",
+        r#"meridian_changes_applied_total{table="public.events",source="na",destination="eu"}"#,
+    )
+    .await?;
+    assert!(applied > 0.0);
     let applies = d
         .metric(
             "eu",
@@ -375,6 +390,8 @@ async fn the_dashboard_shows_every_link_and_turns_a_paused_one_red() -> anyhow::
         }
     };
     healthy_within(true).await?;
+    // a few samples of history, so rates and chart lines exist
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let dom = chromium(&["--virtual-time-budget=1000", "--dump-dom"], &url)?;
     let cells = matrix(&dom);
@@ -387,12 +404,27 @@ async fn the_dashboard_shows_every_link_and_turns_a_paused_one_red() -> anyhow::
     let shown_lag = |dom: &str, link: &str| -> f64 {
         dom.split_once(&format!("data-link=\"{link}\""))
             .and_then(|(_, rest)| rest.split_once("\">"))
-            .and_then(|(_, rest)| rest.split_once(" s<br>"))
-            .and_then(|(lag, _)| lag.parse().ok())
+            .and_then(|(_, rest)| rest.split_once("<br>"))
+            .and_then(|(lag, _)| seconds(lag))
             .unwrap_or(f64::NAN)
     };
     assert!(shown_lag(&dom, "na-eu") < 1.0, "{dom}");
     assert!(dom.contains("data-chart=\"na-&gt;apac\"") || dom.contains("data-chart=\"na->apac\""));
+    readable(&dom, 6)?;
+    // healthy links draw their lag along the bottom of the chart
+    let page = dom
+        .split_once("<script>")
+        .map_or(dom.as_str(), |(page, _)| page);
+    for chart in page.split("<polyline").skip(1) {
+        let last = chart
+            .split_once("points=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .and_then(|(points, _)| points.rsplit(' ').next())
+            .and_then(|p| p.split_once(','))
+            .and_then(|(_, y)| y.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        assert!(last > 80.0, "a healthy link's lag is drawn near 0: {last}");
+    }
 
     d.proxy("apac").pause();
     healthy_within(false).await?;
@@ -416,6 +448,8 @@ async fn the_dashboard_shows_every_link_and_turns_a_paused_one_red() -> anyhow::
         dom.contains(r#"class="cell bad" data-link="na-apac""#),
         "the paused link's cell is red: {dom}"
     );
+    // apac answers through its paused proxy: not at all
+    readable(&dom, 4)?;
 
     let shot = artifacts().join("dashboard-link-paused.png");
     let _ = std::fs::remove_file(&shot);
@@ -434,6 +468,143 @@ async fn the_dashboard_shows_every_link_and_turns_a_paused_one_red() -> anyhow::
         shot.display()
     );
     d.proxy("apac").resume();
+    // once healthy again, the pause's error is history: shown with its age,
+    // faded, and not the link's problem
+    healthy_within(true).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dom = loop {
+        let dom = chromium(&["--virtual-time-budget=1000", "--dump-dom"], &url)?;
+        let row = link_row(&dom, "na-&gt;apac");
+        if row.contains(r#"class="history""#) {
+            break dom;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the old error never faded: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let row = link_row(&dom, "na-&gt;apac");
+    assert!(row.contains(" ago)"), "the error's age is shown: {row}");
+    assert!(
+        row.contains(r#"<td class="problem"></td>"#),
+        "no problem now: {row}"
+    );
+    readable(&dom, 6)?;
+    let shot = artifacts().join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        &[
+            "--virtual-time-budget=1000",
+            "--window-size=1400,1600",
+            &format!("--screenshot={}", shot.display()),
+        ],
+        &url,
+    )?;
+    assert!(std::fs::read(&shot)?.starts_with(b"\x89PNG"));
+    Ok(())
+}
+
+/// Seconds from a shown duration (`850 ms`, `3.2 s`, `4m12s`).
+fn seconds(shown: &str) -> Option<f64> {
+    let shown = shown.trim();
+    if let Some(ms) = shown.strip_suffix(" ms") {
+        return ms.parse::<f64>().ok().map(|ms| ms / 1000.0);
+    }
+    if let Some(s) = shown.strip_suffix(" s") {
+        return s.parse().ok();
+    }
+    let (m, s) = shown.strip_suffix('s')?.split_once('m')?;
+    Some(m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// The links table's row of `link` (`na-&gt;apac`).
+fn link_row(dom: &str, link: &str) -> String {
+    let plain = link.replace("&gt;", ">");
+    [link, plain.as_str()]
+        .iter()
+        .find_map(|l| dom.split_once(&format!("<tr data-link=\"{l}\">")))
+        .and_then(|(_, rest)| rest.split_once("</tr>"))
+        .map_or_else(String::new, |(row, _)| row.to_owned())
+}
+
+/// Up to `n` bytes of `s` either side of `i`, on character boundaries.
+fn around(s: &str, i: usize, n: usize) -> &str {
+    let mut a = i.saturating_sub(n);
+    while !s.is_char_boundary(a) {
+        a -= 1;
+    }
+    let mut b = (i + n).min(s.len());
+    while !s.is_char_boundary(b) {
+        b += 1;
+    }
+    &s[a..b]
+}
+
+/// What the page shows (not its script) reads like a dashboard: no raw
+/// floats, throughput in changes per second, every panel there, lag
+/// charts with a wall-clock axis.
+/// `rows`: the (destination, source) pairs and the slots of the regions
+/// that answer.
+fn readable(dom: &str, rows: usize) -> anyhow::Result<()> {
+    let shown = dom
+        .split_once("<h1>")
+        .and_then(|(_, rest)| rest.split_once("<script>"))
+        .map_or("", |(body, _)| body);
+    anyhow::ensure!(!shown.is_empty(), "no page body: {dom}");
+    let bytes = shown.as_bytes();
+    for (i, _) in shown.match_indices('.') {
+        let before = i > 0 && bytes[i - 1].is_ascii_digit();
+        let after = bytes[i + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        // chart coordinates live in attributes, numbers for people in text
+        let in_attribute = shown[..i]
+            .rfind(['<', '>'])
+            .is_some_and(|j| bytes[j] == b'<');
+        // people read at most one decimal
+        anyhow::ensure!(
+            !(before && after >= 2) || in_attribute,
+            "a raw float on the page: {}",
+            around(shown, i, 40)
+        );
+    }
+    for panel in ["meridian dead-letters list --config", "changes/s"] {
+        anyhow::ensure!(shown.contains(panel), "{panel:?} is not on the page");
+    }
+    // one row per (destination, source) and per slot: 3 regions, 6 links
+    let count = |marker: &str| shown.matches(marker).count();
+    anyhow::ensure!(
+        count("data-aside=\"") == rows,
+        "dead letters and violations panel: {shown}"
+    );
+    anyhow::ensure!(count("data-slot=\"") == rows, "slots panel: {shown}");
+    // every chart draws its lag, 0 included, inside the plot
+    for chart in shown.split("<polyline").skip(1) {
+        let points = chart
+            .split_once("points=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or("", |(points, _)| points);
+        anyhow::ensure!(!points.is_empty(), "a chart without a line: {chart}");
+        for point in points.split(' ') {
+            let y: f64 = point
+                .split_once(',')
+                .map_or(f64::NAN, |(_, y)| y.parse().unwrap_or(f64::NAN));
+            anyhow::ensure!(
+                (0.0..90.0).contains(&y),
+                "a point outside the plot: {point}"
+            );
+        }
+    }
+    let axis = shown.split("class=\"axis\"").nth(1).unwrap_or("");
+    let label = axis
+        .split_once('>')
+        .map_or("", |(_, rest)| rest.get(..5).unwrap_or(rest));
+    anyhow::ensure!(
+        label.len() == 5 && label.as_bytes()[2] == b':',
+        "the chart's time axis reads {label:?}, not a wall-clock time"
+    );
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use meridian_core::topology::Topology;
 use meridian_proto::admin::{
     InboundStatus, LinkStatus, ReloadPolicyReply, ReloadPolicyRequest, SlotStatus, StatusReply,
-    StatusRequest, admin_server::Admin,
+    StatusRequest, TableChanges, admin_server::Admin,
 };
 use tonic::{Request, Response, Status};
 
@@ -89,6 +89,11 @@ impl Admin for AdminService {
                     acked_lsn: l.acked_lsn,
                     changes_shipped: l.changes_shipped,
                     bytes_shipped: l.bytes_shipped,
+                    tables: l
+                        .tables
+                        .into_iter()
+                        .map(|(table, changes)| TableChanges { table, changes })
+                        .collect(),
                 })
                 .collect(),
             inbound: t
@@ -103,6 +108,7 @@ impl Admin for AdminService {
                     changes_applied: i.changes_applied,
                     dead_letters: i.dead_letters,
                     dead_letters_pending: i.dead_letters_pending,
+                    policy_violations: i.policy_violations,
                     stalled: i.stalled.len() as u32,
                     stalled_error: i
                         .stalled

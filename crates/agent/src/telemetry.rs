@@ -214,6 +214,8 @@ pub struct LinkStatus {
     pub lag_bytes: u64,
     pub changes_shipped: u64,
     pub bytes_shipped: u64,
+    /// Changes shipped per table.
+    pub tables: BTreeMap<String, u64>,
 }
 
 /// The inbound side from one source, for status.
@@ -225,6 +227,9 @@ pub struct InboundStatus {
     pub dead_letters: u64,
     /// Dead letters from this source waiting in the store (any agent run).
     pub dead_letters_pending: u64,
+    /// Batches or records refused or re-filtered for the residency policy
+    /// or the topology, since start.
+    pub policy_violations: u64,
     /// Partitions (Kafka; `None` for the gRPC stream) that stopped on an
     /// error and have not applied since: the last error (no row values)
     /// and when the stall began.
@@ -468,6 +473,7 @@ impl Telemetry {
                 lag_bytes: 0,
                 changes_shipped: 0,
                 bytes_shipped: 0,
+                tables: BTreeMap::new(),
             });
         if link.state != state {
             link.state = state;
@@ -480,6 +486,17 @@ impl Telemetry {
 
     /// Counts an error of `kind` on the link `source -> destination`.
     pub fn error(&self, source: &str, destination: &str, kind: &str) {
+        if destination == self.region
+            && matches!(
+                kind,
+                "policy_violation" | "policy_refiltered" | "not_in_topology"
+            )
+        {
+            lock(&self.inbound)
+                .entry(source.to_owned())
+                .or_default()
+                .policy_violations += 1;
+        }
         self.metrics
             .errors
             .get_or_create(&ErrorLabels {
@@ -523,6 +540,9 @@ impl Telemetry {
         if let Some(status) = lock(&self.links).get_mut(destination) {
             status.changes_shipped += changes;
             status.bytes_shipped += bytes as u64;
+            for (table, n) in tables {
+                *status.tables.entry(table.clone()).or_default() += n;
+            }
         }
     }
 
