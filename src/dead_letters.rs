@@ -135,14 +135,7 @@ pub(crate) async fn replay(config: &Path, region: &str, id: i64, by: &str) -> an
     // a replication origin of its own: capture skips every meridian_* origin,
     // and the agent's apply session holds meridian_from_<source>
     let origin = format!("{}_replay", meridian_capture::origin_name(&d.source_region));
-    let keys: meridian_core::pgoutput::Keys = topology
-        .tables
-        .iter()
-        .map(|t| {
-            let (schema, name) = t.split_name();
-            ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
-        })
-        .collect();
+    let keys = topology.keys();
     let changes = replay::replay(store.expose(), &origin, id, by, &keys).await?;
     println!("dead letter {id} replayed in {region}: {changes} row change(s) applied");
     Ok(())

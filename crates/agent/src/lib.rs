@@ -223,14 +223,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let keys: meridian_core::pgoutput::Keys = topology
-        .tables
-        .iter()
-        .map(|t| {
-            let (schema, name) = t.split_name();
-            ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
-        })
-        .collect();
+    let keys = topology.keys();
     let tls = credentials(&me, region)?;
     let listener = tokio::net::TcpListener::bind(&me.listen)
         .await

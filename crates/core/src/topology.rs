@@ -835,6 +835,18 @@ impl Topology {
     }
 
     /// Looks a region up, with an error that lists the known ones.
+    /// Each replicated table's primary key columns, by `(schema, table)`:
+    /// what capture marks as keys and what a receiver admits.
+    pub fn keys(&self) -> crate::pgoutput::Keys {
+        self.tables
+            .iter()
+            .map(|t| {
+                let (schema, name) = t.split_name();
+                ((schema.to_owned(), name.to_owned()), t.primary_key.clone())
+            })
+            .collect()
+    }
+
     pub fn region(&self, name: &str) -> Result<&Region, String> {
         self.regions.get(name).ok_or_else(|| {
             format!(
