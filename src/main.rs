@@ -2,6 +2,7 @@
 
 mod dashboard;
 mod dead_letters;
+mod drift;
 mod demo;
 mod human;
 mod operator;
@@ -305,7 +306,10 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // the rendered report: every cause, no backtrace
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<status::Drifted>() {
+                Some(_) => std::process::ExitCode::from(status::Drifted::EXIT_CODE),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -26,6 +26,8 @@ pub(crate) struct Report {
     pub thresholds: Thresholds,
     pub regions: Vec<RegionReport>,
     pub links: Vec<LinkReport>,
+    /// What the regions that answered should share and do not.
+    pub drift: Vec<crate::drift::Drift>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -40,6 +42,8 @@ pub(crate) struct RegionReport {
     pub slots: Vec<SlotReport>,
     /// What this region applied from each peer.
     pub inbound: Vec<InboundReport>,
+    /// What it should share with the other regions.
+    pub baseline: Option<crate::drift::Baseline>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -168,7 +172,10 @@ pub(crate) async fn gather(
                         None => unknown_link(&region, peer, "the agent has no such link"),
                     });
                 }
+                let baseline =
+                    crate::drift::Baseline::from_reply(&reply.version, reply.baseline.as_ref());
                 regions.push(RegionReport {
+                    baseline: Some(baseline),
                     region,
                     reachable: true,
                     error: None,
@@ -222,6 +229,7 @@ pub(crate) async fn gather(
                     policy_version: None,
                     slots: Vec::new(),
                     inbound: Vec::new(),
+                    baseline: None,
                 });
             }
         }
@@ -274,7 +282,14 @@ pub(crate) async fn gather(
         .iter()
         .all(|r| r.reachable && r.slots.iter().all(|s| !s.orphaned))
         && links.iter().all(|l| l.health != "critical");
+    let drift = crate::drift::compare(
+        &regions
+            .iter()
+            .filter_map(|r| Some((r.region.clone(), r.baseline.clone()?)))
+            .collect(),
+    );
     Report {
+        drift,
         at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -372,7 +387,30 @@ async fn ask(
         .unwrap_or_else(|_| Err(format!("{addr}: no answer within {timeout:?}")))
 }
 
-/// `meridian status`: prints the report; fails when anything is unhealthy.
+/// `meridian status` found the regions healthy but not alike: exit code
+/// [`Drifted::EXIT_CODE`], so a CI gate can tell drift from an outage.
+#[derive(Debug)]
+pub(crate) struct Drifted(pub usize);
+
+impl Drifted {
+    pub(crate) const EXIT_CODE: u8 = 3;
+}
+
+impl std::fmt::Display for Drifted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "drift: {} difference(s) between regions (exit code {})",
+            self.0,
+            Drifted::EXIT_CODE
+        )
+    }
+}
+
+impl std::error::Error for Drifted {}
+
+/// `meridian status`: prints the report; fails when anything is unhealthy
+/// (exit code 1) or, when healthy, the regions drifted (exit code 3).
 pub(crate) async fn run(
     config: &Path,
     thresholds: Thresholds,
@@ -395,6 +433,9 @@ pub(crate) async fn run(
             .count();
         let unreachable = report.regions.iter().filter(|r| !r.reachable).count();
         anyhow::bail!("unhealthy: {bad} link(s) critical, {unreachable} region(s) unreachable");
+    }
+    if !report.drift.is_empty() {
+        return Err(Drifted(report.drift.len()).into());
     }
     Ok(())
 }
@@ -502,6 +543,14 @@ pub(crate) fn render(report: &Report) -> String {
             l.health,
             said,
         ));
+    }
+    line(String::new());
+    if report.drift.is_empty() {
+        line("baseline: the regions that answered agree (agent version, topology, policy, migrations, columns)".to_owned());
+    } else {
+        for d in &report.drift {
+            line(format!("DRIFT ({}): {}", d.what, d.message));
+        }
     }
     line(String::new());
     line(if report.healthy {

@@ -13,6 +13,10 @@ use tonic::{Request, Response, Status};
 use crate::residency::{self, SharedPolicy};
 use crate::telemetry::Telemetry;
 
+/// Longest wait for the store while answering a status call (the CLI waits
+/// 3 s for the whole answer).
+const BASELINE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Serves operator calls for one region.
 pub struct AdminService {
     pub region: String,
@@ -24,6 +28,8 @@ pub struct AdminService {
     /// Callers are known by their certificates (mTLS): any valid one may
     /// read status; changes need an operator's.
     pub tls: bool,
+    /// The region's store, for the baseline status reports.
+    pub pool: sqlx::PgPool,
 }
 
 #[tonic::async_trait]
@@ -55,7 +61,18 @@ impl Admin for AdminService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let t = &self.telemetry;
         let now = SystemTime::now();
+        // a store that does not answer must not make the agent look unreachable
+        let baseline = tokio::time::timeout(
+            BASELINE_TIMEOUT,
+            crate::baseline::read(&self.pool, &self.topology, &self.policy),
+        )
+        .await
+        .unwrap_or_else(|_| meridian_proto::admin::Baseline {
+            store_error: format!("the store did not answer within {BASELINE_TIMEOUT:?}"),
+            ..Default::default()
+        });
         Ok(Response::new(StatusReply {
+            baseline: Some(baseline),
             region: self.region.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: t.started.elapsed().as_secs_f64(),

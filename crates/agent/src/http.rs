@@ -28,6 +28,18 @@ impl Reply {
         }
     }
 
+    /// 200 with `ok`, or 503 with why not.
+    pub fn probe(result: Result<(), String>) -> Reply {
+        match result {
+            Ok(()) => Reply::ok("text/plain; charset=utf-8", "ok\n".to_owned()),
+            Err(why) => Reply {
+                status: 503,
+                content_type: "text/plain; charset=utf-8",
+                body: format!("{why}\n"),
+            },
+        }
+    }
+
     pub fn not_found() -> Reply {
         Reply {
             status: 404,
@@ -85,6 +97,7 @@ pub async fn serve(
                 200 => "OK",
                 401 => "Unauthorized",
                 404 => "Not Found",
+                503 => "Service Unavailable",
                 _ => "Method Not Allowed",
             };
             let response = format!(
@@ -112,10 +125,15 @@ async fn read_head(socket: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&request).into_owned()
 }
 
+/// Paths answered without the bearer token: health probes, which carry
+/// none (the kubelet's) and say only whether the agent is up and ready.
+pub const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+
 async fn answer(head: &str, token: Option<&str>, handler: &Handler) -> Reply {
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next(), parts.next());
     if let Some(token) = token
+        && !path.is_some_and(|p| PROBES.contains(&p))
         && !bearer_matches(head, token)
     {
         return Reply {

@@ -14,7 +14,9 @@ pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub mod admin;
+mod baseline;
 pub mod guards;
+pub mod health;
 pub mod heartbeat;
 pub mod http;
 mod inbound;
@@ -191,6 +193,7 @@ pub async fn run(
         .await
         .with_context(|| format!("attaching routed-write guards in region {region}'s store"))?;
     let telemetry = Arc::new(telemetry::Telemetry::new(region, &peers));
+    telemetry.set_config_hash("topology", &topology.sha256);
     let heartbeats = tokio::spawn(heartbeat::run(
         pool.clone(),
         std::time::Duration::from_millis(topology.replication.heartbeat_ms),
@@ -245,6 +248,13 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut server_shutdown = shutdown.clone();
+    // grpc.health.v1 follows readiness; reflection lets grpcurl list the services
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(reporter, telemetry.clone(), shutdown.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the gRPC reflection service")?;
     let router = tonic::transport::Server::builder()
         // a peer gone without FIN or RST is noticed within ~40 s
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -260,7 +270,10 @@ pub async fn run(
             columns: columns.clone(),
             telemetry: telemetry.clone(),
             tls: tls.is_some(),
-        }));
+            pool: pool.clone(),
+        }))
+        .add_service(health_service)
+        .add_service(reflection);
     let stopped = async move {
         let _ = server_shutdown.wait_for(|s| *s).await;
     };
@@ -385,4 +398,29 @@ pub async fn run(
     server.await?.context("gRPC server failed")?;
     tracing::info!(region, "agent stopped");
     Ok(())
+}
+
+/// Keeps `grpc.health.v1` in step with readiness ([`health::Health::ready`]),
+/// for the whole server (`""`) and the replication service, once a second.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    telemetry: Arc<telemetry::Telemetry>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    const REPLICATION: &str = "meridian.replication.v1.Replication";
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let status = match telemetry.health.ready() {
+            Ok(()) => ServingStatus::Serving,
+            Err(_) => ServingStatus::NotServing,
+        };
+        for service in ["", REPLICATION] {
+            reporter.set_service_status(service, status).await;
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! The agent's Prometheus endpoint: `GET /metrics`, OpenMetrics text. The
-//! metrics themselves are defined in [`crate::telemetry`].
+//! The agent's HTTP endpoint: `GET /metrics` (OpenMetrics text; the metrics
+//! themselves are defined in [`crate::telemetry`]), and the probes
+//! `/healthz` and `/readyz` (see [`crate::health`]).
 
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// localhost; Prometheus's `authorization` scrape setting sends it).
 pub const TOKEN_ENV: &str = "MERIDIAN_METRICS_TOKEN";
 
-/// Serves `GET /metrics` on `listener` until shutdown.
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until
+/// shutdown.
 pub async fn serve(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
@@ -26,10 +28,11 @@ pub async fn serve(
     let handler: http::Handler = Arc::new(move |path: String| {
         let telemetry = telemetry.clone();
         Box::pin(async move {
-            if path == "/metrics" {
-                Reply::ok(CONTENT_TYPE, telemetry.encode())
-            } else {
-                Reply::not_found()
+            match path.as_str() {
+                "/metrics" => Reply::ok(CONTENT_TYPE, telemetry.encode()),
+                "/healthz" => Reply::probe(telemetry.health.live(telemetry.started)),
+                "/readyz" => Reply::probe(telemetry.health.ready()),
+                _ => Reply::not_found(),
             }
         })
     });

@@ -45,7 +45,9 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let version = residency::current(&policy).map_or(0, |p| p.version());
+        let current = residency::current(&policy);
+        let version = current.as_ref().map_or(0, |p| p.version());
+        telemetry.set_config_hash("policy", current.as_ref().map_or("", |p| p.digest()));
         telemetry
             .metrics
             .policy_version
@@ -70,9 +72,18 @@ pub async fn run(
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read slot state");
                 telemetry.error(&telemetry.region, "", "monitor");
+                telemetry.health.record(Some(e.to_string()), Vec::new());
                 continue;
             }
         };
+        telemetry.health.record(
+            None,
+            links
+                .iter()
+                .filter(|l| !rows.iter().any(|r| r.0 == l.slot))
+                .map(|l| l.slot.clone())
+                .collect(),
+        );
         let mut slots = Vec::new();
         for link in &links {
             let Some((name, active, wal_status, retained, confirmed, current, safe)) =

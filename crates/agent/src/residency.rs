@@ -78,11 +78,10 @@ pub fn load(topology: &Topology, columns: &StoreColumns) -> anyhow::Result<Optio
         .iter()
         .map(|t| (t.name.clone(), t.home_column.clone()))
         .collect();
-    Ok(Some(Enforcer::new(
-        policy,
-        hash_key.map(String::into_bytes),
-        &homes,
-    )))
+    Ok(Some(
+        Enforcer::new(policy, hash_key.map(String::into_bytes), &homes)
+            .with_digest(meridian_core::digest::sha256_hex(text.as_bytes())),
+    ))
 }
 
 /// Kafka topics are data at rest in their cluster's region. Under a

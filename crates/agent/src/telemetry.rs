@@ -58,10 +58,13 @@ pub const POLICY_VERSION: &str = "meridian_policy_version";
 pub const AGENT_INFO: &str = "meridian_agent_info";
 /// Connections and calls refused for who they came from, by reason.
 pub const REFUSED: &str = "meridian_refused";
+/// Fingerprint of a file every region should share (`file`: topology or
+/// policy): the first 48 bits of its sha256. Regions that differ drift.
+pub const CONFIG_HASH: &str = "meridian_config_hash";
 
 /// Every family the agent exports, with its OpenMetrics type. A family
 /// shows in a scrape once it has a sample.
-pub const FAMILIES: [(&str, &str); 21] = [
+pub const FAMILIES: [(&str, &str); 22] = [
     (LINK_LAG_SECONDS, "gauge"),
     (LINK_LAG_BYTES, "gauge"),
     (LINK_STATE, "gauge"),
@@ -83,6 +86,7 @@ pub const FAMILIES: [(&str, &str); 21] = [
     (POLICY_CHANGES, "counter"),
     (POLICY_VERSION, "gauge"),
     (AGENT_INFO, "gauge"),
+    (CONFIG_HASH, "gauge"),
 ];
 
 /// One direction between two regions.
@@ -171,6 +175,14 @@ pub struct Metrics {
     pub policy_changes: Family<PolicyLabels, Counter>,
     pub policy_version: Family<RegionLabels, Gauge>,
     pub info: Family<InfoLabels, Gauge>,
+    pub config_hash: Family<ConfigLabels, Gauge>,
+}
+
+/// A shared file's kind: `topology` or `policy`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub region: String,
+    pub file: &'static str,
 }
 
 /// A link's state, as metrics and status show it.
@@ -264,6 +276,8 @@ pub struct Telemetry {
     heartbeats: Mutex<VecDeque<(u64, SystemTime)>>,
     /// Each link's acknowledged position, by destination.
     acked: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    /// What the health endpoints answer.
+    pub health: crate::health::Health,
 }
 
 /// Heartbeats kept for lag (at one a second, a little over a day).
@@ -300,6 +314,7 @@ impl Telemetry {
             refused: Family::default(),
             policy_changes: Family::default(),
             policy_version: Family::default(),
+            config_hash: Family::default(),
             info: Family::default(),
         };
         let mut registry = Registry::default();
@@ -398,6 +413,11 @@ impl Telemetry {
             m.policy_version.clone(),
         );
         r.register(
+            CONFIG_HASH,
+            "Fingerprint (first 48 bits of the sha256) of the topology and policy files in force; regions whose values differ have drifted.",
+            m.config_hash.clone(),
+        );
+        r.register(
             AGENT_INFO,
             "The agent's region and version.",
             m.info.clone(),
@@ -419,6 +439,7 @@ impl Telemetry {
             slots: Mutex::default(),
             heartbeats: Mutex::default(),
             acked: Mutex::default(),
+            health: Default::default(),
         };
         for peer in peers {
             telemetry.set_link_state(peer, LinkState::Retrying, None);
@@ -706,6 +727,18 @@ impl Telemetry {
     }
 
     /// Replaces the slots' status and metrics.
+    /// Sets the fingerprint of a shared file (`topology` or `policy`) from
+    /// its sha256 (hex; empty: none).
+    pub fn set_config_hash(&self, file: &'static str, sha256: &str) {
+        self.metrics
+            .config_hash
+            .get_or_create(&ConfigLabels {
+                region: self.region.clone(),
+                file,
+            })
+            .set(meridian_core::digest::gauge_value(sha256));
+    }
+
     pub fn set_slots(&self, slots: Vec<SlotStatus>) {
         for s in &slots {
             let labels = SlotLabels {

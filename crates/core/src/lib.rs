@@ -13,6 +13,7 @@
 
 pub mod change;
 pub mod codec;
+pub mod digest;
 pub mod lsn;
 pub mod pgoutput;
 pub mod plan;

@@ -61,6 +61,10 @@ pub struct Topology {
     /// The credentials operator commands (`status`, `policy reload`,
     /// `dashboard`) present to agents.
     pub operator: Option<Operator>,
+    /// sha256 (hex) of the file the topology was loaded from; empty when
+    /// parsed from text.
+    #[serde(skip)]
+    pub sha256: String,
 }
 
 /// `[security]`.
@@ -703,6 +707,7 @@ impl Topology {
             message: format!("cannot read the topology file: {e}"),
         })?;
         let mut topology = Topology::parse(&text, &file)?;
+        topology.sha256 = crate::digest::sha256_hex(text.as_bytes());
         topology.override_stores(|k| std::env::var(k).ok());
         let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(policy) = &topology.policy {

@@ -78,9 +78,23 @@ pub struct Enforcer {
     /// schema -> table -> (home column, rule indexes in file order)
     tables: HashMap<String, HashMap<String, (String, Vec<usize>)>>,
     global: Vec<String>,
+    /// sha256 (hex) of the policy file's text; empty if not given.
+    digest: String,
 }
 
 impl Enforcer {
+    /// Records the sha256 (hex) of the file the policy was read from.
+    pub fn with_digest(mut self, digest: String) -> Enforcer {
+        self.digest = digest;
+        self
+    }
+
+    /// sha256 (hex) of the policy file's text, as [`Enforcer::with_digest`]
+    /// recorded it.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
     /// `home_columns`: `(schema.table, home column)` for every replicated table.
     pub fn new(
         policy: Policy,
@@ -108,6 +122,7 @@ impl Enforcer {
             hash_key,
             tables,
             global,
+            digest: String::new(),
         }
     }
 

@@ -14,3 +14,8 @@ pub mod admin {
 pub mod replication {
     tonic::include_proto!("meridian.replication.v1");
 }
+
+/// Every service and message above, encoded as a `FileDescriptorSet`, for
+/// gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/meridian_descriptor.bin"));
