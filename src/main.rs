@@ -2,8 +2,8 @@
 
 mod dashboard;
 mod dead_letters;
-mod drift;
 mod demo;
+mod drift;
 mod human;
 mod operator;
 mod placement;

@@ -31,11 +31,10 @@ async fn from_store(
     pool: &PgPool,
     topology: &Topology,
 ) -> Result<(Vec<i64>, Vec<TableColumns>), sqlx::Error> {
-    let applied: Vec<i64> = sqlx::query_scalar(
-        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(pool)
-    .await?;
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await?;
     let mut conn = pool.acquire().await?;
     let mut tables = Vec::new();
     for t in &topology.tables {

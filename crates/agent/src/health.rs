@@ -62,7 +62,7 @@ impl Health {
         };
         if look.at.elapsed() > READY_WITHIN {
             return Err(format!(
-                "the store was last checked {}s ago",
+                "the store was last checked {}s ago (the agent's monitor waits on it)",
                 look.at.elapsed().as_secs()
             ));
         }

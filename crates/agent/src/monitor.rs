@@ -25,6 +25,10 @@ pub struct Watched {
 
 /// Updates lag, slot, policy and dead-letter metrics every `every` until
 /// shutdown. `sources` are the regions this store applies changes from.
+/// Longest wait for the store's answer in one look (sqlx keeps retrying a
+/// refused connection until then).
+const STORE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub async fn run(
     pool: PgPool,
     links: Vec<Watched>,
@@ -55,18 +59,26 @@ pub async fn run(
                 region: telemetry.region.clone(),
             })
             .set(version as i64);
-        let rows: Result<Vec<SlotRow>, _> = sqlx::query_as(
-            "SELECT slot_name::text, active, coalesce(wal_status, 'lost'),
+        let rows = tokio::time::timeout(
+            STORE_TIMEOUT,
+            sqlx::query_as::<_, SlotRow>(
+                "SELECT slot_name::text, active, coalesce(wal_status, 'lost'),
                     coalesce((pg_current_wal_lsn() - restart_lsn)::bigint, 0),
                     coalesce((confirmed_flush_lsn - '0/0')::bigint, 0),
                     (pg_current_wal_lsn() - '0/0')::bigint,
                     safe_wal_size
                FROM pg_replication_slots
               WHERE database = current_database() AND slot_name LIKE $1",
+            )
+            .bind(format!("meridian\\_{}\\_to\\_%", telemetry.region))
+            .fetch_all(&pool),
         )
-        .bind(format!("meridian\\_{}\\_to\\_%", telemetry.region))
-        .fetch_all(&pool)
-        .await;
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Protocol(format!(
+                "no answer within {STORE_TIMEOUT:?}"
+            )))
+        });
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {

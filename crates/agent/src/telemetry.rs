@@ -860,6 +860,7 @@ mod tests {
             })
             .set(1);
         t.refused("no_certificate");
+        t.set_config_hash("policy", &"ab".repeat(32));
         let text = t.encode();
         let mut typed: Vec<String> = text
             .lines()

@@ -434,6 +434,11 @@ impl Deployment {
         &mut self.agents[i]
     }
 
+    /// The address of `region`'s agent's metrics endpoint.
+    pub fn metrics_addr(&self, region: &str) -> &str {
+        &self.metrics[self.index(region)]
+    }
+
     /// The text `region`'s agent serves at `GET /metrics`.
     pub async fn metrics(&self, region: &str) -> anyhow::Result<String> {
         crate::http_get(&self.metrics[self.index(region)], "/metrics").await

@@ -47,6 +47,16 @@ pub fn free_port() -> u16 {
 
 /// `GET path` from `addr` (`host:port`); the body of a 200 answer.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let (status, body) = http_get_status(addr, path).await?;
+    anyhow::ensure!(
+        status == 200,
+        "GET {path} from {addr} answered {status}: {body}"
+    );
+    Ok(body)
+}
+
+/// `GET path` from `addr`, whatever the status: (status code, body).
+pub async fn http_get_status(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(addr).await?;
     socket
@@ -54,12 +64,14 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
         .await?;
     let mut response = String::new();
     socket.read_to_string(&mut response).await?;
-    anyhow::ensure!(
-        response.starts_with("HTTP/1.1 200"),
-        "GET {path} from {addr} answered: {response}"
-    );
-    Ok(response
+    let status = response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("GET {path} from {addr}: not HTTP: {response}"))?;
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((status, body))
 }
