@@ -3,6 +3,7 @@
 mod dashboard;
 mod dead_letters;
 mod demo;
+mod deploy;
 mod drift;
 mod human;
 mod operator;
@@ -92,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Kubernetes manifests from the topology (docs/kubernetes.md).
+    Deploy {
+        #[command(subcommand)]
+        command: DeployCommand,
+    },
     /// Rebuild a destination's copy of a source's rows after the link
     /// stopped for a lost slot, another incarnation, or a source restored
     /// to an earlier point (a dry run without --yes).
@@ -138,6 +144,27 @@ enum CertsCommand {
         /// The operator's name.
         #[arg(long, default_value = "admin")]
         operator: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeployCommand {
+    /// Write a kustomize base and one overlay per region
+    /// (`OUT/overlays/<region>`), with the topology and policy each
+    /// region's agent reads; render again whenever the topology changes.
+    Render {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// `REGION=CIDR`, for every region, repeatable: the addresses that
+        /// region's agent connects from, as the other clusters see them
+        /// (its NAT or egress gateway). Only these reach a peer's gRPC port.
+        #[arg(long = "egress-cidr", required = true)]
+        egress_cidr: Vec<String>,
+        /// Namespace of every object.
+        #[arg(long, default_value = "meridian")]
+        namespace: String,
     },
 }
 
@@ -397,6 +424,22 @@ fn run() -> anyhow::Result<()> {
                         operator,
                     },
             } => certs_init(&regions, &out, &operator),
+            Command::Deploy {
+                command:
+                    DeployCommand::Render {
+                        config,
+                        out,
+                        egress_cidr,
+                        namespace,
+                    },
+            } => deploy::run(
+                &config,
+                &out,
+                &deploy::Options {
+                    namespace,
+                    egress: deploy::parse_egress(&egress_cidr)?,
+                },
+            ),
             Command::DeadLetters { command } => match command {
                 DeadLetterCommand::List {
                     config,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use meridian_testkit::metric_names::{exported_series, referenced};
 use meridian_testkit::{Deployment, Spec};
 
 const REGIONS: [&str; 3] = ["na", "eu", "apac"];
@@ -606,47 +607,6 @@ fn readable(dom: &str, rows: usize) -> anyhow::Result<()> {
         "the chart's time axis reads {label:?}, not a wall-clock time"
     );
     Ok(())
-}
-
-/// Names of the metric families in an OpenMetrics text, with the series
-/// names each one exports (`_total`, `_bucket`, ...).
-fn exported_series(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let mut parts = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let suffixes: &[&str] = match kind {
-            "counter" => &["_total"],
-            "histogram" => &["_bucket", "_sum", "_count"],
-            _ => &[""],
-        };
-        for s in suffixes {
-            names.insert(format!("{name}{s}"));
-        }
-    }
-    names
-}
-
-fn referenced(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("meridian_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        // the job is named `meridian`; metric names have a second part
-        if i == 0 || !rest.as_bytes()[i - 1].is_ascii_alphanumeric() {
-            names.insert(tail[..end].to_owned());
-        }
-        rest = &tail[end..];
-    }
-    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,6 +213,12 @@ impl KafkaProtocol {
     }
 }
 
+/// The environment variable that overrides `region`'s store URL (keeps
+/// passwords out of the file): `MERIDIAN_<REGION>_STORE`.
+pub fn store_env(region: &str) -> String {
+    format!("MERIDIAN_{}_STORE", region.to_uppercase())
+}
+
 /// The environment variable holding the SASL password of `region`'s Kafka
 /// cluster.
 pub fn kafka_password_env(region: &str) -> String {
@@ -767,7 +773,7 @@ impl Topology {
     /// (for secrets kept out of the file). `lookup` reads the environment.
     pub fn override_stores(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         for (name, region) in &mut self.regions {
-            if let Some(url) = lookup(&format!("MERIDIAN_{}_STORE", name.to_uppercase())) {
+            if let Some(url) = lookup(&store_env(name)) {
                 region.store = Dsn(url);
             }
         }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod deployment;
 pub mod kafka;
+pub mod metric_names;
 pub mod postgres;
 pub mod proxy;
 pub mod release;
