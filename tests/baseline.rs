@@ -243,6 +243,39 @@ async fn readiness_follows_the_store_and_liveness_the_agent() -> anyhow::Result<
         serving_now
     );
 
+    // reflection lists the services, so grpcurl works with an operator certificate
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(
+        d.channel_as(Identity::Operator("probe".into()), "eu")
+            .await?,
+    );
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter([ask]))
+        .await?
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(listed)) = answers
+        .message()
+        .await?
+        .and_then(|m| m.message_response)
+    else {
+        anyhow::bail!("reflection did not list services");
+    };
+    let names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "meridian.admin.v1.Admin",
+        "meridian.replication.v1.Replication",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == service), "{service} not in {names:?}");
+    }
+
     // the store goes away: not ready (with why), still live
     d.cluster("eu").crash()?;
     let deadline = Instant::now() + Duration::from_secs(30);
