@@ -260,10 +260,8 @@ async fn readiness_follows_the_store_and_liveness_the_agent() -> anyhow::Result<
         .server_reflection_info(futures::stream::iter([ask]))
         .await?
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(listed)) = answers
-        .message()
-        .await?
-        .and_then(|m| m.message_response)
+    let Some(MessageResponse::ListServicesResponse(listed)) =
+        answers.message().await?.and_then(|m| m.message_response)
     else {
         anyhow::bail!("reflection did not list services");
     };
@@ -273,7 +271,10 @@ async fn readiness_follows_the_store_and_liveness_the_agent() -> anyhow::Result<
         "meridian.replication.v1.Replication",
         "grpc.health.v1.Health",
     ] {
-        assert!(names.iter().any(|n| n == service), "{service} not in {names:?}");
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} not in {names:?}"
+        );
     }
 
     // the store goes away: not ready (with why), still live
@@ -306,5 +307,38 @@ async fn readiness_follows_the_store_and_liveness_the_agent() -> anyhow::Result<
         anyhow::ensure!(Instant::now() < deadline, "eu never ready again");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+
+    // a slot lost under the running agent: not ready, naming it
+    let slot = "meridian_eu_to_na";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dropped = sqlx::raw_sql(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+              WHERE slot_name = '{slot}' AND active_pid IS NOT NULL;
+             SELECT pg_drop_replication_slot('{slot}');"
+        ))
+        .execute(d.pool("eu"))
+        .await;
+        match dropped {
+            Ok(_) => break,
+            // the link reconnected in between: try again
+            Err(e) => anyhow::ensure!(Instant::now() < deadline, "cannot drop {slot}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let why = loop {
+        let (code, body) = probe("/readyz").await?;
+        if code == 503 {
+            break body;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "eu still ready without {slot}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        why.contains("replication slot(s) missing: meridian_eu_to_na"),
+        "{why}"
+    );
+    assert_eq!(probe("/healthz").await?.0, 200);
     Ok(())
 }
