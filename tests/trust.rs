@@ -628,3 +628,106 @@ async fn a_hello_and_silence_does_not_hold_back_the_real_source() -> anyhow::Res
     drop(tx);
     Ok(())
 }
+
+/// Messages are bounded by the topology (`batch_max_changes`,
+/// `max_change_bytes`), not by a fixed half gigabyte: a row change larger
+/// than `max_change_bytes` stops its link with an error naming the table
+/// and what to raise, nothing is skipped, and it arrives once the limit is
+/// raised; a peer's message past the limit is refused before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_bounded_by_the_topology() -> anyhow::Result<()> {
+    let mut d = Deployment::start(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables: &[("public.orders", "id", "region")],
+            proxied: &[],
+            extra_topology: "[replication]\nmax_change_bytes = 1048576\n",
+            policy: None,
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+    )
+    .await?;
+    // 3 MiB of text that does not compress away
+    for sql in [
+        "INSERT INTO orders VALUES (1, 'na', 'small')",
+        "INSERT INTO orders SELECT 2, 'na', string_agg(md5(g::text), '') FROM generate_series(1, 98304) g",
+        "INSERT INTO orders VALUES (3, 'na', 'after')",
+    ] {
+        sqlx::raw_sql(sql).execute(d.pool("na")).await?;
+    }
+    wait_for(&d, "eu", "SELECT count(*) FROM orders WHERE id = 1", 1).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let error = loop {
+        let (_, link) = d.link_status(binary(), "na", "eu")?;
+        let error = link["last_error"].as_str().unwrap_or_default().to_owned();
+        if error.contains("max_change_bytes") {
+            break error;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no error about the large change: {link:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        error.contains("a change to public.orders in the transaction ending at"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("c4ca4238"),
+        "no row value in the error: {error}"
+    );
+    // nothing after it was skipped
+    assert_eq!(count(&d, "eu", "SELECT count(*) FROM orders").await?, 1);
+
+    // a forged message past eu's limit is refused before it is read
+    let limit = meridian_core::topology::Tuning {
+        max_change_bytes: 1 << 20,
+        ..Default::default()
+    }
+    .message_limit();
+    let huge = transaction(
+        1 << 40,
+        vec![Change {
+            table: table(
+                "public",
+                "orders",
+                &[("id", true), ("region", false), ("note", false)],
+            ),
+            kind: ChangeKind::Insert {
+                new: vec![text("9"), text("na"), text(&"x".repeat(limit))],
+            },
+        }],
+    );
+    let refused = send_as_na(
+        d.channel_as(Identity::Region("na".into()), "eu").await?,
+        vec![vec![huge]],
+    )
+    .await;
+    let Err(message) = refused else {
+        anyhow::bail!("a message past the limit was taken: {refused:?}");
+    };
+    assert!(message.contains("message length too large"), "{message}");
+
+    // raised on both agents (receiver first): the change arrives, in order
+    let config = std::fs::read_to_string(&d.config)?
+        .replace("max_change_bytes = 1048576", "max_change_bytes = 8388608");
+    std::fs::write(&d.config, config)?;
+    d.agent("eu").restart()?;
+    d.agent("na").restart()?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 3).await?;
+    assert_eq!(
+        count(
+            &d,
+            "eu",
+            "SELECT length(note)::bigint FROM orders WHERE id = 2"
+        )
+        .await?,
+        98304 * 32
+    );
+    Ok(())
+}

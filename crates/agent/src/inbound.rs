@@ -47,8 +47,9 @@ pub(crate) enum BatchVerdict {
     },
 }
 
-/// Judges a batch's payload (compressed as `compression` says) against its
-/// crc32 and the residency policy.
+/// Judges a batch's payload (compressed as `compression` says, at most
+/// `limit` bytes decompressed) against its crc32, the topology and the
+/// residency policy.
 pub(crate) fn judge_batch(
     (payload, compression): (&[u8], &str),
     crc32: u32,
@@ -56,6 +57,7 @@ pub(crate) fn judge_batch(
     destination: &str,
     policy: Option<&Enforcer>,
     keys: &Keys,
+    limit: usize,
 ) -> BatchVerdict {
     if codec::checksum(payload) != crc32 {
         return BatchVerdict::Refuse {
@@ -64,7 +66,7 @@ pub(crate) fn judge_batch(
             forbidden: None,
         };
     }
-    let payload = match wire::decompress(compression, payload, crate::MAX_MESSAGE_BYTES) {
+    let payload = match wire::decompress(compression, payload, limit) {
         Ok(p) => p,
         Err(wire::Unreadable::Unknown(reason)) => {
             return BatchVerdict::Refuse {
@@ -475,7 +477,15 @@ columns = { id = "keep", region = "keep" }"#,
         destination: &str,
         policy: Option<&Enforcer>,
     ) -> BatchVerdict {
-        super::judge_batch(payload, crc32, source, destination, policy, &orders_by_id())
+        super::judge_batch(
+            payload,
+            crc32,
+            source,
+            destination,
+            policy,
+            &orders_by_id(),
+            1 << 20,
+        )
     }
 
     fn judge_record(

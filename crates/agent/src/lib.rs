@@ -46,10 +46,6 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Largest gRPC message accepted (a batch never splits a transaction, so one
-/// large transaction makes one large message).
-pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
-
 /// Most concurrent gRPC streams on one connection (a peer's link holds
 /// one; status calls are short).
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
@@ -227,6 +223,7 @@ pub async fn run(
     ));
 
     let keys = topology.keys();
+    let message_limit = topology.replication.message_limit();
     let tls = credentials(&me, region)?;
     let listener = tokio::net::TcpListener::bind(&me.listen)
         .await
@@ -242,11 +239,12 @@ pub async fn run(
         receiver::Admission {
             keys: Arc::new(keys.clone()),
             tls: tls.is_some(),
+            message_limit,
         },
     );
     let server = ReplicationServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(message_limit)
+        .max_encoding_message_size(message_limit);
     let mut server_shutdown = shutdown.clone();
     // grpc.health.v1 follows readiness; reflection lets grpcurl list the services
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -376,6 +374,8 @@ pub async fn run(
                 slot: slot_name(region, peer),
                 publication: publication.clone(),
                 batch_max_changes: topology.replication.batch_max_changes,
+                message_limit,
+                max_change_bytes: topology.replication.max_change_bytes,
                 window: topology.replication.window,
                 compress: topology.replication.compression
                     == meridian_core::topology::Compression::Zstd,

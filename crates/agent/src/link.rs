@@ -26,7 +26,6 @@ use meridian_proto::replication::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::MAX_MESSAGE_BYTES;
 use crate::reselect::Reselect;
 use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
@@ -37,7 +36,7 @@ use std::sync::Arc;
 /// `batch_max_changes` changes). Transactions larger than that come as
 /// fragments (see [`meridian_core::Transaction`]), so a batch, a message and
 /// the memory behind them stay bounded whatever the transaction's size.
-const BATCH_MAX_BYTES: usize = 8 << 20;
+const BATCH_MAX_BYTES: usize = meridian_core::topology::Tuning::BATCH_BYTES;
 
 /// Captured transactions waiting to be shipped, at most: deep enough that
 /// a link catching up on single-row transactions ships full batches
@@ -111,6 +110,11 @@ pub struct Link {
     pub slot: String,
     pub publication: String,
     pub batch_max_changes: usize,
+    /// Largest batch message either way
+    /// ([`meridian_core::topology::Tuning::message_limit`]).
+    pub message_limit: usize,
+    /// Largest single change shipped (`max_change_bytes`).
+    pub max_change_bytes: usize,
     pub window: usize,
     /// Compress batches (zstd) when the peer reads it.
     pub compress: bool,
@@ -257,8 +261,8 @@ impl Link {
         let channel =
             meridian_trust::net::dial(endpoint, &self.peer_addr, tls, HANDSHAKE_TIMEOUT).await?;
         let mut client = ReplicationClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(self.message_limit)
+            .max_encoding_message_size(self.message_limit);
         let (outbound, rx) = mpsc::channel(self.window + 1);
         let hello = SourceMessage {
             kind: Some(source_message::Kind::Hello(Hello {
@@ -385,6 +389,9 @@ impl Link {
                     }
                     None => (batch, 0),
                 };
+                if let Some(why) = too_large(&batch, self.max_change_bytes) {
+                    return Err(LinkError::Protocol(why));
+                }
                 let payload = codec::encode(&batch);
                 let payload = match compression {
                     "" => payload,
@@ -413,6 +420,27 @@ impl Link {
             }
         }
     }
+}
+
+/// Why a batch cannot be sent, if it cannot: a change larger than
+/// `max_change_bytes`, named by table and transaction position (no values),
+/// with what to raise. Such a change would make a message the receiver
+/// refuses ([`meridian_core::topology::Tuning::message_limit`]).
+fn too_large(batch: &[Transaction], max_change_bytes: usize) -> Option<String> {
+    let (end, change, bytes) = batch
+        .iter()
+        .flat_map(|t| {
+            t.changes
+                .iter()
+                .map(move |c| (t.end_lsn, c, c.kind.approx_bytes()))
+        })
+        .find(|(_, _, bytes)| *bytes > max_change_bytes)?;
+    Some(format!(
+        "a change to {}.{} in the transaction ending at {end} takes about {bytes} bytes, more than \
+         [replication] max_change_bytes = {max_change_bytes}; raise it on every agent (receivers \
+         first) and restart them: the link waits at that change, nothing is skipped",
+        change.table.schema, change.table.name
+    ))
 }
 
 /// Reads committed transactions from the slot into `out`, keeping the

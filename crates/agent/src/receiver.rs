@@ -68,6 +68,9 @@ pub struct Admission {
     /// Peers are known by their certificates (mTLS): a stream may only
     /// carry the changes of the region its certificate names.
     pub tls: bool,
+    /// Largest batch message, and payload once decompressed
+    /// ([`meridian_core::topology::Tuning::message_limit`]).
+    pub message_limit: usize,
 }
 
 impl ReplicationService {
@@ -214,6 +217,7 @@ impl Replication for ReplicationService {
         let me = Receiver {
             region: self.region.clone(),
             keys: self.admission.keys.clone(),
+            message_limit: self.admission.message_limit,
             policy: self.policy.clone(),
             telemetry: self.telemetry.clone(),
         };
@@ -231,6 +235,7 @@ impl Replication for ReplicationService {
 struct Receiver {
     region: String,
     keys: Arc<Keys>,
+    message_limit: usize,
     policy: SharedPolicy,
     telemetry: Arc<Telemetry>,
 }
@@ -320,6 +325,7 @@ async fn apply_stream(
             &me.region,
             policy.as_deref(),
             &me.keys,
+            me.message_limit,
         );
         let applied = match verdict {
             BatchVerdict::Apply(transactions) => {
@@ -377,7 +383,7 @@ async fn apply_stream(
                     true => crate::wire::decompress(
                         &batch.compression,
                         &batch.payload,
-                        crate::MAX_MESSAGE_BYTES,
+                        me.message_limit,
                     )
                     .unwrap_or_default(),
                     false => Default::default(),

@@ -368,6 +368,11 @@ pub struct Tuning {
     pub transport: Transport,
     /// Batch compression on gRPC links.
     pub compression: Compression,
+    /// Largest single row change a gRPC link carries, in bytes as encoded.
+    /// With `batch_max_changes` it bounds every batch message both ways
+    /// ([`Tuning::message_limit`]); a larger change stops the link with an
+    /// error naming its table. Raise it on every agent, receivers first.
+    pub max_change_bytes: usize,
 }
 
 impl Default for Tuning {
@@ -378,7 +383,33 @@ impl Default for Tuning {
             heartbeat_ms: 1_000,
             transport: Transport::Grpc,
             compression: Compression::Zstd,
+            max_change_bytes: 64 << 20,
         }
+    }
+}
+
+impl Tuning {
+    /// A batch is closed once its values reach about this many bytes (or
+    /// `batch_max_changes` changes).
+    pub const BATCH_BYTES: usize = 8 << 20;
+    /// Encoding overhead per change, at most (kind, table, value headers),
+    /// for message limits.
+    pub const CHANGE_FRAMING_BYTES: usize = 1 << 10;
+
+    /// Most bytes one batch message may take on a gRPC link, and its
+    /// payload once decompressed: a batch closes past [`Tuning::BATCH_BYTES`]
+    /// or `batch_max_changes`, so it holds at most that, plus the
+    /// transaction that crossed the line (a fragment of at most
+    /// [`crate::pgoutput::FRAGMENT_BYTES`] and
+    /// [`crate::pgoutput::FRAGMENT_CHANGES`], or one change of at most
+    /// `max_change_bytes`), plus framing per change. Checked before
+    /// anything of that size is allocated.
+    pub fn message_limit(&self) -> usize {
+        let changes = self.batch_max_changes + crate::pgoutput::FRAGMENT_CHANGES;
+        Self::BATCH_BYTES
+            + crate::pgoutput::FRAGMENT_BYTES
+            + self.max_change_bytes
+            + changes.saturating_mul(Self::CHANGE_FRAMING_BYTES)
     }
 }
 
@@ -572,6 +603,18 @@ impl Topology {
                 "replication: batch_max_changes, window and heartbeat_ms must be at least 1"
                     .to_owned(),
             ));
+        }
+        if topology.replication.batch_max_changes > 1_000_000 {
+            return Err(err(format!(
+                "replication.batch_max_changes: found {}; expected at most 1000000 (a batch of more gains nothing and bounds memory loosely)",
+                topology.replication.batch_max_changes
+            )));
+        }
+        let change = topology.replication.max_change_bytes;
+        if !(1 << 20..=1 << 30).contains(&change) {
+            return Err(err(format!(
+                "replication.max_change_bytes: found {change}; expected 1048576 (1 MiB) to 1073741824 (1 GiB)"
+            )));
         }
         if let Some(global) = &topology.global {
             check_url("global.store", &global.store).map_err(err)?;
@@ -1118,6 +1161,28 @@ mod tests {
             let e = Topology::parse(&text, "topo.toml").unwrap_err().to_string();
             assert!(e.starts_with("topo.toml: "), "{e}");
             assert!(e.contains(key), "{key} not in {e}");
+        }
+    }
+
+    #[test]
+    fn message_limits_follow_the_tuning() {
+        let mut t = Tuning::default();
+        let default = t.message_limit();
+        assert!((90 << 20..95 << 20).contains(&default), "{default}");
+        t.batch_max_changes = 100;
+        t.max_change_bytes = 1 << 20;
+        assert!(t.message_limit() < 21 << 20, "{}", t.message_limit());
+        for (key, bad) in [
+            ("max_change_bytes", "1000"),
+            ("max_change_bytes", "2147483648"),
+            ("batch_max_changes", "2000000"),
+        ] {
+            let text = format!("{GOOD}\n[replication]\n{key} = {bad}\n");
+            let e = Topology::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("replication.{key}: found {bad}")),
+                "{e}"
+            );
         }
     }
 
