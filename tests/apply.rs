@@ -604,23 +604,36 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
     let mut payload = b"MB".to_vec();
     payload.push(9);
     payload.extend_from_slice(&[0, 0, 0, 0]);
+    let incarnation: String = sqlx::query_scalar(
+        "SELECT incarnation::text FROM meridian.source_incarnations WHERE source_region = 'na'",
+    )
+    .fetch_one(d.pool("eu"))
+    .await?;
+    let claims = meridian_core::codec::Claims {
+        crc32: meridian_core::codec::checksum(&payload),
+        seq: 1,
+        end_lsn: before as u64 + 1_000_000,
+        source_wal_end: before as u64 + 1_000_000,
+        incarnation: &incarnation,
+    };
     let messages = vec![
         SourceMessage {
             kind: Some(source_message::Kind::Hello(Hello {
                 source_region: "na".into(),
                 destination_region: "eu".into(),
-                // as an agent that predates incarnations sends
-                incarnation: String::new(),
+                incarnation: incarnation.clone(),
             })),
         },
         SourceMessage {
             kind: Some(source_message::Kind::Batch(Batch {
                 seq: 1,
-                end_lsn: before as u64 + 1_000_000,
-                crc32: meridian_core::codec::checksum(&payload),
+                end_lsn: claims.end_lsn,
+                crc32: claims.crc32,
                 payload,
                 policy_version: 0,
                 compression: String::new(),
+                source_wal_end: claims.source_wal_end,
+                seal: Some(claims.seal()),
             })),
         },
     ];

@@ -84,30 +84,62 @@ async fn wait_refused(d: &Deployment, reason: &str, at_least: f64) -> anyhow::Re
     Ok(())
 }
 
-/// Opens a replication stream to eu as `na` (a Hello) and sends `batches`;
-/// the first Nack's reason, or the error that ended the call.
+/// na's slot incarnation, as eu recorded it from the real na.
+async fn na_incarnation(d: &Deployment) -> anyhow::Result<String> {
+    Ok(sqlx::query_scalar(
+        "SELECT incarnation::text FROM meridian.source_incarnations WHERE source_region = 'na'",
+    )
+    .fetch_one(d.pool("eu"))
+    .await?)
+}
+
+/// Batch `seq` of `transactions`, sealed for `incarnation` as a sender
+/// claiming `wal_end` as its WAL end (the batch's own end when `None`).
+fn sealed(
+    seq: u64,
+    transactions: &[Transaction],
+    incarnation: &str,
+    wal_end: Option<u64>,
+) -> Batch {
+    let payload = codec::encode(transactions);
+    let end_lsn = transactions.last().map_or(0, |t| t.end_lsn.0);
+    let claims = codec::Claims {
+        crc32: codec::checksum(&payload),
+        seq,
+        end_lsn,
+        source_wal_end: wal_end.unwrap_or(end_lsn),
+        incarnation,
+    };
+    Batch {
+        seq,
+        end_lsn,
+        crc32: claims.crc32,
+        payload,
+        policy_version: 0,
+        compression: String::new(),
+        source_wal_end: claims.source_wal_end,
+        seal: Some(claims.seal()),
+    }
+}
+
+/// Opens a replication stream to eu as `na` (a Hello with `incarnation`)
+/// and sends `batches`; the first Nack's reason, or the error that ended
+/// the call.
 async fn send_as_na(
     channel: tonic::transport::Channel,
-    batches: Vec<Vec<Transaction>>,
+    incarnation: &str,
+    batches: Vec<Batch>,
 ) -> Result<Option<String>, String> {
     let mut messages = vec![SourceMessage {
         kind: Some(source_message::Kind::Hello(Hello {
             source_region: "na".into(),
             destination_region: "eu".into(),
-            incarnation: String::new(),
+            incarnation: incarnation.to_owned(),
         })),
     }];
-    for (i, transactions) in batches.into_iter().enumerate() {
-        let payload = codec::encode(&transactions);
+    for batch in batches {
         messages.push(SourceMessage {
-            kind: Some(source_message::Kind::Batch(Batch {
-                seq: i as u64 + 1,
-                end_lsn: transactions.last().map_or(0, |t| t.end_lsn.0),
-                crc32: codec::checksum(&payload),
-                payload,
-                policy_version: 0,
-                compression: String::new(),
-            })),
+            kind: Some(source_message::Kind::Batch(batch)),
         });
     }
     let mut replies = ReplicationClient::new(channel)
@@ -170,7 +202,7 @@ async fn only_certificates_of_the_ca_that_speak_for_the_source_get_in() -> anyho
     // plain TCP: no TLS at all
     let plain = d.channel_with(None, "eu").await;
     if let Ok(channel) = plain {
-        assert!(send_as_na(channel, vec![]).await.is_err());
+        assert!(send_as_na(channel, "", vec![]).await.is_err());
     }
     wait_refused(&d, "not_tls", 1.0).await?;
 
@@ -179,7 +211,7 @@ async fn only_certificates_of_the_ca_that_speak_for_the_source_get_in() -> anyho
     let (cert, key) = stranger.issue(&na, Validity::default())?;
     let creds = d.credentials(&ca.pem(), &cert, &key)?;
     if let Ok(channel) = d.channel_with(Some(&creds), "eu").await {
-        assert!(send_as_na(channel, vec![]).await.is_err());
+        assert!(send_as_na(channel, "", vec![]).await.is_err());
     }
     wait_refused(&d, "unknown_ca", 1.0).await?;
 
@@ -191,13 +223,13 @@ async fn only_certificates_of_the_ca_that_speak_for_the_source_get_in() -> anyho
     let (cert, key) = ca.issue(&na, old)?;
     let creds = d.credentials(&ca.pem(), &cert, &key)?;
     if let Ok(channel) = d.channel_with(Some(&creds), "eu").await {
-        assert!(send_as_na(channel, vec![]).await.is_err());
+        assert!(send_as_na(channel, "", vec![]).await.is_err());
     }
     wait_refused(&d, "expired", 1.0).await?;
 
     // a valid certificate of another region claiming to be na
     let apac = d.channel_as(Identity::Region("apac".into()), "eu").await?;
-    let e = send_as_na(apac, vec![]).await.unwrap_err();
+    let e = send_as_na(apac, "", vec![]).await.unwrap_err();
     assert!(
         e.contains("certificate is for region apac; only region na's agent may send"),
         "{e}"
@@ -207,7 +239,7 @@ async fn only_certificates_of_the_ca_that_speak_for_the_source_get_in() -> anyho
     let operator = d
         .channel_as(Identity::Operator("alice".into()), "eu")
         .await?;
-    let e = send_as_na(operator, vec![]).await.unwrap_err();
+    let e = send_as_na(operator, "", vec![]).await.unwrap_err();
     assert!(e.contains("operator alice"), "{e}");
     wait_refused(&d, "not_a_region", 1.0).await?;
 
@@ -284,6 +316,7 @@ async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> any
     )
     .await?;
     let na = Identity::Region("na".into());
+    let incarnation = na_incarnation(&d).await?;
 
     // a write to Meridian's own watermark table
     let watermarks = table(
@@ -300,10 +333,14 @@ async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> any
             },
         }],
     );
-    let nack = send_as_na(d.channel_as(na.clone(), "eu").await?, vec![vec![forged]])
-        .await
-        .map_err(anyhow::Error::msg)?
-        .expect("refused");
+    let nack = send_as_na(
+        d.channel_as(na.clone(), "eu").await?,
+        &incarnation,
+        vec![sealed(1, &[forged], &incarnation, None)],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?
+    .expect("refused");
     assert!(
         nack.contains("\"meridian.watermarks\" is not replicated by this region's topology"),
         "{nack}"
@@ -324,10 +361,14 @@ async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> any
             },
         }],
     );
-    let nack = send_as_na(d.channel_as(na.clone(), "eu").await?, vec![vec![forged]])
-        .await
-        .map_err(anyhow::Error::msg)?
-        .expect("refused");
+    let nack = send_as_na(
+        d.channel_as(na.clone(), "eu").await?,
+        &incarnation,
+        vec![sealed(1, &[forged], &incarnation, None)],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?
+    .expect("refused");
     assert!(
         nack.contains("marks [\"region\"] as its key columns"),
         "{nack}"
@@ -607,7 +648,7 @@ async fn a_hello_and_silence_does_not_hold_back_the_real_source() -> anyhow::Res
         kind: Some(source_message::Kind::Hello(Hello {
             source_region: "na".into(),
             destination_region: "eu".into(),
-            incarnation: String::new(),
+            incarnation: na_incarnation(&d).await?,
         })),
     })
     .await?;
@@ -703,9 +744,11 @@ async fn messages_are_bounded_by_the_topology() -> anyhow::Result<()> {
             },
         }],
     );
+    let incarnation = na_incarnation(&d).await?;
     let refused = send_as_na(
         d.channel_as(Identity::Region("na".into()), "eu").await?,
-        vec![vec![huge]],
+        &incarnation,
+        vec![sealed(1, &[huge], &incarnation, None)],
     )
     .await;
     let Err(message) = refused else {
@@ -730,4 +773,90 @@ async fn messages_are_bounded_by_the_topology() -> anyhow::Result<()> {
         98304 * 32
     );
     Ok(())
+}
+
+/// A watermark moves only to a position the sender sealed with the batch's
+/// payload and its slot incarnation, and never past the source's WAL end
+/// it states: a batch whose position was changed after sealing, one that
+/// ends past its WAL end, and a Hello without the incarnation eu already
+/// applied from na are each refused, and the watermark stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_moves_only_to_a_sealed_position_within_the_sources_wal() -> anyhow::Result<()>
+{
+    let mut d = start().await?;
+    sqlx::raw_sql("INSERT INTO orders SELECT g, 'na', 'kept' FROM generate_series(1, 5) g")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 5).await?;
+    d.agent("na").kill9();
+    let watermark = "SELECT end_lsn FROM meridian.watermarks WHERE source_region = 'na'";
+    let before = count(&d, "eu", watermark).await? as u64;
+    let incarnation = na_incarnation(&d).await?;
+    let na = Identity::Region("na".into());
+    let empty = transaction(before + 64, vec![]);
+
+    // the position raised after the batch was sealed
+    let mut moved = sealed(1, std::slice::from_ref(&empty), &incarnation, None);
+    moved.end_lsn = u64::MAX / 2;
+    let nack = send_as_na(
+        d.channel_as(na.clone(), "eu").await?,
+        &incarnation,
+        vec![moved],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?
+    .expect("refused");
+    assert!(nack.contains("does not match its seal"), "{nack}");
+
+    // sealed, but past the WAL end it states
+    let past = sealed(1, &[empty.clone()], &incarnation, Some(before + 8));
+    let nack = send_as_na(
+        d.channel_as(na.clone(), "eu").await?,
+        &incarnation,
+        vec![past],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?
+    .expect("refused");
+    assert!(nack.contains("past the source's WAL end"), "{nack}");
+
+    // no seal at all, as an agent older than incarnations would send
+    let mut bare = sealed(1, &[empty], &incarnation, None);
+    bare.seal = None;
+    let nack = send_as_na(
+        d.channel_as(na.clone(), "eu").await?,
+        &incarnation,
+        vec![bare],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?
+    .expect("refused");
+    assert!(nack.contains("carries no seal"), "{nack}");
+
+    // and such an agent cannot take na's place: eu applied an incarnation
+    let e = send_as_na(d.channel_as(na, "eu").await?, "", vec![])
+        .await
+        .expect_err("refused at the Hello");
+    assert!(e.contains("sends without a slot incarnation"), "{e}");
+
+    assert_eq!(count(&d, "eu", watermark).await? as u64, before);
+    assert!(refused_errors(&d).await? >= 3.0);
+    // the real na carries on
+    d.agent("na").restart()?;
+    sqlx::raw_sql("INSERT INTO orders VALUES (6, 'na', 'after')")
+        .execute(d.pool("na"))
+        .await?;
+    wait_for(&d, "eu", "SELECT count(*) FROM orders", 6).await?;
+    assert!(count(&d, "eu", watermark).await? as u64 > before);
+    Ok(())
+}
+
+/// eu's count of batches refused as unproven.
+async fn refused_errors(d: &Deployment) -> anyhow::Result<f64> {
+    Ok(d.metric(
+        "eu",
+        r#"meridian_errors_total{source="na",destination="eu",kind="unproven"}"#,
+    )
+    .await?
+    .unwrap_or(0.0))
 }

@@ -18,7 +18,7 @@ use crate::wire;
 use meridian_core::pgoutput::Keys;
 use meridian_core::record::{self, Incoming, Position, RecordError};
 use meridian_core::scope::outside_topology;
-use meridian_core::{Transaction, codec};
+use meridian_core::{Lsn, Transaction, codec};
 use meridian_policy::Enforcer;
 
 /// What arrived is forbidden by this region's residency policy.
@@ -118,6 +118,29 @@ pub(crate) fn judge_batch(
                 keep_payload: true,
             },
         },
+    }
+}
+
+/// A batch to apply whose payload holds a transaction past the source's
+/// WAL end (as the sealed batch states it) is refused instead: the
+/// watermark only moves to positions the source has written.
+pub(crate) fn within_wal_end(verdict: BatchVerdict, wal_end: u64) -> BatchVerdict {
+    match verdict {
+        BatchVerdict::Apply(transactions) => {
+            match transactions.iter().find(|t| t.end_lsn.0 > wal_end) {
+                Some(t) => BatchVerdict::Refuse {
+                    reason: format!(
+                        "the batch holds a transaction ending at {}, past the source's WAL end {} when it was sent",
+                        t.end_lsn,
+                        Lsn(wal_end)
+                    ),
+                    kind: "unproven",
+                    forbidden: None,
+                },
+                None => BatchVerdict::Apply(transactions),
+            }
+        }
+        other => other,
     }
 }
 

@@ -196,7 +196,8 @@ pub async fn check_positions(
 
 /// At a destination: accepts a stream from `source`'s slot `incarnation`
 /// if it is the one applied so far (or the first), refuses it otherwise.
-/// An empty incarnation (an agent that predates them) is accepted.
+/// An empty incarnation (an agent that predates them, whose batches carry
+/// no seal) is accepted only from a source that never sent one.
 pub async fn accept_incarnation(
     pool: &mut sqlx::PgConnection,
     source: &str,
@@ -204,7 +205,20 @@ pub async fn accept_incarnation(
     incarnation: &str,
 ) -> Result<Result<(), Refusal>, sqlx::Error> {
     if incarnation.is_empty() {
-        return Ok(Ok(()));
+        let known: Option<String> = sqlx::query_scalar(
+            "SELECT incarnation::text FROM meridian.source_incarnations WHERE source_region = $1",
+        )
+        .bind(source)
+        .fetch_optional(pool)
+        .await?;
+        return Ok(match known {
+            None => Ok(()),
+            Some(known) => Err(Refusal(format!(
+                "{source} sends without a slot incarnation (an agent older than its own slot), \
+                 but {destination} applied incarnation {known} from it: run this release's \
+                 agent in {source}"
+            ))),
+        });
     }
     let known: String = sqlx::query_scalar(
         "INSERT INTO meridian.source_incarnations (source_region, incarnation)

@@ -268,7 +268,7 @@ impl Link {
             kind: Some(source_message::Kind::Hello(Hello {
                 source_region: self.source.clone(),
                 destination_region: self.destination.clone(),
-                incarnation,
+                incarnation: incarnation.clone(),
             })),
         };
         outbound.send(hello).await.map_err(|_| LinkError::Closed)?;
@@ -308,7 +308,6 @@ impl Link {
         )
         .await
         .map_err(|e| LinkError::Capture(e.into()))??;
-        drop(source_pool);
         let stream = ReplicationStream::start(
             &self.store,
             &self.slot,
@@ -333,6 +332,8 @@ impl Link {
 
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut seq = 0u64;
+        // the source's flushed WAL end, read again when a batch ends past it
+        let mut wal_end = 0u64;
         let mut pending: Option<Captured> = None;
         loop {
             tokio::select! {
@@ -402,14 +403,34 @@ impl Link {
                     &telemetry::changes_per_table(&batch),
                     payload.len(),
                 );
+                if end_lsn > wal_end {
+                    wal_end = flushed_wal_end(&source_pool).await?;
+                    if end_lsn > wal_end {
+                        return Err(LinkError::Protocol(format!(
+                            "batch {seq} ends at {}, past the source store's flushed WAL end {}",
+                            Lsn(end_lsn),
+                            Lsn(wal_end)
+                        )));
+                    }
+                }
+                let crc32 = codec::checksum(&payload);
+                let claims = codec::Claims {
+                    crc32,
+                    seq,
+                    end_lsn,
+                    source_wal_end: wal_end,
+                    incarnation: &incarnation,
+                };
                 let message = SourceMessage {
                     kind: Some(source_message::Kind::Batch(Batch {
                         seq,
                         end_lsn,
-                        crc32: codec::checksum(&payload),
+                        crc32,
                         payload,
                         policy_version,
                         compression: compression.to_owned(),
+                        source_wal_end: wal_end,
+                        seal: Some(claims.seal()),
                     })),
                 };
                 outbound
@@ -420,6 +441,16 @@ impl Link {
             }
         }
     }
+}
+
+/// The source store's flushed WAL position: every transaction capture has
+/// decoded ends at or before it.
+async fn flushed_wal_end(pool: &sqlx::PgPool) -> Result<u64, LinkError> {
+    let end: i64 = sqlx::query_scalar("SELECT (pg_current_wal_flush_lsn() - '0/0')::bigint")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| LinkError::Capture(e.into()))?;
+    Ok(end as u64)
 }
 
 /// Why a batch cannot be sent, if it cannot: a change larger than

@@ -20,7 +20,7 @@ use std::time::Instant;
 use meridian_apply::{Applier, ApplyError, Checkpoint, Letter};
 use meridian_capture::origin_name;
 use meridian_core::pgoutput::Keys;
-use meridian_core::{Lsn, Transaction};
+use meridian_core::{Lsn, Transaction, codec};
 use meridian_proto::replication::{
     Ack, DestinationMessage, Nack, SourceMessage, Welcome, destination_message,
     replication_server::Replication, source_message,
@@ -218,6 +218,7 @@ impl Replication for ReplicationService {
             region: self.region.clone(),
             keys: self.admission.keys.clone(),
             message_limit: self.admission.message_limit,
+            incarnation: hello.incarnation,
             policy: self.policy.clone(),
             telemetry: self.telemetry.clone(),
         };
@@ -236,6 +237,9 @@ struct Receiver {
     region: String,
     keys: Arc<Keys>,
     message_limit: usize,
+    /// The source slot's incarnation, from the stream's Hello: every
+    /// batch's seal binds it.
+    incarnation: String,
     policy: SharedPolicy,
     telemetry: Arc<Telemetry>,
 }
@@ -318,15 +322,33 @@ async fn apply_stream(
         }
         expected += 1;
         let policy = residency::current(&me.policy);
-        let verdict = inbound::judge_batch(
-            (&batch.payload, &batch.compression),
-            batch.crc32,
-            source,
-            &me.region,
-            policy.as_deref(),
-            &me.keys,
-            me.message_limit,
-        );
+        let claims = codec::Claims {
+            crc32: batch.crc32,
+            seq: batch.seq,
+            end_lsn: batch.end_lsn,
+            source_wal_end: batch.source_wal_end,
+            incarnation: &me.incarnation,
+        };
+        let verdict = match claims.refusal(batch.seal) {
+            Some(reason) => BatchVerdict::Refuse {
+                reason,
+                kind: "unproven",
+                forbidden: None,
+            },
+            None => inbound::judge_batch(
+                (&batch.payload, &batch.compression),
+                batch.crc32,
+                source,
+                &me.region,
+                policy.as_deref(),
+                &me.keys,
+                me.message_limit,
+            ),
+        };
+        let verdict = match batch.seal {
+            Some(_) => inbound::within_wal_end(verdict, batch.source_wal_end),
+            None => verdict,
+        };
         let applied = match verdict {
             BatchVerdict::Apply(transactions) => {
                 let started = Instant::now();

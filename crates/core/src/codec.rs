@@ -51,6 +51,62 @@ pub fn checksum(payload: &[u8]) -> u32 {
     crc32fast::hash(payload)
 }
 
+/// What a batch claims beyond its payload, sealed with it: the payload's
+/// crc32, the batch's sequence number, the position the watermark moves to
+/// and the source's WAL end when it was sent, bound to the source slot's
+/// incarnation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claims<'a> {
+    pub crc32: u32,
+    pub seq: u64,
+    pub end_lsn: u64,
+    pub source_wal_end: u64,
+    pub incarnation: &'a str,
+}
+
+impl Claims<'_> {
+    /// crc32 of the claims, each number big-endian, then the incarnation.
+    pub fn seal(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.crc32.to_be_bytes());
+        h.update(&self.seq.to_be_bytes());
+        h.update(&self.end_lsn.to_be_bytes());
+        h.update(&self.source_wal_end.to_be_bytes());
+        h.update(self.incarnation.as_bytes());
+        h.finalize()
+    }
+
+    /// Why the claims cannot be taken, if they cannot: a seal that does
+    /// not match (required when the source has an incarnation), or an end
+    /// past the source's WAL end.
+    pub fn refusal(&self, seal: Option<u32>) -> Option<String> {
+        match seal {
+            Some(seal) if seal != self.seal() => {
+                return Some(format!(
+                    "batch {} does not match its seal: its position, WAL end or incarnation were changed after it was sealed",
+                    self.seq
+                ));
+            }
+            None if !self.incarnation.is_empty() => {
+                return Some(format!(
+                    "batch {} carries no seal, which a source with a slot incarnation always sends",
+                    self.seq
+                ));
+            }
+            _ => {}
+        }
+        if seal.is_some() && self.end_lsn > self.source_wal_end {
+            return Some(format!(
+                "batch {} claims to end at {}, past the source's WAL end {} when it was sent",
+                self.seq,
+                Lsn(self.end_lsn),
+                Lsn(self.source_wal_end)
+            ));
+        }
+        None
+    }
+}
+
 /// Encodes transactions into one batch payload.
 pub fn encode(transactions: &[Transaction]) -> Vec<u8> {
     let mut tables: Vec<&Arc<Table>> = Vec::new();
@@ -310,6 +366,52 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_seal_binds_the_claims() {
+        let claims = Claims {
+            crc32: 7,
+            seq: 3,
+            end_lsn: 0x100,
+            source_wal_end: 0x180,
+            incarnation: "0c2f",
+        };
+        let seal = claims.seal();
+        assert_eq!(claims.refusal(Some(seal)), None);
+        for changed in [
+            Claims {
+                end_lsn: 0x101,
+                ..claims
+            },
+            Claims { seq: 4, ..claims },
+            Claims { crc32: 8, ..claims },
+            Claims {
+                source_wal_end: 0x181,
+                ..claims
+            },
+            Claims {
+                incarnation: "0c2e",
+                ..claims
+            },
+        ] {
+            let why = changed.refusal(Some(seal)).expect("refused");
+            assert!(why.contains("does not match its seal"), "{why}");
+        }
+        let past = Claims {
+            end_lsn: 0x200,
+            ..claims
+        };
+        let why = past.refusal(Some(past.seal())).expect("refused");
+        assert!(why.contains("past the source's WAL end 0/180"), "{why}");
+        assert!(claims.refusal(None).expect("refused").contains("no seal"));
+        // an agent older than incarnations sends neither
+        let older = Claims {
+            incarnation: "",
+            source_wal_end: 0,
+            ..claims
+        };
+        assert_eq!(older.refusal(None), None);
+    }
 
     fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
