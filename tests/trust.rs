@@ -809,7 +809,12 @@ async fn a_watermark_moves_only_to_a_sealed_position_within_the_sources_wal() ->
     assert!(nack.contains("does not match its seal"), "{nack}");
 
     // sealed, but past the WAL end it states
-    let past = sealed(1, &[empty.clone()], &incarnation, Some(before + 8));
+    let past = sealed(
+        1,
+        std::slice::from_ref(&empty),
+        &incarnation,
+        Some(before + 8),
+    );
     let nack = send_as_na(
         d.channel_as(na.clone(), "eu").await?,
         &incarnation,
