@@ -14,6 +14,8 @@ pub(crate) struct Baseline {
     pub topology_sha256: String,
     /// Empty: no policy.
     pub policy_sha256: String,
+    /// Of the policy's hash key; empty: none.
+    pub hash_key_fingerprint: String,
     pub migrations_applied: Vec<i64>,
     /// The migrations the region's agent carries.
     pub migrations_known: Vec<i64>,
@@ -21,6 +23,13 @@ pub(crate) struct Baseline {
     pub tables: BTreeMap<String, Vec<String>>,
     /// Why the store could not be read (then migrations and tables are empty).
     pub store_error: Option<String>,
+}
+
+impl Drift {
+    /// A real difference between regions, not a store left uncompared.
+    pub(crate) fn is_difference(&self) -> bool {
+        self.what != "store"
+    }
 }
 
 impl Baseline {
@@ -41,6 +50,7 @@ impl Baseline {
             version: version.to_owned(),
             topology_sha256: b.topology_sha256.clone(),
             policy_sha256: b.policy_sha256.clone(),
+            hash_key_fingerprint: b.hash_key_fingerprint.clone(),
             migrations_applied: b.migrations_applied.clone(),
             migrations_known: b.migrations_known.clone(),
             tables: b
@@ -53,10 +63,11 @@ impl Baseline {
     }
 }
 
-/// One difference between regions.
+/// One difference between regions, or (`what` = `store`) a region whose
+/// store could not be compared.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct Drift {
-    /// version, topology, policy, migrations, columns or store.
+    /// version, topology, policy, hash_key, migrations, columns; or store.
     pub what: &'static str,
     /// For people: which regions differ, and how.
     pub message: String,
@@ -94,6 +105,15 @@ pub(crate) fn compare(regions: &BTreeMap<String, Baseline>) -> Vec<Drift> {
         &|b| match b.policy_sha256.is_empty() {
             true => "have no policy".to_owned(),
             false => format!("have sha256 {}", short(&b.policy_sha256)),
+        },
+    );
+
+    same(
+        "hash_key",
+        "policy hash keys",
+        &|b| match b.hash_key_fingerprint.is_empty() {
+            true => "have none".to_owned(),
+            false => format!("have fingerprint {}", b.hash_key_fingerprint),
         },
     );
 
@@ -175,6 +195,7 @@ mod tests {
             version: "0.1.0".into(),
             topology_sha256: "ab".repeat(32),
             policy_sha256: policy.into(),
+            hash_key_fingerprint: "0f1e2d3c4b5a6978".into(),
             migrations_applied: migrations.to_vec(),
             migrations_known: vec![1, 2],
             tables: [(
@@ -198,6 +219,7 @@ mod tests {
         let na = region("cd", &[1, 2], &["id bigint", "note text"]);
         let mut eu = region("ef", &[1, 2], &["id bigint", "note text"]);
         eu.version = "0.2.0".into();
+        eu.hash_key_fingerprint.clear();
         let apac = region("cd", &[1], &["id bigint"]);
         let regions = [
             ("na".to_owned(), na),
@@ -209,7 +231,7 @@ mod tests {
         let what: Vec<&str> = drift.iter().map(|d| d.what).collect();
         assert_eq!(
             what,
-            ["version", "policy", "migrations", "columns"],
+            ["version", "policy", "hash_key", "migrations", "columns"],
             "{drift:?}"
         );
         assert_eq!(
@@ -220,13 +242,17 @@ mod tests {
             drift[1].message,
             "residency policy files differ: apac, na have sha256 cd; eu have sha256 ef"
         );
+        assert_eq!(
+            drift[2].message,
+            "policy hash keys differ: apac, na have fingerprint 0f1e2d3c4b5a6978; eu have none"
+        );
         assert!(
-            drift[2]
+            drift[3]
                 .message
                 .starts_with("apac's store lacks migration(s) 2 ")
         );
         assert_eq!(
-            drift[3].message,
+            drift[4].message,
             "public.orders: columns differ: apac lack [note text]"
         );
     }
@@ -245,5 +271,6 @@ mod tests {
                 message: "eu: migrations and columns not compared: connection refused".into()
             }]
         );
+        assert!(!drift[0].is_difference(), "an outage is not drift");
     }
 }

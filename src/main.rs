@@ -162,6 +162,15 @@ enum DeployCommand {
         /// (its NAT or egress gateway). Only these reach a peer's gRPC port.
         #[arg(long = "egress-cidr", required = true)]
         egress_cidr: Vec<String>,
+        /// CIDR, repeatable: where operators run `meridian status`, the
+        /// dashboard and `policy reload` from. Without it, operators reach
+        /// agents through `kubectl port-forward` only.
+        #[arg(long = "operator-cidr")]
+        operator_cidr: Vec<String>,
+        /// The agent image every region runs, `REPOSITORY:TAG` (this
+        /// release's by default). A rolling upgrade renders with the new tag.
+        #[arg(long)]
+        image: Option<String>,
         /// Namespace of every object.
         #[arg(long, default_value = "meridian")]
         namespace: String,
@@ -430,6 +439,8 @@ fn run() -> anyhow::Result<()> {
                         config,
                         out,
                         egress_cidr,
+                        operator_cidr,
+                        image,
                         namespace,
                     },
             } => deploy::run(
@@ -438,6 +449,8 @@ fn run() -> anyhow::Result<()> {
                 &deploy::Options {
                     namespace,
                     egress: deploy::parse_egress(&egress_cidr)?,
+                    operators: deploy::parse_cidrs("--operator-cidr", operator_cidr)?,
+                    image: image.unwrap_or_else(deploy::default_image),
                 },
             ),
             Command::DeadLetters { command } => match command {

@@ -336,7 +336,7 @@ async fn readiness_follows_the_store_and_liveness_the_agent() -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(
-        why.contains("replication slot(s) missing: meridian_eu_to_na"),
+        why.contains("replication slot(s) missing or invalidated: meridian_eu_to_na"),
         "{why}"
     );
     assert_eq!(probe("/healthz").await?.0, 200);

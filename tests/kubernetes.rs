@@ -40,12 +40,23 @@ fn tempdir(name: &str) -> PathBuf {
 
 /// `meridian deploy render` of `config` into `out`: (success, stdout + stderr).
 fn render(config: &Path, out: &Path, egress: &[(&str, &str)]) -> (bool, String) {
+    render_with(config, out, egress, &[])
+}
+
+/// [`render`] with more arguments.
+fn render_with(
+    config: &Path,
+    out: &Path,
+    egress: &[(&str, &str)],
+    more: &[&str],
+) -> (bool, String) {
     let mut command = Command::new(binary());
     command
         .args(["deploy", "render", "--config"])
         .arg(config)
         .arg("--out")
-        .arg(out);
+        .arg(out)
+        .args(more);
     for (region, cidr) in egress {
         command.arg("--egress-cidr").arg(format!("{region}={cidr}"));
     }
@@ -146,6 +157,20 @@ fn the_committed_manifests_are_what_render_writes() {
     assert!(ok, "{said}");
     let rendered = files_under(&out);
     assert_eq!(rendered.len(), 7 + 3 * 3, "{:?}", rendered.keys());
+    // nothing committed beside what render writes (a region's stale overlay)
+    let committed: BTreeSet<PathBuf> = ["base", "overlays"]
+        .iter()
+        .flat_map(|d| {
+            files_under(&root().join("deploy/kubernetes").join(d))
+                .into_keys()
+                .map(move |p| Path::new(d).join(p))
+        })
+        .collect();
+    let written: BTreeSet<PathBuf> = rendered.keys().cloned().collect();
+    assert_eq!(
+        committed, written,
+        "deploy/kubernetes holds files render does not write"
+    );
     for (path, text) in &rendered {
         let committed = std::fs::read_to_string(root().join("deploy/kubernetes").join(path))
             .unwrap_or_else(|_| panic!("deploy/kubernetes/{} is not committed", path.display()));
@@ -161,12 +186,30 @@ fn the_committed_manifests_are_what_render_writes() {
 #[test]
 fn every_overlay_validates_and_uses_only_what_the_agent_serves() {
     let out = tempdir("overlays");
-    let (ok, said) = render(
-        &root().join("deploy/kubernetes/topology.toml"),
-        &out,
+    // the example, with ports of its own: eu's agents on 7501, na's store on 6432
+    let source = std::fs::read_to_string(root().join("deploy/kubernetes/topology.toml"))
+        .expect("the example topology")
+        .replace(
+            "eu.agents.meridian.example.com:7401",
+            "eu.agents.meridian.example.com:7501",
+        )
+        .replace("na-db.internal:5432", "na-db.internal:6432");
+    let config = out.join("topology.toml");
+    std::fs::write(&config, source).expect("written");
+    std::fs::copy(
+        root().join("deploy/kubernetes/policy.toml"),
+        out.join("policy.toml"),
+    )
+    .expect("policy copied");
+    let operators = "10.20.0.0/16";
+    let (ok, said) = render_with(
+        &config,
+        &out.join("rendered"),
         &EGRESS,
+        &["--operator-cidr", operators],
     );
     assert!(ok, "{said}");
+    let out = out.join("rendered");
     let families: String = meridian_agent::telemetry::FAMILIES
         .iter()
         .map(|(name, kind)| format!("# TYPE {name} {kind}\n"))
@@ -245,7 +288,7 @@ fn every_overlay_validates_and_uses_only_what_the_agent_serves() {
             port_of(me.metrics.as_deref().expect("metrics address")),
             "{region}: metrics port"
         );
-        for probe in ["livenessProbe", "readinessProbe"] {
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
             let get = &container[probe]["httpGet"];
             let path = get["path"].as_str().expect("path");
             assert!(
@@ -298,6 +341,8 @@ fn every_overlay_validates_and_uses_only_what_the_agent_serves() {
             peers["spec"]["ports"][0]["port"].as_u64(),
             Some(port_of(me.connect_addr()))
         );
+        // peers' source addresses survive the load balancer
+        assert_eq!(peers["spec"]["externalTrafficPolicy"], "Local");
 
         // Prometheus scrapes a port that exists, at /metrics, with the token
         let monitor = &of_kind(&docs, "ServiceMonitor")[0];
@@ -336,8 +381,25 @@ fn every_overlay_validates_and_uses_only_what_the_agent_serves() {
             .iter()
             .filter(|(r, _)| *r != region)
             .map(|(_, c)| (*c).to_owned())
+            .chain([operators.to_owned()])
             .collect();
         assert_eq!(grpc_from, others, "{region}");
+        // out: DNS, and the store's and the peers' ports as the topology says
+        let egress: BTreeSet<u64> = policy["egress"]
+            .as_array()
+            .expect("egress")
+            .iter()
+            .flat_map(|rule| rule["ports"].as_array().expect("ports").clone())
+            .filter_map(|p| p["port"].as_u64())
+            .collect();
+        let store_port = if region == "na" { 6432 } else { 5432 };
+        let mut expected: BTreeSet<u64> = [53, store_port].into();
+        for (peer, spec) in &topology.regions {
+            if peer != region {
+                expected.insert(port_of(spec.connect_addr()));
+            }
+        }
+        assert_eq!(egress, expected, "{region}");
         for rule in policy["ingress"].as_array().expect("ingress") {
             for port in rule["ports"].as_array().expect("ports") {
                 let name = port["port"].as_str().expect("named");
@@ -350,6 +412,37 @@ fn every_overlay_validates_and_uses_only_what_the_agent_serves() {
         1,
         "every region's pod reads the same topology file"
     );
+    // and the agent loads it where the pod mounts its files
+    let pod = out.join("pod");
+    let text = topologies.pop_first().expect("one topology");
+    let config = pod.join("etc/meridian/config/topology.toml");
+    std::fs::create_dir_all(config.parent().expect("folder")).expect("folder");
+    std::fs::write(
+        &config,
+        text.replace(
+            "/etc/meridian/",
+            &format!("{}/etc/meridian/", pod.display()),
+        ),
+    )
+    .expect("written");
+    std::fs::write(
+        pod.join("etc/meridian/config/policy.toml"),
+        std::fs::read_to_string(root().join("deploy/kubernetes/policy.toml")).expect("policy"),
+    )
+    .expect("written");
+    for file in [
+        "tls/ca.crt",
+        "tls/tls.crt",
+        "tls/tls.key",
+        "store-ca/ca.crt",
+    ] {
+        let path = pod.join("etc/meridian").join(file);
+        std::fs::create_dir_all(path.parent().expect("folder")).expect("folder");
+        std::fs::write(path, "-----BEGIN CERTIFICATE-----\n").expect("written");
+    }
+    let loaded = Topology::load(&config).expect("the pod's topology loads");
+    assert_eq!(loaded.regions.len(), 3);
+    assert!(loaded.policy.is_some());
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -381,6 +474,14 @@ fn render_refuses_what_a_cluster_cannot_run() {
             "regions.na.store carries a password",
         ),
         (
+            source.replace(
+                "eu-db.internal:5432/app?sslmode=verify-full",
+                "eu-db.internal:5432/app?sslmode=verify-full&password=hunter2",
+            ),
+            &EGRESS[..],
+            "regions.eu.store carries a password",
+        ),
+        (
             source.clone(),
             &EGRESS[..2],
             "no egress address for region apac",
@@ -392,8 +493,11 @@ fn render_refuses_what_a_cluster_cannot_run() {
         let (ok, said) = render(&config, &dir.join(format!("out-{i}")), egress);
         assert!(!ok, "case {i} rendered");
         assert!(said.contains(expected), "case {i}: {said}");
-        // the secret in case 1 is never echoed
-        assert!(!said.contains("secret@"), "{said}");
+        // the secrets are never echoed
+        assert!(
+            !said.contains("secret@") && !said.contains("hunter2"),
+            "{said}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

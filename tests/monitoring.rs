@@ -625,12 +625,14 @@ async fn monitoring_files_reference_only_exported_metrics() -> anyhow::Result<()
     let parsed: serde_json::Value = serde_json::from_str(&dashboard)?;
     assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 8));
     let alerts = std::fs::read_to_string(root.join("alerts.yml"))?;
-    for (file, text) in [
-        ("grafana-dashboard.json", &dashboard),
-        ("alerts.yml", &alerts),
+    let global = std::fs::read_to_string(root.join("global-alerts.yml"))?;
+    for (file, text, at_least) in [
+        ("grafana-dashboard.json", &dashboard, 5),
+        ("alerts.yml", &alerts, 5),
+        ("global-alerts.yml", &global, 1),
     ] {
         let names = referenced(text);
-        assert!(names.len() >= 5, "{file}: {names:?}");
+        assert!(names.len() >= at_least, "{file}: {names:?}");
         let unknown: Vec<&String> = names.iter().filter(|n| !exported.contains(*n)).collect();
         assert!(
             unknown.is_empty(),
@@ -646,6 +648,7 @@ async fn monitoring_files_reference_only_exported_metrics() -> anyhow::Result<()
     ] {
         assert!(alerts.contains(&format!("alert: {alert}")), "{alert}");
     }
+    assert!(global.contains("alert: MeridianConfigDrift"));
 
     // and a live agent exports only families the telemetry defines
     let d = start().await?;

@@ -11,9 +11,16 @@ use crate::residency::{self, SharedPolicy};
 /// This region's baseline now: the files' fingerprints, and what its store
 /// holds. A store that cannot be read is named in `store_error`.
 pub(crate) async fn read(pool: &PgPool, topology: &Topology, policy: &SharedPolicy) -> Baseline {
+    let policy = residency::current(policy);
     let mut baseline = Baseline {
         topology_sha256: topology.sha256.clone(),
-        policy_sha256: residency::current(policy).map_or(String::new(), |p| p.digest().to_owned()),
+        policy_sha256: policy
+            .as_ref()
+            .map_or(String::new(), |p| p.digest().to_owned()),
+        hash_key_fingerprint: policy
+            .as_ref()
+            .and_then(|p| p.key_fingerprint())
+            .unwrap_or_default(),
         migrations_known: meridian_apply::MIGRATOR.iter().map(|m| m.version).collect(),
         ..Baseline::default()
     };
@@ -35,11 +42,15 @@ async fn from_store(
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
             .fetch_all(pool)
             .await?;
-    let mut conn = pool.acquire().await?;
+    let mut tx = pool.begin().await?;
+    // type names fully qualified, whatever the role's search_path
+    sqlx::query("SET LOCAL search_path = pg_catalog")
+        .execute(&mut *tx)
+        .await?;
     let mut tables = Vec::new();
     for t in &topology.tables {
         let (schema, name) = t.split_name();
-        let shape = meridian_apply::statements::load_shape(&mut conn, schema, name).await?;
+        let shape = meridian_apply::statements::load_shape(&mut tx, schema, name).await?;
         let mut columns: Vec<String> = shape
             .columns
             .into_iter()

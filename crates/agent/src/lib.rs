@@ -197,8 +197,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     let acked: Vec<Arc<AtomicU64>> = peers.iter().map(|_| Arc::default()).collect();
+    // its own connection, so a busy pool never makes readiness flap
+    let monitor_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(3))
+        .connect_lazy(&store)
+        .with_context(|| format!("region {region}'s store URL"))?;
     let monitor = tokio::spawn(monitor::run(
-        pool.clone(),
+        monitor_pool,
         peers
             .iter()
             .zip(&acked)

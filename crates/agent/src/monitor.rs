@@ -49,6 +49,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        telemetry.health.beat();
         let current = residency::current(&policy);
         let version = current.as_ref().map_or(0, |p| p.version());
         telemetry.set_config_hash("policy", current.as_ref().map_or("", |p| p.digest()));
@@ -88,11 +89,12 @@ pub async fn run(
                 continue;
             }
         };
+        // missing, or invalidated by max_slot_wal_keep_size
         telemetry.health.record(
             None,
             links
                 .iter()
-                .filter(|l| !rows.iter().any(|r| r.0 == l.slot))
+                .filter(|l| !rows.iter().any(|r| r.0 == l.slot && r.2 != "lost"))
                 .map(|l| l.slot.clone())
                 .collect(),
         );
@@ -135,18 +137,24 @@ pub async fn run(
             });
         }
         telemetry.set_slots(slots);
-        let pending: Result<Vec<(String, i64)>, _> = sqlx::query_as(
-            "SELECT source_region, count(*) FROM meridian.dead_letters
-              WHERE status = 'pending' GROUP BY source_region",
+        let pending = tokio::time::timeout(
+            STORE_TIMEOUT,
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT source_region, count(*) FROM meridian.dead_letters
+                  WHERE status = 'pending' GROUP BY source_region",
+            )
+            .fetch_all(&pool),
         )
-        .fetch_all(&pool)
         .await;
         match pending {
-            Ok(pending) => telemetry.set_pending_dead_letters(&sources, &pending),
-            Err(e) => tracing::debug!(error = %e, "cannot read dead letters"),
+            Ok(Ok(pending)) => telemetry.set_pending_dead_letters(&sources, &pending),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read dead letters"),
+            Err(_) => tracing::debug!("no answer about dead letters within {STORE_TIMEOUT:?}"),
         }
-        if let Err(e) = prune_tokens(&pool).await {
-            tracing::debug!(error = %e, "cannot prune applied tokens");
+        match tokio::time::timeout(STORE_TIMEOUT, prune_tokens(&pool)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot prune applied tokens"),
+            Err(_) => tracing::debug!("no answer pruning tokens within {STORE_TIMEOUT:?}"),
         }
     }
 }

@@ -405,6 +405,17 @@ impl Enforcer {
             .collect()
     }
 
+    /// A fingerprint of the hash key (the first 16 hex digits of its HMAC
+    /// of a fixed text), so regions can compare keys without showing them;
+    /// `None` without a key. Regions with different keys hash the same
+    /// value differently.
+    pub fn key_fingerprint(&self) -> Option<String> {
+        self.hash_key.as_ref()?;
+        let mut h = self.hash("meridian: hash key fingerprint");
+        h.truncate(16);
+        Some(h)
+    }
+
     /// HMAC-SHA256 of a value's text, as hex. Without a key (refused by
     /// validation whenever a rule hashes) the value is withheld instead.
     fn hash(&self, value: &str) -> String {
