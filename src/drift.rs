@@ -11,6 +11,9 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Baseline {
     pub version: String,
+    /// The agent reported a baseline (older agents report only their
+    /// version, and are compared on that alone).
+    pub reported: bool,
     pub topology_sha256: String,
     /// Empty: no policy.
     pub policy_sha256: String,
@@ -42,12 +45,14 @@ impl Baseline {
         let Some(b) = b else {
             return Baseline {
                 version: version.to_owned(),
+                reported: false,
                 store_error: Some("the agent predates baseline reports".into()),
                 ..Baseline::default()
             };
         };
         Baseline {
             version: version.to_owned(),
+            reported: true,
             topology_sha256: b.topology_sha256.clone(),
             policy_sha256: b.policy_sha256.clone(),
             hash_key_fingerprint: b.hash_key_fingerprint.clone(),
@@ -79,7 +84,9 @@ pub(crate) fn compare(regions: &BTreeMap<String, Baseline>) -> Vec<Drift> {
     let mut same = |what: &'static str, noun: &str, value: &dyn Fn(&Baseline) -> String| {
         let mut groups: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         for (name, b) in regions {
-            groups.entry(value(b)).or_default().push(name);
+            if b.reported || what == "version" {
+                groups.entry(value(b)).or_default().push(name);
+            }
         }
         if groups.len() > 1 {
             let parts: Vec<String> = groups
@@ -193,6 +200,7 @@ mod tests {
     fn region(policy: &str, migrations: &[i64], columns: &[&str]) -> Baseline {
         Baseline {
             version: "0.1.0".into(),
+            reported: true,
             topology_sha256: "ab".repeat(32),
             policy_sha256: policy.into(),
             hash_key_fingerprint: "0f1e2d3c4b5a6978".into(),
@@ -272,5 +280,14 @@ mod tests {
             }]
         );
         assert!(!drift[0].is_difference(), "an outage is not drift");
+    }
+
+    #[test]
+    fn an_agent_older_than_baselines_is_compared_on_its_version_alone() {
+        let na = region("cd", &[1, 2], &["id bigint"]);
+        let older = Baseline::from_reply("0.1.0", None);
+        let drift = compare(&[("na".to_owned(), na), ("eu".to_owned(), older)].into());
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(!drift[0].is_difference());
     }
 }

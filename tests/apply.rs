@@ -604,11 +604,7 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
     let mut payload = b"MB".to_vec();
     payload.push(9);
     payload.extend_from_slice(&[0, 0, 0, 0]);
-    let incarnation: String = sqlx::query_scalar(
-        "SELECT incarnation::text FROM meridian.source_incarnations WHERE source_region = 'na'",
-    )
-    .fetch_one(d.pool("eu"))
-    .await?;
+    let incarnation = d.incarnation("na", "eu").await?;
     let claims = meridian_core::codec::Claims {
         crc32: meridian_core::codec::checksum(&payload),
         seq: 1,

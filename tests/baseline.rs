@@ -46,18 +46,7 @@ async fn start() -> anyhow::Result<Deployment> {
 
 /// `meridian status --json`: (exit code, report).
 fn status(d: &Deployment) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
-    let out = Command::new(binary())
-        .args(["status", "--json", "--config"])
-        .arg(&d.config)
-        .output()?;
-    let report = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow::anyhow!(
-            "status --json printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok((out.status.code(), report))
+    d.status(binary())
 }
 
 /// Polls `meridian status` until `done` holds for (exit code, report).

@@ -97,18 +97,8 @@ async fn wait_lag_below(
 
 /// Runs `meridian status --config ... --json`: (exit success, report).
 fn status(d: &Deployment) -> anyhow::Result<(bool, serde_json::Value)> {
-    let out = Command::new(binary())
-        .args(["status", "--json", "--config"])
-        .arg(&d.config)
-        .output()?;
-    let report = serde_json::from_slice(&out.stdout).map_err(|e| {
-        anyhow::anyhow!(
-            "status --json printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok((out.status.success(), report))
+    let (code, report) = d.status(binary())?;
+    Ok((code == Some(0), report))
 }
 
 /// Polls `meridian status` until it reports healthy (exit code 0).

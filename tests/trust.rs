@@ -24,21 +24,22 @@ fn binary() -> &'static Path {
 const SCHEMA: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, note text)";
 
 async fn start() -> anyhow::Result<Deployment> {
-    Deployment::start(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: &[("public.orders", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-    )
-    .await
+    Deployment::start(binary(), &spec("")).await
+}
+
+/// na and eu replicating `orders`, with `extra_topology`.
+fn spec(extra_topology: &str) -> Spec<'_> {
+    Spec {
+        regions: &["na", "eu"],
+        schema: SCHEMA,
+        tables: &[("public.orders", "id", "region")],
+        proxied: &[],
+        extra_topology,
+        policy: None,
+        agent_env: &[],
+        global_schema: None,
+        kafka: false,
+    }
 }
 
 async fn count(d: &Deployment, region: &str, sql: &str) -> anyhow::Result<i64> {
@@ -86,11 +87,7 @@ async fn wait_refused(d: &Deployment, reason: &str, at_least: f64) -> anyhow::Re
 
 /// na's slot incarnation, as eu recorded it from the real na.
 async fn na_incarnation(d: &Deployment) -> anyhow::Result<String> {
-    Ok(sqlx::query_scalar(
-        "SELECT incarnation::text FROM meridian.source_incarnations WHERE source_region = 'na'",
-    )
-    .fetch_one(d.pool("eu"))
-    .await?)
+    d.incarnation("na", "eu").await
 }
 
 /// Batch `seq` of `transactions`, sealed for `incarnation` as a sender
@@ -488,21 +485,7 @@ async fn ten_thousand_idle_connections_to_the_metrics_port_do_not_stop_replicati
 /// `ca`, and an agent given the wrong CA refuses its store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_verify_their_stores_over_tls() -> anyhow::Result<()> {
-    let mut d = Deployment::start_with_tls_stores(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: &[("public.orders", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-    )
-    .await?;
+    let mut d = Deployment::start_with_tls_stores(binary(), &spec("")).await?;
     sqlx::raw_sql("INSERT INTO orders VALUES (1, 'na', 'over tls')")
         .execute(d.pool("na"))
         .await?;
@@ -583,15 +566,8 @@ async fn agents_run_as_a_least_privilege_role_and_name_what_is_missing() -> anyh
     let mut d = Deployment::start_as_store_user(
         binary(),
         &Spec {
-            regions: &["na", "eu"],
             schema: &schema,
-            tables: &[("public.orders", "id", "region")],
-            proxied: &[],
-            extra_topology: "",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
+            ..spec("")
         },
         "meridian_agent",
     )
@@ -679,17 +655,7 @@ async fn a_hello_and_silence_does_not_hold_back_the_real_source() -> anyhow::Res
 async fn messages_are_bounded_by_the_topology() -> anyhow::Result<()> {
     let mut d = Deployment::start(
         binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: &[("public.orders", "id", "region")],
-            proxied: &[],
-            extra_topology: "[replication]\nmax_change_bytes = 1048576\n",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
+        &spec("[replication]\nmax_change_bytes = 1048576\n"),
     )
     .await?;
     // 3 MiB of text that does not compress away

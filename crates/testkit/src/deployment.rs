@@ -523,6 +523,32 @@ impl Deployment {
         }
     }
 
+    /// `source`'s slot incarnation as `destination` recorded it.
+    pub async fn incarnation(&self, source: &str, destination: &str) -> anyhow::Result<String> {
+        Ok(sqlx::query_scalar(
+            "SELECT incarnation::text FROM meridian.source_incarnations WHERE source_region = $1",
+        )
+        .bind(source)
+        .fetch_one(self.pool(destination))
+        .await?)
+    }
+
+    /// `binary status --json`: its exit code and report.
+    pub fn status(&self, binary: &Path) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
+        let out = std::process::Command::new(binary)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()?;
+        let report = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "status --json printed no JSON: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.code(), report))
+    }
+
     /// The link `source -> destination` as `binary status --json` reports
     /// it (null when absent), and whether `status` exited healthy.
     pub fn link_status(
@@ -531,12 +557,7 @@ impl Deployment {
         source: &str,
         destination: &str,
     ) -> anyhow::Result<(bool, serde_json::Value)> {
-        let out = std::process::Command::new(binary)
-            .args(["status", "--json", "--config"])
-            .arg(&self.config)
-            .output()?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("status --json: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let (code, report) = self.status(binary)?;
         let link = report["links"]
             .as_array()
             .and_then(|l| {
@@ -545,7 +566,7 @@ impl Deployment {
             })
             .cloned()
             .unwrap_or_default();
-        Ok((out.status.success(), link))
+        Ok((code == Some(0), link))
     }
 
     /// md5 and row count of a table's rows in primary-key order.
