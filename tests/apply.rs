@@ -610,6 +610,8 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
         seq: 1,
         end_lsn: before as u64 + 1_000_000,
         source_wal_end: before as u64 + 1_000_000,
+        compression: "",
+        policy_version: 0,
         incarnation: &incarnation,
     };
     let messages = vec![

@@ -105,6 +105,8 @@ fn sealed(
         seq,
         end_lsn,
         source_wal_end: wal_end.unwrap_or(end_lsn),
+        compression: "",
+        policy_version: 0,
         incarnation,
     };
     Batch {

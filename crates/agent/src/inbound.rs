@@ -144,6 +144,22 @@ pub(crate) fn within_wal_end(verdict: BatchVerdict, wal_end: u64) -> BatchVerdic
     }
 }
 
+/// An unsealed batch (from an agent older than seals) that cannot be read
+/// is refused, not set aside: its position is not proven, so the watermark
+/// must not move to it.
+pub(crate) fn unsealed(verdict: BatchVerdict) -> BatchVerdict {
+    match verdict {
+        BatchVerdict::DeadLetter { reason, .. } => BatchVerdict::Refuse {
+            reason: format!(
+                "{reason}; the batch carries no seal, so its position is not proven and it is not set aside"
+            ),
+            kind: "undecodable",
+            forbidden: None,
+        },
+        other => other,
+    }
+}
+
 /// The fate of one Kafka record.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum RecordVerdict {
@@ -331,6 +347,49 @@ columns = { id = "keep", region = "keep" }"#,
         )
         .expect("valid policy");
         Enforcer::new(policy, None, &[("public.orders".into(), "region".into())])
+    }
+
+    #[test]
+    fn sealed_batches_stay_within_the_wal_end_and_unsealed_ones_are_never_set_aside() {
+        let t = transaction("a@example.com"); // ends at 0/108
+        let verdict = within_wal_end(BatchVerdict::Apply(vec![t.clone()]), 0x107);
+        match verdict {
+            BatchVerdict::Refuse {
+                kind: "unproven",
+                reason,
+                ..
+            } => assert!(
+                reason.contains("ending at 0/108, past the source's WAL end 0/107"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            within_wal_end(BatchVerdict::Apply(vec![t.clone()]), 0x108),
+            BatchVerdict::Apply(vec![t.clone()])
+        );
+        let garbage = b"MB\x01garbage".to_vec();
+        let verdict = unsealed(judge_batch(
+            (&garbage, ""),
+            codec::checksum(&garbage),
+            "eu",
+            "na",
+            None,
+        ));
+        assert!(
+            matches!(
+                verdict,
+                BatchVerdict::Refuse {
+                    kind: "undecodable",
+                    ..
+                }
+            ),
+            "{verdict:?}"
+        );
+        assert_eq!(
+            unsealed(BatchVerdict::Apply(vec![t.clone()])),
+            BatchVerdict::Apply(vec![t])
+        );
     }
 
     #[test]

@@ -211,13 +211,18 @@ pub async fn accept_incarnation(
         .bind(source)
         .fetch_optional(pool)
         .await?;
+        // the recorded incarnation is logged here, never told to the peer
         return Ok(match known {
             None => Ok(()),
-            Some(known) => Err(Refusal(format!(
-                "{source} sends without a slot incarnation (an agent older than its own slot), \
-                 but {destination} applied incarnation {known} from it: run this release's \
-                 agent in {source}"
-            ))),
+            Some(known) => {
+                tracing::error!(source, incarnation = %known,
+                    "refused a stream without a slot incarnation from a source that sent one");
+                Err(Refusal(format!(
+                    "{source} sends without a slot incarnation (an agent older than its own \
+                     slot), but {destination} applied one from it: run this release's agent \
+                     in {source}"
+                )))
+            }
         });
     }
     let known: String = sqlx::query_scalar(
@@ -231,10 +236,12 @@ pub async fn accept_incarnation(
     .fetch_one(pool)
     .await?;
     if known != incarnation {
+        tracing::error!(source, sent = %incarnation, applied = %known,
+            "refused a stream from another slot incarnation");
         return Ok(Err(Refusal(format!(
-            "{source} sends from slot incarnation {incarnation}, but {destination} applied \
-             incarnation {known}: {source}'s slot was lost and made anew, and changes between \
-             may be missing here; {}",
+            "{source} sends from slot incarnation {incarnation}, not the one {destination} \
+             applied (its log names it): {source}'s slot was lost and made anew, and changes \
+             between may be missing here; {}",
             resync(source, destination)
         ))));
     }

@@ -94,6 +94,11 @@ pub enum LinkError {
     /// incarnation, a source gone back in time).
     #[error("stopped: {0}")]
     Lifecycle(#[from] crate::lifecycle::Refusal),
+    /// A change the configuration does not let travel (larger than
+    /// `max_change_bytes`): the link waits at it until an operator raises
+    /// the limit.
+    #[error("stopped: {0}")]
+    TooLarge(String),
 }
 
 /// One link's configuration.
@@ -146,13 +151,14 @@ impl LinkError {
             LinkError::Store(meridian_apply::ApplyError::Waiting { .. }) => "waiting",
             LinkError::Store(_) => "store_unavailable",
             LinkError::Lifecycle(_) => "lifecycle",
+            LinkError::TooLarge(_) => "too_large",
         }
     }
 
     /// Whether the link waits for an operator (it then shows as stopped).
     fn needs_operator(&self) -> bool {
         match self {
-            LinkError::Lifecycle(_) => true,
+            LinkError::Lifecycle(_) | LinkError::TooLarge(_) => true,
             // the destination refused this source's incarnation
             LinkError::Peer(status) => {
                 status.code() == tonic::Code::FailedPrecondition
@@ -317,6 +323,7 @@ impl Link {
         )
         .await?;
         let confirmed = stream.confirmed();
+        let sent = stream.sent();
         confirmed.fetch_max(applied.0, Ordering::AcqRel);
         self.acked.fetch_max(applied.0, Ordering::AcqRel);
         self.telemetry
@@ -378,8 +385,6 @@ impl Link {
                         Err(_) => break,
                     }
                 }
-                seq += 1;
-                let end_lsn = batch.last().map_or(0, |t| t.end_lsn.0);
                 // nothing the policy forbids for this destination is encoded
                 let (batch, policy_version) = match residency::current(&self.policy) {
                     Some(policy) => {
@@ -391,56 +396,103 @@ impl Link {
                     None => (batch, 0),
                 };
                 if let Some(why) = too_large(&batch, self.max_change_bytes) {
-                    return Err(LinkError::Protocol(why));
+                    return Err(LinkError::TooLarge(why));
                 }
-                let payload = codec::encode(&batch);
-                let payload = match compression {
-                    "" => payload,
-                    _ => wire::compress(&payload),
-                };
-                self.telemetry.shipped(
-                    &self.destination,
-                    &telemetry::changes_per_table(&batch),
-                    payload.len(),
-                );
-                if end_lsn > wal_end {
-                    wal_end = flushed_wal_end(&source_pool).await?;
+                // what the policy made larger than a message carries goes as several
+                for (transactions, payload) in
+                    fit(batch, compression, self.message_limit).map_err(LinkError::TooLarge)?
+                {
+                    seq += 1;
+                    let end_lsn = transactions.last().map_or(0, |t| t.end_lsn.0);
+                    // a position the source flushed: what capture saw, else asked
+                    wal_end = wal_end.max(sent.load(Ordering::Acquire));
                     if end_lsn > wal_end {
-                        return Err(LinkError::Protocol(format!(
-                            "batch {seq} ends at {}, past the source store's flushed WAL end {}",
-                            Lsn(end_lsn),
-                            Lsn(wal_end)
-                        )));
+                        wal_end = flushed_wal_end(&source_pool).await?;
+                        if end_lsn > wal_end {
+                            return Err(LinkError::Protocol(format!(
+                                "batch {seq} ends at {}, past the source store's flushed WAL end {}",
+                                Lsn(end_lsn),
+                                Lsn(wal_end)
+                            )));
+                        }
                     }
-                }
-                let crc32 = codec::checksum(&payload);
-                let claims = codec::Claims {
-                    crc32,
-                    seq,
-                    end_lsn,
-                    source_wal_end: wal_end,
-                    incarnation: &incarnation,
-                };
-                let message = SourceMessage {
-                    kind: Some(source_message::Kind::Batch(Batch {
+                    let claims = codec::Claims {
+                        crc32: codec::checksum(&payload),
                         seq,
                         end_lsn,
-                        crc32,
-                        payload,
-                        policy_version,
-                        compression: compression.to_owned(),
                         source_wal_end: wal_end,
-                        seal: Some(claims.seal()),
-                    })),
-                };
-                outbound
-                    .send(message)
-                    .await
-                    .map_err(|_| LinkError::Closed)?;
-                in_flight.push_back(seq);
+                        compression,
+                        policy_version,
+                        incarnation: &incarnation,
+                    };
+                    self.telemetry.shipped(
+                        &self.destination,
+                        &telemetry::changes_per_table(&transactions),
+                        payload.len(),
+                    );
+                    let message = SourceMessage {
+                        kind: Some(source_message::Kind::Batch(Batch {
+                            seq,
+                            end_lsn,
+                            crc32: claims.crc32,
+                            payload,
+                            policy_version,
+                            compression: compression.to_owned(),
+                            source_wal_end: wal_end,
+                            seal: Some(claims.seal()),
+                        })),
+                    };
+                    outbound
+                        .send(message)
+                        .await
+                        .map_err(|_| LinkError::Closed)?;
+                    in_flight.push_back(seq);
+                }
             }
         }
     }
+}
+
+/// Transactions and the payload that carries them.
+type Piece = (Vec<Transaction>, Vec<u8>);
+
+/// Room a batch message needs beyond its payload (the other fields).
+const MESSAGE_FRAMING_BYTES: usize = 1 << 10;
+
+/// `batch` encoded (and compressed as `compression` says) in as many
+/// payloads as keep each message within `limit`: halved at transaction
+/// boundaries while too large (a policy's hashes and redactions can make a
+/// batch larger than its capture). One transaction too large alone is an
+/// error naming its table.
+fn fit(batch: Vec<Transaction>, compression: &str, limit: usize) -> Result<Vec<Piece>, String> {
+    let payload = codec::encode(&batch);
+    let payload = match compression {
+        "" => payload,
+        _ => wire::compress(&payload),
+    };
+    if payload.len() + MESSAGE_FRAMING_BYTES <= limit {
+        return Ok(vec![(batch, payload)]);
+    }
+    if batch.len() < 2 {
+        let tables: std::collections::BTreeSet<String> = batch
+            .iter()
+            .flat_map(|t| &t.changes)
+            .map(|c| format!("{}.{}", c.table.schema, c.table.name))
+            .collect();
+        return Err(format!(
+            "a piece of a transaction ending at {} encodes to {} bytes (tables {}), more than a \
+             message may carry ({limit}); raise [replication] max_change_bytes on every agent \
+             (receivers first) and restart them: the link waits there, nothing is skipped",
+            batch.first().map_or(Lsn(0), |t| t.end_lsn),
+            payload.len(),
+            tables.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let mut first = batch;
+    let second = first.split_off(first.len() / 2);
+    let mut parts = fit(first, compression, limit)?;
+    parts.extend(fit(second, compression, limit)?);
+    Ok(parts)
 }
 
 /// The source store's flushed WAL position: every transaction capture has
@@ -600,5 +652,71 @@ pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_core::change::{Change, Column, Table, Value};
+
+    fn transaction(end: u64, rows: usize, width: usize) -> Transaction {
+        let table = Arc::new(Table {
+            schema: "public".into(),
+            name: "orders".into(),
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    key: true,
+                },
+                Column {
+                    name: "note".into(),
+                    type_oid: 25,
+                    key: false,
+                },
+            ],
+        });
+        Transaction {
+            commit_lsn: Lsn(end - 8),
+            end_lsn: Lsn(end),
+            commit_time: 0,
+            changes: (0..rows)
+                .map(|i| Change {
+                    table: table.clone(),
+                    kind: ChangeKind::Insert {
+                        new: vec![
+                            Value::Text(i.to_string()),
+                            Value::Text(format!("{i:0width$}")),
+                        ],
+                    },
+                })
+                .collect(),
+            continues: false,
+            token: None,
+        }
+    }
+
+    #[test]
+    fn batches_too_large_for_a_message_go_as_several_in_order() {
+        let batch: Vec<Transaction> = (1..=10).map(|i| transaction(i * 100, 50, 1000)).collect();
+        let whole = codec::encode(&batch).len();
+        let limit = whole / 3;
+        let parts = fit(batch.clone(), "", limit).expect("fits in parts");
+        assert!(parts.len() >= 3, "{}", parts.len());
+        for (transactions, payload) in &parts {
+            assert!(payload.len() + MESSAGE_FRAMING_BYTES <= limit);
+            assert_eq!(&codec::decode(payload).expect("decodes"), transactions);
+        }
+        let again: Vec<Transaction> = parts.into_iter().flat_map(|(t, _)| t).collect();
+        assert_eq!(again, batch, "every transaction once, in order");
+        // small enough: one message
+        assert_eq!(fit(batch.clone(), "", whole * 2).expect("fits").len(), 1);
+        // one transaction too large alone: named, not split
+        let e = fit(vec![transaction(100, 50, 1000)], "", 4096).unwrap_err();
+        assert!(
+            e.contains("tables public.orders") && e.contains("max_change_bytes"),
+            "{e}"
+        );
     }
 }

@@ -327,9 +327,13 @@ async fn apply_stream(
             seq: batch.seq,
             end_lsn: batch.end_lsn,
             source_wal_end: batch.source_wal_end,
+            compression: &batch.compression,
+            policy_version: batch.policy_version,
             incarnation: &me.incarnation,
         };
-        let verdict = match claims.refusal(batch.seal) {
+        // damage first, then the claims: a corrupted crc is a crc mismatch
+        let damaged = codec::checksum(&batch.payload) != batch.crc32;
+        let verdict = match claims.refusal(batch.seal).filter(|_| !damaged) {
             Some(reason) => BatchVerdict::Refuse {
                 reason,
                 kind: "unproven",
@@ -347,7 +351,7 @@ async fn apply_stream(
         };
         let verdict = match batch.seal {
             Some(_) => inbound::within_wal_end(verdict, batch.source_wal_end),
-            None => verdict,
+            None => inbound::unsealed(verdict),
         };
         let applied = match verdict {
             BatchVerdict::Apply(transactions) => {

@@ -41,7 +41,7 @@ pub(crate) fn decompress<'a>(
         ZSTD => {
             // streamed, so memory grows with what the payload really holds
             use std::io::Read;
-            let mut out = Vec::with_capacity(payload.len().saturating_mul(4));
+            let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(limit));
             zstd::stream::read::Decoder::new(payload)
                 .and_then(|d| d.take(limit as u64 + 1).read_to_end(&mut out))
                 .map_err(|e| {

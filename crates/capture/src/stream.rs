@@ -127,6 +127,8 @@ pub struct ReplicationStream {
     confirmed: Arc<AtomicU64>,
     /// Highest WAL position the server said it has sent.
     received: Lsn,
+    /// The same, shared: WAL the server decoded and sent, so flushed.
+    sent: Arc<AtomicU64>,
     last_status: Instant,
 }
 
@@ -155,6 +157,7 @@ impl ReplicationStream {
             decoder: Decoder::with_keys(keys).skipping_origins(REPLICATED_ORIGINS),
             confirmed: Arc::new(AtomicU64::new(start.0)),
             received: start,
+            sent: Arc::new(AtomicU64::new(start.0)),
             last_status: Instant::now(),
         };
         stream.login(&info).await?;
@@ -271,6 +274,13 @@ impl ReplicationStream {
         self.received
     }
 
+    /// [`ReplicationStream::received`], shared and kept current: a position
+    /// the source store has flushed (logical decoding reads only flushed
+    /// WAL; a commit's message carries its transaction's end).
+    pub fn sent(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
+    }
+
     /// Returns the next committed transaction to ship. Transactions written by
     /// Meridian's apply sessions are skipped. Reports status to the server
     /// while waiting.
@@ -310,6 +320,7 @@ impl ReplicationStream {
                     let wal_end = body.get_u64();
                     let _sent = body.get_i64();
                     self.received = self.received.max(Lsn(wal_end));
+                    self.sent.fetch_max(wal_end, Ordering::AcqRel);
                     match self.decoder.decode(&body)? {
                         Decoded::Committed {
                             transaction,
@@ -343,6 +354,7 @@ impl ReplicationStream {
                     let _sent = body.get_i64();
                     let reply = body.get_u8() == 1;
                     self.received = self.received.max(Lsn(wal_end));
+                    self.sent.fetch_max(wal_end, Ordering::AcqRel);
                     if reply {
                         self.send_status(false).await?;
                     }

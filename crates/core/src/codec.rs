@@ -52,26 +52,38 @@ pub fn checksum(payload: &[u8]) -> u32 {
 }
 
 /// What a batch claims beyond its payload, sealed with it: the payload's
-/// crc32, the batch's sequence number, the position the watermark moves to
-/// and the source's WAL end when it was sent, bound to the source slot's
+/// crc32, the batch's sequence number, the position the watermark moves to,
+/// the source's WAL end when it was sent, how the payload is compressed and
+/// the policy version it was filtered with, bound to the source slot's
 /// incarnation.
+///
+/// The seal is an integrity check, not a signature: it catches a batch
+/// whose claims were damaged or altered apart from its payload, and a
+/// sender whose claims disagree. Who may send for a region is decided by
+/// its certificate (mTLS); whoever holds that can also seal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Claims<'a> {
     pub crc32: u32,
     pub seq: u64,
     pub end_lsn: u64,
     pub source_wal_end: u64,
+    pub compression: &'a str,
+    pub policy_version: u64,
     pub incarnation: &'a str,
 }
 
 impl Claims<'_> {
-    /// crc32 of the claims, each number big-endian, then the incarnation.
+    /// crc32 of the claims: each number big-endian, the compression's name
+    /// after its length, then the incarnation.
     pub fn seal(&self) -> u32 {
         let mut h = crc32fast::Hasher::new();
         h.update(&self.crc32.to_be_bytes());
         h.update(&self.seq.to_be_bytes());
         h.update(&self.end_lsn.to_be_bytes());
         h.update(&self.source_wal_end.to_be_bytes());
+        h.update(&self.policy_version.to_be_bytes());
+        h.update(&(self.compression.len() as u32).to_be_bytes());
+        h.update(self.compression.as_bytes());
         h.update(self.incarnation.as_bytes());
         h.finalize()
     }
@@ -83,7 +95,7 @@ impl Claims<'_> {
         match seal {
             Some(seal) if seal != self.seal() => {
                 return Some(format!(
-                    "batch {} does not match its seal: its position, WAL end or incarnation were changed after it was sealed",
+                    "batch {} does not match its seal: its position, WAL end, compression, policy version or incarnation were changed after it was sealed",
                     self.seq
                 ));
             }
@@ -374,6 +386,8 @@ mod tests {
             seq: 3,
             end_lsn: 0x100,
             source_wal_end: 0x180,
+            compression: "zstd",
+            policy_version: 2,
             incarnation: "0c2f",
         };
         let seal = claims.seal();
@@ -391,6 +405,14 @@ mod tests {
             },
             Claims {
                 incarnation: "0c2e",
+                ..claims
+            },
+            Claims {
+                compression: "",
+                ..claims
+            },
+            Claims {
+                policy_version: 3,
                 ..claims
             },
         ] {

@@ -604,12 +604,6 @@ impl Topology {
                     .to_owned(),
             ));
         }
-        if topology.replication.batch_max_changes > 1_000_000 {
-            return Err(err(format!(
-                "replication.batch_max_changes: found {}; expected at most 1000000 (a batch of more gains nothing and bounds memory loosely)",
-                topology.replication.batch_max_changes
-            )));
-        }
         let change = topology.replication.max_change_bytes;
         if !(1 << 20..=1 << 30).contains(&change) {
             return Err(err(format!(
@@ -1175,7 +1169,6 @@ mod tests {
         for (key, bad) in [
             ("max_change_bytes", "1000"),
             ("max_change_bytes", "2147483648"),
-            ("batch_max_changes", "2000000"),
         ] {
             let text = format!("{GOOD}\n[replication]\n{key} = {bad}\n");
             let e = Topology::parse(&text, "t.toml").unwrap_err().to_string();
