@@ -818,8 +818,9 @@ async fn unique_constraints_beyond_the_key(kafka: bool) -> anyhow::Result<()> {
         {
             assert!(
                 Instant::now() < deadline,
-                "a new key's insert waits for its old key's delete:\n{}",
-                d.agent_log("eu")
+                "a new key's insert waits for its old key's delete:\neu:\n{}\nna:\n{}",
+                d.agent_log("eu"),
+                d.agent_log("na")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -83,7 +83,9 @@ pub(crate) fn judge_batch(
             };
         }
     };
-    match codec::decode(&payload) {
+    // decoded rows as the sender counts them stay within what a message
+    // may carry, whatever NULLs the bytes pack
+    match codec::decode_within(&payload, limit) {
         Ok(transactions) => {
             if let Some(reason) = outside_topology(&transactions, keys) {
                 return BatchVerdict::Refuse {

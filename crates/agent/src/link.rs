@@ -460,7 +460,8 @@ type Piece = (Vec<Transaction>, Vec<u8>);
 const MESSAGE_FRAMING_BYTES: usize = 1 << 10;
 
 /// `batch` encoded (and compressed as `compression` says) in as many
-/// payloads as keep each message within `limit`: halved at transaction
+/// payloads as keep each message, and its rows once decoded
+/// ([`codec::decode_within`]), within `limit`: halved at transaction
 /// boundaries while too large (a policy's hashes and redactions can make a
 /// batch larger than its capture). One transaction too large alone is an
 /// error naming its table.
@@ -470,7 +471,9 @@ fn fit(batch: Vec<Transaction>, compression: &str, limit: usize) -> Result<Vec<P
         "" => payload,
         _ => wire::compress(&payload),
     };
-    if payload.len() + MESSAGE_FRAMING_BYTES <= limit {
+    // the receiver bounds both: the message, and its rows once decoded
+    let rows: usize = batch.iter().map(Transaction::approx_bytes).sum();
+    if payload.len() + MESSAGE_FRAMING_BYTES <= limit && rows <= limit {
         return Ok(vec![(batch, payload)]);
     }
     if batch.len() < 2 {

@@ -44,6 +44,8 @@ pub enum CodecError {
     NotUtf8,
     #[error("{0} trailing bytes after the batch")]
     Trailing(usize),
+    #[error("batch rows take more than {0} bytes decoded (counted as the sender counts them)")]
+    TooLarge(usize),
 }
 
 /// crc32 (IEEE) of an encoded batch.
@@ -192,6 +194,23 @@ pub fn encode(transactions: &[Transaction]) -> Vec<u8> {
 
 /// Decodes a batch payload. Never panics on malformed input.
 pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
+    decode_within(payload, usize::MAX)
+}
+
+/// [`decode`], stopping with [`CodecError::TooLarge`] once the rows read
+/// take more than `budget` bytes as [`crate::change::row_bytes`] counts
+/// them (as a sender closes its batches), so memory stays proportionate to
+/// what a legitimate batch holds: a NULL is one byte on the wire but a
+/// value in memory.
+pub fn decode_within(payload: &[u8], budget: usize) -> Result<Vec<Transaction>, CodecError> {
+    let mut spent = 0usize;
+    let mut charge = |row: &Row| {
+        spent = spent.saturating_add(crate::change::row_bytes(row));
+        match spent > budget {
+            true => Err(CodecError::TooLarge(budget)),
+            false => Ok(()),
+        }
+    };
     let mut r = Reader(payload);
     if r.take(2, "magic")? != MAGIC {
         return Err(CodecError::BadMagic);
@@ -284,6 +303,16 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Transaction>, CodecError> {
                     });
                 }
             };
+            match &kind {
+                ChangeKind::Insert { new } => charge(new)?,
+                ChangeKind::Update { old, new } => {
+                    charge(new)?;
+                    if let Some(old) = old {
+                        charge(old)?;
+                    }
+                }
+                ChangeKind::Delete { old } => charge(old)?,
+            }
             changes.push(Change { table, kind });
         }
         transactions.push(Transaction {
@@ -378,6 +407,44 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn decoding_stops_at_its_budget() {
+        let table = Arc::new(Table {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: (0..100)
+                .map(|i| Column {
+                    name: format!("c{i}"),
+                    type_oid: 25,
+                    key: i == 0,
+                })
+                .collect(),
+        });
+        // 1,000 rows of 100 NULLs: 100 kB on the wire, 800 kB as counted
+        let t = Transaction {
+            commit_lsn: Lsn(1),
+            end_lsn: Lsn(2),
+            commit_time: 0,
+            changes: (0..1000)
+                .map(|_| Change {
+                    table: table.clone(),
+                    kind: ChangeKind::Insert {
+                        new: vec![Value::Null; 100],
+                    },
+                })
+                .collect(),
+            continues: false,
+            token: None,
+        };
+        let payload = encode(std::slice::from_ref(&t));
+        assert!(payload.len() < 120_000, "{}", payload.len());
+        assert_eq!(decode_within(&payload, 800_000).unwrap(), vec![t]);
+        assert!(matches!(
+            decode_within(&payload, 799_999),
+            Err(CodecError::TooLarge(799_999))
+        ));
+    }
 
     #[test]
     fn a_seal_binds_the_claims() {
