@@ -19,6 +19,8 @@ pub(crate) struct Baseline {
     pub policy_sha256: String,
     /// Of the policy's hash key; empty: none.
     pub hash_key_fingerprint: String,
+    /// The commit the agent was built from; empty: unknown.
+    pub build: String,
     pub migrations_applied: Vec<i64>,
     /// The migrations the region's agent carries.
     pub migrations_known: Vec<i64>,
@@ -56,6 +58,7 @@ impl Baseline {
             topology_sha256: b.topology_sha256.clone(),
             policy_sha256: b.policy_sha256.clone(),
             hash_key_fingerprint: b.hash_key_fingerprint.clone(),
+            build: b.build.clone(),
             migrations_applied: b.migrations_applied.clone(),
             migrations_known: b.migrations_known.clone(),
             tables: b
@@ -123,6 +126,24 @@ pub(crate) fn compare(regions: &BTreeMap<String, Baseline>) -> Vec<Drift> {
             false => format!("have fingerprint {}", b.hash_key_fingerprint),
         },
     );
+    // builds of one version from different commits (unknown builds aside)
+    let versions: BTreeSet<&String> = regions.values().map(|b| &b.version).collect();
+    if versions.len() == 1 {
+        let mut builds: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (name, b) in regions.iter().filter(|(_, b)| !b.build.is_empty()) {
+            builds.entry(&b.build).or_default().push(name);
+        }
+        if builds.len() > 1 {
+            let parts: Vec<String> = builds
+                .iter()
+                .map(|(build, names)| format!("{} run {build}", names.join(", ")))
+                .collect();
+            out.push(Drift {
+                what: "build",
+                message: format!("agent builds differ: {}", parts.join("; ")),
+            });
+        }
+    }
 
     let read: BTreeMap<&String, &Baseline> = regions
         .iter()
@@ -204,6 +225,7 @@ mod tests {
             topology_sha256: "ab".repeat(32),
             policy_sha256: policy.into(),
             hash_key_fingerprint: "0f1e2d3c4b5a6978".into(),
+            build: "0123456789ab".into(),
             migrations_applied: migrations.to_vec(),
             migrations_known: vec![1, 2],
             tables: [(
@@ -280,6 +302,30 @@ mod tests {
             }]
         );
         assert!(!drift[0].is_difference(), "an outage is not drift");
+    }
+
+    #[test]
+    fn builds_of_one_version_from_different_commits_drift() {
+        let na = region("cd", &[1, 2], &["id bigint"]);
+        let mut eu = na.clone();
+        eu.build = "ba9876543210".into();
+        let mut apac = na.clone();
+        apac.build.clear(); // built outside a checkout: not compared
+        let drift = compare(
+            &[
+                ("na".to_owned(), na),
+                ("eu".to_owned(), eu),
+                ("apac".to_owned(), apac),
+            ]
+            .into(),
+        );
+        assert_eq!(
+            drift,
+            vec![Drift {
+                what: "build",
+                message: "agent builds differ: na run 0123456789ab; eu run ba9876543210".into()
+            }]
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub(crate) async fn read(pool: &PgPool, topology: &Topology, policy: &SharedPoli
             .and_then(|p| p.key_fingerprint())
             .unwrap_or_default(),
         migrations_known: meridian_apply::MIGRATOR.iter().map(|m| m.version).collect(),
+        build: env!("MERIDIAN_BUILD").to_owned(),
         ..Baseline::default()
     };
     match from_store(pool, topology).await {
