@@ -84,11 +84,12 @@ pub(crate) struct Drift {
 /// The differences among `regions` (name -> baseline). Empty: they agree.
 pub(crate) fn compare(regions: &BTreeMap<String, Baseline>) -> Vec<Drift> {
     let mut out = Vec::new();
-    let mut same = |what: &'static str, noun: &str, value: &dyn Fn(&Baseline) -> String| {
+    // regions grouped by `value`; `None`: the region is not compared on it
+    let mut same = |what: &'static str, noun: &str, value: &dyn Fn(&Baseline) -> Option<String>| {
         let mut groups: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         for (name, b) in regions {
-            if b.reported || what == "version" {
-                groups.entry(value(b)).or_default().push(name);
+            if let Some(v) = value(b) {
+                groups.entry(v).or_default().push(name);
             }
         }
         if groups.len() > 1 {
@@ -103,47 +104,31 @@ pub(crate) fn compare(regions: &BTreeMap<String, Baseline>) -> Vec<Drift> {
         }
     };
     same("version", "agent versions", &|b| {
-        format!("run {}", b.version)
+        Some(format!("run {}", b.version))
     });
-    let short = |hex: &str| hex.get(..12).unwrap_or(hex).to_owned();
-    same("topology", "topology files", &|b| {
-        format!("have sha256 {}", short(&b.topology_sha256))
-    });
-    same(
-        "policy",
-        "residency policy files",
-        &|b| match b.policy_sha256.is_empty() {
-            true => "have no policy".to_owned(),
-            false => format!("have sha256 {}", short(&b.policy_sha256)),
-        },
-    );
-
-    same(
-        "hash_key",
-        "policy hash keys",
-        &|b| match b.hash_key_fingerprint.is_empty() {
-            true => "have none".to_owned(),
-            false => format!("have fingerprint {}", b.hash_key_fingerprint),
-        },
-    );
     // builds of one version from different commits (unknown builds aside)
     let versions: BTreeSet<&String> = regions.values().map(|b| &b.version).collect();
-    if versions.len() == 1 {
-        let mut builds: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (name, b) in regions.iter().filter(|(_, b)| !b.build.is_empty()) {
-            builds.entry(&b.build).or_default().push(name);
-        }
-        if builds.len() > 1 {
-            let parts: Vec<String> = builds
-                .iter()
-                .map(|(build, names)| format!("{} run {build}", names.join(", ")))
-                .collect();
-            out.push(Drift {
-                what: "build",
-                message: format!("agent builds differ: {}", parts.join("; ")),
-            });
-        }
-    }
+    same("build", "agent builds", &|b| {
+        (versions.len() == 1 && !b.build.is_empty()).then(|| format!("run {}", b.build))
+    });
+    // an agent older than baselines is compared on its version alone
+    let short = |hex: &str| hex.get(..12).unwrap_or(hex).to_owned();
+    same("topology", "topology files", &|b| {
+        b.reported
+            .then(|| format!("have sha256 {}", short(&b.topology_sha256)))
+    });
+    same("policy", "residency policy files", &|b| {
+        b.reported.then(|| match b.policy_sha256.is_empty() {
+            true => "have no policy".to_owned(),
+            false => format!("have sha256 {}", short(&b.policy_sha256)),
+        })
+    });
+    same("hash_key", "policy hash keys", &|b| {
+        b.reported.then(|| match b.hash_key_fingerprint.is_empty() {
+            true => "have none".to_owned(),
+            false => format!("have fingerprint {}", b.hash_key_fingerprint),
+        })
+    });
 
     let read: BTreeMap<&String, &Baseline> = regions
         .iter()

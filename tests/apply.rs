@@ -583,7 +583,7 @@ async fn schema_changes_wait_and_bad_data_is_dead_lettered_then_replayed() -> an
 #[tokio::test]
 async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()> {
     use meridian_proto::replication::{
-        Batch, Hello, SourceMessage, destination_message, replication_client::ReplicationClient,
+        Hello, SourceMessage, destination_message, replication_client::ReplicationClient,
         source_message,
     };
     let mut d = start_notes(&["na", "eu"]).await?;
@@ -605,15 +605,7 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
     payload.push(9);
     payload.extend_from_slice(&[0, 0, 0, 0]);
     let incarnation = d.incarnation("na", "eu").await?;
-    let claims = meridian_core::codec::Claims {
-        crc32: meridian_core::codec::checksum(&payload),
-        seq: 1,
-        end_lsn: before as u64 + 1_000_000,
-        source_wal_end: before as u64 + 1_000_000,
-        compression: "",
-        policy_version: 0,
-        incarnation: &incarnation,
-    };
+    let end = before as u64 + 1_000_000;
     let messages = vec![
         SourceMessage {
             kind: Some(source_message::Kind::Hello(Hello {
@@ -623,16 +615,13 @@ async fn a_batch_in_a_newer_format_is_refused_not_skipped() -> anyhow::Result<()
             })),
         },
         SourceMessage {
-            kind: Some(source_message::Kind::Batch(Batch {
-                seq: 1,
-                end_lsn: claims.end_lsn,
-                crc32: claims.crc32,
+            kind: Some(source_message::Kind::Batch(meridian_testkit::sealed_batch(
+                1,
                 payload,
-                policy_version: 0,
-                compression: String::new(),
-                source_wal_end: claims.source_wal_end,
-                seal: Some(claims.seal()),
-            })),
+                end,
+                end,
+                &incarnation,
+            ))),
         },
     ];
     let mut replies = client

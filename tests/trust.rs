@@ -98,27 +98,26 @@ fn sealed(
     incarnation: &str,
     wal_end: Option<u64>,
 ) -> Batch {
-    let payload = codec::encode(transactions);
     let end_lsn = transactions.last().map_or(0, |t| t.end_lsn.0);
-    let claims = codec::Claims {
-        crc32: codec::checksum(&payload),
+    meridian_testkit::sealed_batch(
         seq,
+        codec::encode(transactions),
         end_lsn,
-        source_wal_end: wal_end.unwrap_or(end_lsn),
-        compression: "",
-        policy_version: 0,
+        wal_end.unwrap_or(end_lsn),
         incarnation,
-    };
-    Batch {
-        seq,
-        end_lsn,
-        crc32: claims.crc32,
-        payload,
-        policy_version: 0,
-        compression: String::new(),
-        source_wal_end: claims.source_wal_end,
-        seal: Some(claims.seal()),
-    }
+    )
+}
+
+/// Sends `batch` as na on a new stream to eu; the Nack's reason.
+async fn refused_as_na(d: &Deployment, incarnation: &str, batch: Batch) -> anyhow::Result<String> {
+    send_as_na(
+        d.channel_as(Identity::Region("na".into()), "eu").await?,
+        incarnation,
+        vec![batch],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?
+    .ok_or_else(|| anyhow::anyhow!("the batch was taken, not refused"))
 }
 
 /// Opens a replication stream to eu as `na` (a Hello with `incarnation`)
@@ -314,7 +313,6 @@ async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> any
         "SELECT end_lsn FROM meridian.watermarks WHERE source_region = 'na'",
     )
     .await?;
-    let na = Identity::Region("na".into());
     let incarnation = na_incarnation(&d).await?;
 
     // a write to Meridian's own watermark table
@@ -332,14 +330,7 @@ async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> any
             },
         }],
     );
-    let nack = send_as_na(
-        d.channel_as(na.clone(), "eu").await?,
-        &incarnation,
-        vec![sealed(1, &[forged], &incarnation, None)],
-    )
-    .await
-    .map_err(anyhow::Error::msg)?
-    .expect("refused");
+    let nack = refused_as_na(&d, &incarnation, sealed(1, &[forged], &incarnation, None)).await?;
     assert!(
         nack.contains("\"meridian.watermarks\" is not replicated by this region's topology"),
         "{nack}"
@@ -360,14 +351,7 @@ async fn even_the_sources_certificate_cannot_write_outside_the_topology() -> any
             },
         }],
     );
-    let nack = send_as_na(
-        d.channel_as(na.clone(), "eu").await?,
-        &incarnation,
-        vec![sealed(1, &[forged], &incarnation, None)],
-    )
-    .await
-    .map_err(anyhow::Error::msg)?
-    .expect("refused");
+    let nack = refused_as_na(&d, &incarnation, sealed(1, &[forged], &incarnation, None)).await?;
     assert!(
         nack.contains("marks [\"region\"] as its key columns"),
         "{nack}"
@@ -766,14 +750,7 @@ async fn a_watermark_moves_only_to_a_sealed_position_within_the_sources_wal() ->
     // the position raised after the batch was sealed
     let mut moved = sealed(1, std::slice::from_ref(&empty), &incarnation, None);
     moved.end_lsn = u64::MAX / 2;
-    let nack = send_as_na(
-        d.channel_as(na.clone(), "eu").await?,
-        &incarnation,
-        vec![moved],
-    )
-    .await
-    .map_err(anyhow::Error::msg)?
-    .expect("refused");
+    let nack = refused_as_na(&d, &incarnation, moved).await?;
     assert!(nack.contains("does not match its seal"), "{nack}");
 
     // sealed, but past the WAL end it states
@@ -783,27 +760,13 @@ async fn a_watermark_moves_only_to_a_sealed_position_within_the_sources_wal() ->
         &incarnation,
         Some(before + 8),
     );
-    let nack = send_as_na(
-        d.channel_as(na.clone(), "eu").await?,
-        &incarnation,
-        vec![past],
-    )
-    .await
-    .map_err(anyhow::Error::msg)?
-    .expect("refused");
+    let nack = refused_as_na(&d, &incarnation, past).await?;
     assert!(nack.contains("past the source's WAL end"), "{nack}");
 
     // no seal at all, as an agent older than incarnations would send
     let mut bare = sealed(1, &[empty], &incarnation, None);
     bare.seal = None;
-    let nack = send_as_na(
-        d.channel_as(na.clone(), "eu").await?,
-        &incarnation,
-        vec![bare],
-    )
-    .await
-    .map_err(anyhow::Error::msg)?
-    .expect("refused");
+    let nack = refused_as_na(&d, &incarnation, bare).await?;
     assert!(nack.contains("carries no seal"), "{nack}");
 
     // and such an agent cannot take na's place: eu applied an incarnation

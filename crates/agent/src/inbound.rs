@@ -123,10 +123,41 @@ pub(crate) fn judge_batch(
     }
 }
 
+/// The verdict on a batch once its claims are weighed: damage stays a crc
+/// mismatch; claims that do not hold ([`codec::Claims::refusal`]) refuse the
+/// batch whatever its payload; a sealed batch stays within its WAL end
+/// ([`within_wal_end`]); an unsealed one is never set aside ([`unsealed`]).
+pub(crate) fn judge_claims(
+    verdict: BatchVerdict,
+    claims: &codec::Claims,
+    seal: Option<u32>,
+) -> BatchVerdict {
+    if matches!(
+        verdict,
+        BatchVerdict::Refuse {
+            kind: "crc_mismatch",
+            ..
+        }
+    ) {
+        return verdict;
+    }
+    if let Some(reason) = claims.refusal(seal) {
+        return BatchVerdict::Refuse {
+            reason,
+            kind: "unproven",
+            forbidden: None,
+        };
+    }
+    match seal {
+        Some(_) => within_wal_end(verdict, claims.source_wal_end),
+        None => unsealed(verdict),
+    }
+}
+
 /// A batch to apply whose payload holds a transaction past the source's
 /// WAL end (as the sealed batch states it) is refused instead: the
 /// watermark only moves to positions the source has written.
-pub(crate) fn within_wal_end(verdict: BatchVerdict, wal_end: u64) -> BatchVerdict {
+fn within_wal_end(verdict: BatchVerdict, wal_end: u64) -> BatchVerdict {
     match verdict {
         BatchVerdict::Apply(transactions) => {
             match transactions.iter().find(|t| t.end_lsn.0 > wal_end) {
@@ -149,7 +180,7 @@ pub(crate) fn within_wal_end(verdict: BatchVerdict, wal_end: u64) -> BatchVerdic
 /// An unsealed batch (from an agent older than seals) that cannot be read
 /// is refused, not set aside: its position is not proven, so the watermark
 /// must not move to it.
-pub(crate) fn unsealed(verdict: BatchVerdict) -> BatchVerdict {
+fn unsealed(verdict: BatchVerdict) -> BatchVerdict {
     match verdict {
         BatchVerdict::DeadLetter { reason, .. } => BatchVerdict::Refuse {
             reason: format!(
@@ -390,6 +421,39 @@ columns = { id = "keep", region = "keep" }"#,
         );
         assert_eq!(
             unsealed(BatchVerdict::Apply(vec![t.clone()])),
+            BatchVerdict::Apply(vec![t.clone()])
+        );
+        // damage is damage, whatever the claims; then the claims decide
+        let claims = codec::Claims {
+            crc32: 1,
+            seq: 1,
+            end_lsn: 0x108,
+            source_wal_end: 0x108,
+            compression: "",
+            policy_version: 0,
+            incarnation: "0c2f",
+        };
+        let damaged = judge_batch((&garbage, ""), 0, "eu", "na", None);
+        assert!(matches!(
+            judge_claims(damaged, &claims, Some(0)),
+            BatchVerdict::Refuse {
+                kind: "crc_mismatch",
+                ..
+            }
+        ));
+        assert!(matches!(
+            judge_claims(BatchVerdict::Apply(vec![t.clone()]), &claims, Some(0)),
+            BatchVerdict::Refuse {
+                kind: "unproven",
+                ..
+            }
+        ));
+        assert_eq!(
+            judge_claims(
+                BatchVerdict::Apply(vec![t.clone()]),
+                &claims,
+                Some(claims.seal())
+            ),
             BatchVerdict::Apply(vec![t])
         );
     }

@@ -331,28 +331,16 @@ async fn apply_stream(
             policy_version: batch.policy_version,
             incarnation: &me.incarnation,
         };
-        // damage first, then the claims: a corrupted crc is a crc mismatch
-        let damaged = codec::checksum(&batch.payload) != batch.crc32;
-        let verdict = match claims.refusal(batch.seal).filter(|_| !damaged) {
-            Some(reason) => BatchVerdict::Refuse {
-                reason,
-                kind: "unproven",
-                forbidden: None,
-            },
-            None => inbound::judge_batch(
-                (&batch.payload, &batch.compression),
-                batch.crc32,
-                source,
-                &me.region,
-                policy.as_deref(),
-                &me.keys,
-                me.message_limit,
-            ),
-        };
-        let verdict = match batch.seal {
-            Some(_) => inbound::within_wal_end(verdict, batch.source_wal_end),
-            None => inbound::unsealed(verdict),
-        };
+        let verdict = inbound::judge_batch(
+            (&batch.payload, &batch.compression),
+            batch.crc32,
+            source,
+            &me.region,
+            policy.as_deref(),
+            &me.keys,
+            me.message_limit,
+        );
+        let verdict = inbound::judge_claims(verdict, &claims, batch.seal);
         let applied = match verdict {
             BatchVerdict::Apply(transactions) => {
                 let started = Instant::now();

@@ -76,3 +76,35 @@ pub async fn http_get_status(addr: &str, path: &str) -> anyhow::Result<(u16, Str
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A replication batch of `payload` (an encoded batch, uncompressed) as an
+/// agent seals it, for tests that speak to a receiver themselves: it ends
+/// at `end_lsn`, claims `wal_end` as the source's WAL end, and is bound to
+/// `incarnation`.
+pub fn sealed_batch(
+    seq: u64,
+    payload: Vec<u8>,
+    end_lsn: u64,
+    wal_end: u64,
+    incarnation: &str,
+) -> meridian_proto::replication::Batch {
+    let claims = meridian_core::codec::Claims {
+        crc32: meridian_core::codec::checksum(&payload),
+        seq,
+        end_lsn,
+        source_wal_end: wal_end,
+        compression: "",
+        policy_version: 0,
+        incarnation,
+    };
+    meridian_proto::replication::Batch {
+        seq,
+        end_lsn,
+        crc32: claims.crc32,
+        payload,
+        policy_version: 0,
+        compression: String::new(),
+        source_wal_end: wal_end,
+        seal: Some(claims.seal()),
+    }
+}
