@@ -396,7 +396,7 @@ impl Telemetry {
             "Partitions (Kafka) or streams (gRPC) from the source that stopped on an error in this region and have not applied since.",
             m.inbound_stalled.clone(),
         );
-        r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture (links); crc_mismatch, unproven (a seal or WAL end that does not hold), policy_violation, undecodable, store_unavailable (receiver); schema, version, kafka, bad_record, not_in_topology (both); heartbeat, monitor (source store).", m.errors.clone());
+        r.register(ERRORS, "Errors by kind: connect, peer, refused, closed, protocol, capture, lifecycle, too_large, blocked, waiting (links); crc_mismatch, unproven (a seal or WAL end that does not hold), policy_violation, undecodable, store_unavailable (receiver); schema, version, kafka, bad_record, not_in_topology (both); heartbeat, monitor (source store).", m.errors.clone());
         r.register(
             REFUSED,
             "Connections and calls refused for who they came from: no_certificate, unknown_ca, expired, bad_certificate, not_tls, handshake, timeout, no_identity, too_many_handshakes, too_many_from_address, too_many_connections, too_many_from_identity (at the TLS handshake); wrong_region, not_a_region, not_an_operator (at the call).",
