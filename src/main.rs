@@ -12,6 +12,7 @@ mod policy;
 mod resync;
 mod slots;
 mod status;
+mod sync;
 
 use std::path::PathBuf;
 
@@ -111,6 +112,13 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Initial sync: copy the rows a source already holds to a destination,
+    /// filtered by the residency policy as streamed changes are, while
+    /// writes continue (new links and new tables are copied without asking).
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+    },
     /// Serve a live page for every region: lag matrix, lag over the last
     /// hour, throughput and slot retention.
     Dashboard {
@@ -124,6 +132,31 @@ enum Command {
         interval_ms: u64,
         #[command(flatten)]
         thresholds: ThresholdArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Queue a copy over one link and follow it with a progress bar.
+    Start {
+        #[arg(long)]
+        config: PathBuf,
+        /// SOURCE:DESTINATION, e.g. na:eu.
+        #[arg(long)]
+        link: String,
+        /// A table to copy (repeatable); every replicated table without it.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Return once queued instead of following the copy.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Rows and bytes copied per link and table, rate and time left.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -422,6 +455,18 @@ fn run() -> anyhow::Result<()> {
                 thresholds,
             } => status::run(&config, thresholds.get(), json).await,
             Command::Resync { config, link, yes } => resync::run(&config, &link, yes).await,
+            Command::Sync {
+                command:
+                    SyncCommand::Start {
+                        config,
+                        link,
+                        tables,
+                        detach,
+                    },
+            } => sync::start(&config, &link, &tables, detach).await,
+            Command::Sync {
+                command: SyncCommand::Status { config, json },
+            } => sync::status(&config, json).await,
             Command::Slots {
                 command: SlotsCommand::Prune { config, yes },
             } => slots::prune(&config, yes).await,

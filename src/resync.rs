@@ -8,12 +8,13 @@
 //!    replication origin (so the destination's own links never ship it):
 //!    delete every row homed in the source from each replicated table, and
 //!    forget the source's watermark, incarnation and Kafka positions;
-//! 3. at the source: rewrite every row homed there in place
-//!    (`UPDATE t SET home = home WHERE home = SOURCE`), so each is captured
-//!    again and reaches the destination through the policy as usual.
+//! 3. at the source: queue an initial sync of every replicated table to
+//!    the destination (`meridian.sync_tables`): once the link resumes, its
+//!    copier copies every row homed there, through the policy, at its true
+//!    position in the stream (see `crates/agent/src/sync.rs`).
 //!
-//! The source's other peers receive the rewritten rows too (idempotent).
-//! Row triggers on the source tables fire for the rewrite.
+//! Nothing is written at the source's tables and its other peers are not
+//! involved.
 
 use std::path::Path;
 
@@ -56,7 +57,7 @@ pub(crate) async fn run(config: &Path, link: &str, yes: bool) -> anyhow::Result<
     println!("  {destination}: forget {source}'s watermark, incarnation and Kafka positions");
     for t in &topology.tables {
         println!(
-            "  {source}: rewrite the rows of {} whose {} is {source} (they replicate again)",
+            "  {source}: copy the rows of {} whose {} is {source} to {destination} (initial sync)",
             t.name, t.home_column
         );
     }
@@ -138,28 +139,27 @@ pub(crate) async fn run(config: &Path, link: &str, yes: bool) -> anyhow::Result<
         .execute(&mut dst)
         .await?;
 
-    // 3. every row homed in the source, captured again
+    // 3. every row homed in the source, copied again once the link resumes
+    let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+    meridian_agent::sync::request(&mut src, destination, &tables, "resync")
+        .await
+        .with_context(|| format!("queueing the copy of {source}'s rows in {source}'s store"))?;
     for t in &topology.tables {
         let (schema, name) = t.split_name();
-        let home = quote_ident(&t.home_column);
-        let rewritten = sqlx::query(&format!(
-            "UPDATE {}.{} SET {home} = {home} WHERE {home} = $1",
+        let rows: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}.{} WHERE {} = $1",
             quote_ident(schema),
             quote_ident(name),
+            quote_ident(&t.home_column)
         ))
         .bind(source)
-        .execute(&mut src)
-        .await
-        .with_context(|| format!("rewriting {source}'s rows of {} in {source}", t.name))?;
-        println!(
-            "{source}: rewrote {} row(s) of {}",
-            rewritten.rows_affected(),
-            t.name
-        );
+        .fetch_one(&mut src)
+        .await?;
+        println!("{source}: queued a copy of {rows} row(s) of {}", t.name);
     }
     println!(
         "resync {source} -> {destination} started: the link resumes by itself; \
-         `meridian status` shows it catching up"
+         `meridian sync status` shows the copy"
     );
     Ok(())
 }

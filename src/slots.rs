@@ -1,6 +1,7 @@
 //! `meridian slots prune`: drops the Meridian slots no link of the topology
 //! uses (a region removed or renamed), which pin WAL and catalog rows on
-//! their store until dropped. A dry run unless `--yes`.
+//! their store until dropped, with the records of initial syncs to regions
+//! that are gone. A dry run unless `--yes`.
 
 use std::path::Path;
 
@@ -44,6 +45,12 @@ pub(crate) async fn prune(config: &Path, yes: bool) -> anyhow::Result<()> {
                     .with_context(|| format!("dropping {slot} in {region}"))?;
                 sqlx::query("DELETE FROM meridian.slots WHERE slot_name = $1")
                     .bind(&slot)
+                    .execute(&mut conn)
+                    .await?;
+                // and the record of copies to a region that is gone
+                let peers: Vec<String> = topology.regions.keys().cloned().collect();
+                sqlx::query("DELETE FROM meridian.sync_tables WHERE NOT (destination = ANY($1))")
+                    .bind(&peers)
                     .execute(&mut conn)
                     .await?;
                 println!("{region}: dropped {slot}");

@@ -284,7 +284,10 @@ async fn slot_dropped_and_made_anew(kafka: bool) -> anyhow::Result<()> {
     assert_eq!(count(&d, "eu").await?, 10, "nothing applied after the gap");
 
     let out = resync(&d, "na:eu")?;
-    assert!(out.contains("rewrote 25 row(s) of public.items"), "{out}");
+    assert!(
+        out.contains("queued a copy of 25 row(s) of public.items"),
+        "{out}"
+    );
     d.wait_converged("items", "id", 25, Duration::from_secs(60))
         .await?;
     Ok(())
@@ -486,7 +489,7 @@ async fn a_source_promoted_from_a_standby_stops_its_link_until_resync() -> anyho
     assert_eq!(state, "stopped");
 
     let out = resync(&d, "na:eu")?;
-    assert!(out.contains("rewrote 25 row(s)"), "{out}");
+    assert!(out.contains("queued a copy of 25 row(s)"), "{out}");
     wait_matches(&d, &replica, 25).await
 }
 

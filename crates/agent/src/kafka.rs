@@ -357,6 +357,8 @@ pub struct KafkaLink {
     pub telemetry: Arc<Telemetry>,
     /// Highest position the broker durably holds, across sessions.
     pub acked: Arc<AtomicU64>,
+    /// The replicated tables (what an initial sync copies).
+    pub tables: Vec<meridian_core::topology::TableSpec>,
 }
 
 /// A produced record awaiting the broker's acknowledgement.
@@ -447,8 +449,26 @@ impl KafkaLink {
         self.acked
             .fetch_max(confirmed.load(Ordering::Acquire), Ordering::AcqRel);
         let (queue, mut changes) = link::capture_queue();
-        let mut capture = tokio::spawn(link::capture(stream, queue, self.store.clone()));
+        let chunks = crate::sync::Chunks::new(&self.destination);
+        let mut capture = tokio::spawn(link::capture(
+            stream,
+            queue,
+            self.store.clone(),
+            chunks.clone(),
+        ));
         let _abort = AbortOnDrop(capture.abort_handle());
+        let copier = tokio::spawn(
+            crate::sync::Copier {
+                store: self.store.clone(),
+                source: self.source.clone(),
+                destination: self.destination.clone(),
+                tables: self.tables.clone(),
+                chunks,
+                acked: self.acked.clone(),
+            }
+            .run(),
+        );
+        let _abort_copier = AbortOnDrop(copier.abort_handle());
         self.telemetry
             .set_link_state(&self.destination, LinkState::Connected, None);
         tracing::info!(source = %self.source, destination = %self.destination, %topic,

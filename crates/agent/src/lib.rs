@@ -29,6 +29,7 @@ pub mod privileges;
 pub mod receiver;
 mod reselect;
 pub mod residency;
+pub mod sync;
 pub mod telemetry;
 mod wire;
 
@@ -178,9 +179,12 @@ pub async fn run(
         .cloned()
         .collect();
     for peer in &peers {
-        lifecycle::prepare_slot(&pool, &slot_name(region, peer))
+        let created = lifecycle::prepare_slot(&pool, &slot_name(region, peer))
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
+        sync::queue_at_start(&pool, peer, &topology.tables, created)
+            .await
+            .with_context(|| format!("queueing the initial sync of link {region} -> {peer}"))?;
     }
     let global_tables = residency::current(&policy)
         .map(|p| p.policy().global.clone())
@@ -368,6 +372,7 @@ pub async fn run(
                 keys: keys.clone(),
                 telemetry: telemetry.clone(),
                 acked,
+                tables: topology.tables.clone(),
             };
             tokio::spawn(link.run(shutdown.clone()))
         } else {
@@ -390,6 +395,7 @@ pub async fn run(
                 telemetry: telemetry.clone(),
                 acked,
                 keys: keys.clone(),
+                tables: topology.tables.clone(),
             };
             tokio::spawn(link.run(shutdown.clone()))
         }

@@ -32,8 +32,9 @@ fn resync(source: &str, destination: &str) -> String {
 }
 
 /// Creates the link's slot if this store never had it (recording its
-/// incarnation); a slot recorded before is never made again here.
-pub async fn prepare_slot(pool: &PgPool, slot: &str) -> Result<(), sqlx::Error> {
+/// incarnation); a slot recorded before is never made again here. True if
+/// it made the slot (the link is new).
+pub async fn prepare_slot(pool: &PgPool, slot: &str) -> Result<bool, sqlx::Error> {
     let recorded: Option<(i64,)> =
         sqlx::query_as("SELECT 1::bigint FROM meridian.slots WHERE slot_name = $1")
             .bind(slot)
@@ -45,7 +46,7 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str) -> Result<(), sqlx::Error> 
             .fetch_optional(pool)
             .await?;
     match (exists, recorded) {
-        (None, None) => create_slot(pool, slot).await,
+        (None, None) => create_slot(pool, slot).await.map(|()| true),
         // a slot made by an agent that predates incarnations
         (Some(_), None) => {
             sqlx::query(
@@ -57,10 +58,10 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str) -> Result<(), sqlx::Error> 
             .bind(slot)
             .execute(pool)
             .await?;
-            Ok(())
+            Ok(false)
         }
         // fine, or lost: the link's sessions tell which
-        (_, Some(_)) => Ok(()),
+        (_, Some(_)) => Ok(false),
     }
 }
 

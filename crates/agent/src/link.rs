@@ -133,6 +133,8 @@ pub struct Link {
     pub telemetry: Arc<Telemetry>,
     /// Highest position the peer acknowledged as applied, across sessions.
     pub acked: Arc<AtomicU64>,
+    /// The replicated tables (what an initial sync copies).
+    pub tables: Vec<meridian_core::topology::TableSpec>,
 }
 
 impl LinkError {
@@ -244,6 +246,18 @@ impl Outbound for Link {
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Link {
+    /// The session's initial-sync copier, placing chunks through `chunks`.
+    fn copier(&self, chunks: Arc<crate::sync::Chunks>) -> crate::sync::Copier {
+        crate::sync::Copier {
+            store: self.store.clone(),
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            tables: self.tables.clone(),
+            chunks,
+            acked: self.acked.clone(),
+        }
+    }
+
     async fn session(&self) -> Result<(), LinkError> {
         let (incarnation, source_pool) =
             crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
@@ -334,8 +348,11 @@ impl Link {
         // capture runs in its own task so a slow peer never stalls the
         // replication connection's status reports
         let (queue, mut changes) = capture_queue();
-        let mut capture = tokio::spawn(capture(stream, queue, self.store.clone()));
+        let chunks = crate::sync::Chunks::new(&self.destination);
+        let mut capture = tokio::spawn(capture(stream, queue, self.store.clone(), chunks.clone()));
         let _abort = AbortOnDrop(capture.abort_handle());
+        let copier = tokio::spawn(self.copier(chunks).run());
+        let _abort_copier = AbortOnDrop(copier.abort_handle());
 
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut seq = 0u64;
@@ -534,21 +551,32 @@ fn too_large(batch: &[Transaction], max_change_bytes: usize) -> Option<String> {
 /// an update left unchanged (TOAST) are read back from the store first
 /// ([`Reselect`]); what that fills is handed on in fragments of at most
 /// [`FRAGMENT_BYTES`], so memory stays bounded however large the values.
+/// At an initial-sync chunk's mark, the chunk's rows `chunks` holds take
+/// the (empty) marking transaction's place.
 pub(crate) async fn capture(
     mut stream: ReplicationStream,
     out: CaptureQueue,
     store: String,
+    chunks: Arc<crate::sync::Chunks>,
 ) -> Result<(), CaptureError> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_lazy(&store)?;
     let mut reselect = Reselect::new(pool);
     loop {
-        let transaction = stream.next().await?;
+        let meridian_capture::Next {
+            mut transaction,
+            snapshot,
+        } = stream.next().await?;
+        if let Some(rows) = snapshot.and_then(|m| chunks.place(&m, transaction.end_lsn)) {
+            transaction.changes = rows;
+        }
         let unchanged = transaction.changes.iter().any(|c| {
             matches!(&c.kind, ChangeKind::Update { new, .. } if new.contains(&Value::Unchanged))
         });
-        if !unchanged {
+        let oversized = transaction.changes.len() > meridian_core::pgoutput::FRAGMENT_CHANGES
+            || transaction.approx_bytes() > FRAGMENT_BYTES;
+        if !unchanged && !oversized {
             if !hand_on(&mut stream, &out, transaction).await? {
                 return Ok(());
             }

@@ -19,4 +19,4 @@ pub mod source;
 pub mod stream;
 
 pub use source::{ensure_publication, ensure_slot, origin_name, publication_name, slot_name};
-pub use stream::{CaptureError, ReplicationStream};
+pub use stream::{CaptureError, Next, ReplicationStream};

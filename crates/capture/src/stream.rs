@@ -132,6 +132,15 @@ pub struct ReplicationStream {
     last_status: Instant,
 }
 
+/// What [`ReplicationStream::next`] returns.
+#[derive(Debug)]
+pub struct Next {
+    pub transaction: Transaction,
+    /// The initial-sync chunk whose position this (empty) transaction marks
+    /// ([`meridian_core::snapshot`]).
+    pub snapshot: Option<meridian_core::snapshot::Mark>,
+}
+
 /// A message from the server, framed.
 struct Frame {
     tag: u8,
@@ -281,10 +290,10 @@ impl ReplicationStream {
         self.sent.clone()
     }
 
-    /// Returns the next committed transaction to ship. Transactions written by
-    /// Meridian's apply sessions are skipped. Reports status to the server
-    /// while waiting.
-    pub async fn next(&mut self) -> Result<Transaction, CaptureError> {
+    /// Returns the next committed transaction to ship (with the initial-sync
+    /// chunk it marks, if any). Transactions written by Meridian's apply
+    /// sessions are skipped. Reports status to the server while waiting.
+    pub async fn next(&mut self) -> Result<Next, CaptureError> {
         loop {
             if self.last_status.elapsed() >= STATUS_INTERVAL {
                 self.send_status(false).await?;
@@ -326,13 +335,17 @@ impl ReplicationStream {
                             transaction,
                             origin,
                             message,
+                            snapshot,
                         } => {
                             let replicated =
                                 origin.is_some_and(|o| o.starts_with(REPLICATED_ORIGINS));
                             // empty transactions travel only as heartbeats (and
                             // as the end of a fragmented one)
                             if !replicated && (message || !transaction.changes.is_empty()) {
-                                return Ok(transaction);
+                                return Ok(Next {
+                                    transaction,
+                                    snapshot,
+                                });
                             }
                         }
                         Decoded::Fragment {
@@ -340,7 +353,10 @@ impl ReplicationStream {
                             origin,
                         } => {
                             if !origin.is_some_and(|o| o.starts_with(REPLICATED_ORIGINS)) {
-                                return Ok(transaction);
+                                return Ok(Next {
+                                    transaction,
+                                    snapshot: None,
+                                });
                             }
                         }
                         Decoded::Pending => {}

@@ -9,6 +9,8 @@
 //!   agents ship to each other.
 //! - [`plan`]: turns a batch into the minimal set of row operations a destination
 //!   must apply (idempotent upserts and deletes by primary key).
+//! - [`snapshot`]: initial sync's chunks: their marks in the WAL, queries and
+//!   `COPY` text.
 //! - [`topology`]: the topology file: regions, stores, agents, replicated tables.
 
 pub mod change;
@@ -19,6 +21,7 @@ pub mod pgoutput;
 pub mod plan;
 pub mod record;
 pub mod scope;
+pub mod snapshot;
 pub mod topology;
 
 pub use change::{Change, Column, Row, Table, Transaction, Value};

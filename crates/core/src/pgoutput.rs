@@ -65,6 +65,9 @@ pub enum Decoded {
         /// or came in fragments before: worth delivering even without row
         /// changes.
         message: bool,
+        /// The initial-sync chunk this transaction marks (see
+        /// [`crate::snapshot`]), if it carried a `meridian.snapshot` message.
+        snapshot: Option<crate::snapshot::Mark>,
     },
     /// A fragment of a transaction too large for one bounded message
     /// (`continues` set); the rest follows, and the commit ends it.
@@ -130,6 +133,8 @@ struct Open {
     fragmented: bool,
     /// A routed write's commit token id.
     token: Option<u128>,
+    /// An initial-sync chunk's mark.
+    snapshot: Option<crate::snapshot::Mark>,
 }
 
 impl Decoder {
@@ -197,6 +202,7 @@ impl Decoder {
                     message: false,
                     fragmented: false,
                     token: None,
+                    snapshot: None,
                 });
             }
             b'O' => {
@@ -303,6 +309,8 @@ impl Decoder {
                     open.message = true;
                     if prefix == TOKEN_PREFIX {
                         open.token = parse_token(content);
+                    } else if prefix == crate::snapshot::MARK_PREFIX {
+                        open.snapshot = crate::snapshot::Mark::parse(content);
                     }
                 }
             }
@@ -323,6 +331,7 @@ impl Decoder {
                     },
                     origin: open.origin,
                     message: open.message || open.fragmented,
+                    snapshot: open.snapshot,
                 });
             }
             other => return Err(DecodeError::UnknownMessage(other as char)),
@@ -551,6 +560,7 @@ mod tests {
             transaction,
             origin,
             message: false,
+            snapshot: None,
         } = d.decode(&commit(0x200)).unwrap()
         else {
             panic!("commit must complete the transaction");
@@ -737,6 +747,33 @@ mod tests {
         assert!(message && transaction.changes.is_empty());
         assert_eq!(transaction.end_lsn, Lsn(0x300));
         assert_eq!(transaction.token, None);
+    }
+
+    #[test]
+    fn carries_an_initial_sync_mark_to_its_commit() {
+        let mark = crate::snapshot::Mark {
+            destination: "eu".into(),
+            chunk: 0xfeed,
+        };
+        let mut d = Decoder::new();
+        d.decode(&begin()).unwrap();
+        let content = mark.content();
+        let mut message = Msg::new(b'M')
+            .u8(1)
+            .u64(0x250)
+            .cstr(crate::snapshot::MARK_PREFIX)
+            .u32(content.len() as u32)
+            .0;
+        message.extend(content.as_bytes());
+        d.decode(&message).unwrap();
+        let Decoded::Committed {
+            message, snapshot, ..
+        } = d.decode(&commit(0x300)).unwrap()
+        else {
+            panic!("expected commit");
+        };
+        assert!(message);
+        assert_eq!(snapshot, Some(mark));
     }
 
     #[test]

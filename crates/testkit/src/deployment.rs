@@ -50,6 +50,9 @@ struct Options<'a> {
     tls_stores: bool,
     /// The role agents log into their stores as.
     store_user: Option<&'a str>,
+    /// SQL run in a region's store after the schema, before its agent
+    /// starts: rows that exist before any slot does.
+    seed: &'a [(&'a str, &'a str)],
 }
 
 /// A running deployment. Dropping it kills the agents and removes the clusters.
@@ -133,6 +136,21 @@ impl Deployment {
         Self::start_inner(binary, spec, &options).await
     }
 
+    /// [`Deployment::start`] with stores that already hold data: each
+    /// `(region, sql)` runs in that region's store after the schema and
+    /// before the agents start.
+    pub async fn start_seeded(
+        binary: &Path,
+        spec: &Spec<'_>,
+        seed: &[(&str, &str)],
+    ) -> anyhow::Result<Deployment> {
+        let options = Options {
+            seed,
+            ..Options::default()
+        };
+        Self::start_inner(binary, spec, &options).await
+    }
+
     async fn start_inner(
         binary: &Path,
         spec: &Spec<'_>,
@@ -143,10 +161,11 @@ impl Deployment {
             kafka_user,
             tls_stores,
             store_user,
+            seed,
         } = *options;
         let mut clusters = Vec::new();
         let mut pools = Vec::new();
-        for _ in spec.regions {
+        for region in spec.regions {
             let cluster = match tls_stores {
                 true => PgCluster::start_tls()?,
                 false => PgCluster::start()?,
@@ -159,6 +178,12 @@ impl Deployment {
                 .execute(&pool)
                 .await
                 .context("applying the test schema")?;
+            for (_, sql) in seed.iter().filter(|(r, _)| r == region) {
+                sqlx::raw_sql(sql)
+                    .execute(&pool)
+                    .await
+                    .with_context(|| format!("seeding {region}'s store"))?;
+            }
             clusters.push(cluster);
             pools.push(pool);
         }

@@ -1,0 +1,647 @@
+//! Initial sync: copies the rows a source already holds into a link's
+//! stream, at their true position (see [`meridian_core::snapshot`] for why
+//! that is exact).
+//!
+//! What to copy lives in the source store: `meridian.sync_tables` (per link
+//! destination and table: waiting, copying, done, or not copied) and
+//! `meridian.sync_ranges` (a table's key ranges, each with the last key
+//! whose chunk the next hop holds durably). A link session runs one
+//! [`run`] task beside its capture: it plans waiting tables into ranges,
+//! reads ranges' chunks with [`COPIERS`] connections at once, and records a
+//! chunk only once the link's acknowledged position passed it, so a kill of
+//! either agent resumes from the last recorded chunk (a chunk read again is
+//! read at a new position, and applying it again is an upsert of the
+//! table's state there).
+//!
+//! A table is queued when its link is new (its slot was just made), when it
+//! joins the topology of a running link, and by `meridian sync start`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use meridian_core::change::{Change, Column, Table, quote_ident};
+use meridian_core::snapshot::{self, Mark, SyncTable};
+use meridian_core::topology::TableSpec;
+use meridian_core::{Lsn, Row};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::sync::oneshot;
+
+/// Connections reading chunks at once, per link.
+pub const COPIERS: usize = 2;
+/// Chunks a copier may have read but not yet seen acknowledged: bounds the
+/// memory a copy holds (about a chunk's bytes each) while the link ships.
+const OUTSTANDING_CHUNKS: usize = 8;
+/// A range per this many rows, at most [`MAX_RANGES`].
+const ROWS_PER_RANGE: i64 = 100_000;
+const MAX_RANGES: i64 = 16;
+/// How long a chunk waits for the table's writers before trying again:
+/// a writer waiting behind the chunk's lock waits at most this long.
+const LOCK_TIMEOUT: &str = "2s";
+
+/// A chunk read by this session's copiers, waiting for capture to reach its
+/// mark.
+struct Pending {
+    changes: Vec<Change>,
+    placed: oneshot::Sender<Lsn>,
+}
+
+/// The chunks a link session's copiers read and its capture places: shared
+/// by the two, dropped with the session.
+pub struct Chunks {
+    destination: String,
+    pending: Mutex<HashMap<u128, Pending>>,
+}
+
+impl Chunks {
+    pub fn new(destination: &str) -> Arc<Chunks> {
+        Arc::new(Chunks {
+            destination: destination.to_owned(),
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Called by capture at a mark: the chunk's rows, to ship in place of
+    /// the mark's transaction ending at `end_lsn`. None for another link's
+    /// mark, or one this session did not read (an older session's, met
+    /// again on a replay: that chunk was not recorded and is read again).
+    pub fn place(&self, mark: &Mark, end_lsn: Lsn) -> Option<Vec<Change>> {
+        if mark.destination != self.destination {
+            return None;
+        }
+        let pending = self.pending.lock().expect("chunks").remove(&mark.chunk)?;
+        let _ = pending.placed.send(end_lsn);
+        Some(pending.changes)
+    }
+
+    fn add(&self, chunk: u128, changes: Vec<Change>) -> oneshot::Receiver<Lsn> {
+        let (placed, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("chunks")
+            .insert(chunk, Pending { changes, placed });
+        rx
+    }
+
+    fn forget(&self, chunk: u128) {
+        self.pending.lock().expect("chunks").remove(&chunk);
+    }
+}
+
+/// Why a link's tables were queued (or not) for a copy.
+pub mod reason {
+    pub const NEW_LINK: &str = "new link";
+    pub const NEW_TABLE: &str = "table added to the topology";
+    pub const REQUESTED: &str = "requested (meridian sync start)";
+    pub const PREDATES: &str =
+        "the link predates initial sync (run meridian sync start to copy existing rows)";
+}
+
+/// At agent start, for the link to `destination`: queues every table when
+/// the link is new (`new_link`: its slot was just made), and tables new to
+/// the topology otherwise. A link with no record at all predates initial
+/// sync: its tables are recorded as not copied, nothing is queued.
+pub async fn queue_at_start(
+    pool: &PgPool,
+    destination: &str,
+    tables: &[TableSpec],
+    new_link: bool,
+) -> Result<(), sqlx::Error> {
+    let known: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM meridian.sync_tables WHERE destination = $1")
+            .bind(destination)
+            .fetch_one(pool)
+            .await?;
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    if new_link {
+        return request(pool, destination, &names, reason::NEW_LINK).await;
+    }
+    let (state, why) = match known {
+        0 => ("not_copied", reason::PREDATES),
+        _ => ("waiting", reason::NEW_TABLE),
+    };
+    sqlx::query(
+        "INSERT INTO meridian.sync_tables (destination, table_name, state, reason)
+         SELECT $1, t, $2, $3 FROM unnest($4::text[]) t
+         ON CONFLICT (destination, table_name) DO NOTHING",
+    )
+    .bind(destination)
+    .bind(state)
+    .bind(why)
+    .bind(&names)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Queues a (new) copy of `tables` to `destination`: any copy of them in
+/// progress is abandoned, and the link's copier starts over.
+pub async fn request(
+    conn: impl sqlx::PgExecutor<'_>,
+    destination: &str,
+    tables: &[String],
+    why: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO meridian.sync_tables (destination, table_name, state, reason)
+         SELECT $1, t, 'waiting', $2 FROM unnest($3::text[]) t
+         ON CONFLICT (destination, table_name) DO UPDATE
+            SET state = 'waiting', reason = EXCLUDED.reason, copy_id = gen_random_uuid(),
+                rows_expected = NULL, requested_at = now(), started_at = NULL,
+                finished_at = NULL",
+    )
+    .bind(destination)
+    .bind(why)
+    .bind(tables)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A range of a table to copy, as recorded.
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct Range {
+    table: String,
+    copy_id: String,
+    range_no: i32,
+    after: Option<Vec<String>>,
+    upto: Option<Vec<String>>,
+}
+
+/// A chunk read and waiting to be recorded: once placed, at `end`.
+struct Outstanding {
+    placed: Option<oneshot::Receiver<Lsn>>,
+    end: Option<Lsn>,
+    last_key: Option<Vec<String>>,
+    rows: usize,
+    bytes: usize,
+    last: bool,
+}
+
+/// What a link session needs to copy its destination's queued tables.
+pub struct Copier {
+    pub store: String,
+    pub source: String,
+    pub destination: String,
+    pub tables: Vec<TableSpec>,
+    pub chunks: Arc<Chunks>,
+    /// The link's acknowledged position: a chunk at or below it is durable
+    /// at the next hop.
+    pub acked: Arc<AtomicU64>,
+}
+
+impl Copier {
+    /// Copies queued tables until the session ends; failures are logged and
+    /// retried (the link itself is never stopped by a copy).
+    pub async fn run(self) {
+        let this = Arc::new(self);
+        // one connection looks for work, kept across passes
+        let mut conn: Option<PgConnection> = None;
+        loop {
+            let pass = async {
+                let c = match &mut conn {
+                    Some(c) => c,
+                    None => conn.insert(PgConnection::connect(&this.store).await?),
+                };
+                this.clone().pass(c).await
+            };
+            match pass.await {
+                Ok(true) => continue,
+                Ok(false) => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(e) => {
+                    conn = None;
+                    tracing::warn!(source = %this.source, destination = %this.destination,
+                        error = %e, "initial sync interrupted; retrying in 5 s");
+                    this.record_error(&e).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+
+    /// Shows why the copy failed in `meridian sync status` until a chunk is
+    /// recorded (the error names tables and columns, never values).
+    async fn record_error(&self, e: &anyhow::Error) {
+        let recorded = async {
+            let mut conn = PgConnection::connect(&self.store).await?;
+            sqlx::query(
+                "UPDATE meridian.sync_tables SET last_error = $2
+                  WHERE destination = $1 AND state IN ('waiting', 'copying')",
+            )
+            .bind(&self.destination)
+            .bind(format!("{e:#}"))
+            .execute(&mut conn)
+            .await?;
+            Ok::<_, sqlx::Error>(())
+        };
+        if let Err(e) = recorded.await {
+            tracing::warn!(destination = %self.destination, error = %e,
+                "could not record why the initial sync failed");
+        }
+    }
+
+    /// One pass over the queue: plans waiting tables, copies every range
+    /// not done, marks finished tables done. True if it copied anything.
+    async fn pass(self: Arc<Self>, conn: &mut PgConnection) -> anyhow::Result<bool> {
+        let waiting: Vec<(String,)> = sqlx::query_as(
+            "SELECT table_name FROM meridian.sync_tables
+              WHERE destination = $1 AND state = 'waiting' ORDER BY table_name",
+        )
+        .bind(&self.destination)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (table,) in waiting {
+            self.plan(conn, &table).await?;
+        }
+        let queue: VecDeque<Range> = sqlx::query_as(
+            "SELECT r.table_name AS \"table\", r.copy_id::text, r.range_no, r.after_key AS after,
+                    r.upto_key AS upto
+                   FROM meridian.sync_ranges r JOIN meridian.sync_tables t
+                     ON t.destination = r.destination AND t.table_name = r.table_name
+                    AND t.copy_id = r.copy_id
+                  WHERE r.destination = $1 AND t.state = 'copying' AND NOT r.done
+                  ORDER BY r.table_name, r.range_no",
+        )
+        .bind(&self.destination)
+        .fetch_all(&mut *conn)
+        .await?
+        .into();
+        let ranges = queue.len();
+        let queue = Arc::new(Mutex::new(queue));
+        let shapes = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
+        let copiers = (0..COPIERS.min(ranges)).map(|_| {
+            let (this, queue, shapes) = (self.clone(), queue.clone(), shapes.clone());
+            async move {
+                let mut conn = PgConnection::connect(&this.store).await?;
+                loop {
+                    let Some(range) = queue.lock().expect("queue").pop_front() else {
+                        return Ok::<_, anyhow::Error>(());
+                    };
+                    let table = {
+                        let mut shapes = shapes.lock().await;
+                        match shapes.get(&range.table) {
+                            Some(t) => Arc::clone(t),
+                            None => {
+                                let t = Arc::new(this.shape(&mut conn, &range.table).await?);
+                                shapes.insert(range.table.clone(), t.clone());
+                                t
+                            }
+                        }
+                    };
+                    this.copy_range(&mut conn, &table, range).await?;
+                }
+            }
+        });
+        for result in futures::future::join_all(copiers).await {
+            result?;
+        }
+        sqlx::query(
+            "UPDATE meridian.sync_tables t SET state = 'done', finished_at = now()
+              WHERE t.destination = $1 AND t.state = 'copying'
+                AND NOT EXISTS (SELECT 1 FROM meridian.sync_ranges r
+                                 WHERE r.destination = t.destination
+                                   AND r.table_name = t.table_name
+                                   AND r.copy_id = t.copy_id AND NOT r.done)",
+        )
+        .bind(&self.destination)
+        .execute(&mut *conn)
+        .await?;
+        Ok(ranges > 0)
+    }
+
+    /// The table as capture would describe it, from the store's catalog.
+    async fn shape(&self, conn: &mut PgConnection, name: &str) -> anyhow::Result<SyncTable> {
+        let spec = self.tables.iter().find(|t| t.name == name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "table {name} is queued for a copy to {} but is not in the topology; \
+                     remove it with meridian sync start --cancel, or add it back",
+                self.destination
+            )
+        })?;
+        let (schema, table) = spec.split_name();
+        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let columns: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT a.attname::text, a.atttypid::bigint, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+              WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attgenerated = ''
+              ORDER BY a.attnum",
+        )
+        .bind(&qualified)
+        .fetch_all(conn)
+        .await?;
+        let table = Table {
+            schema: schema.to_owned(),
+            name: table.to_owned(),
+            columns: columns
+                .iter()
+                .map(|(name, oid, _)| Column {
+                    name: name.clone(),
+                    type_oid: *oid as u32,
+                    key: spec.primary_key.contains(name),
+                })
+                .collect(),
+        };
+        Ok(SyncTable {
+            table: Arc::new(table),
+            types: columns.into_iter().map(|(_, _, t)| t).collect(),
+            home_column: spec.home_column.clone(),
+        })
+    }
+
+    /// Counts a waiting table's rows homed here and splits them into key
+    /// ranges; the table is then copying.
+    async fn plan(&self, conn: &mut PgConnection, name: &str) -> anyhow::Result<()> {
+        let table = self.shape(conn, name).await?;
+        let rows: i64 = sqlx::query_scalar(&table.count_query(&self.source))
+            .fetch_one(&mut *conn)
+            .await?;
+        let ranges = (rows / ROWS_PER_RANGE).clamp(1, MAX_RANGES);
+        let mut splits: Vec<Vec<String>> = Vec::new();
+        if ranges > 1 {
+            let step = (rows / ranges) as u64;
+            let query = table.split_query(&self.source, step, ranges as u64 - 1);
+            let keys = copy_rows(conn, &query).await?;
+            for key in snapshot::parse_copy_text(&keys, table.key_indexes().len())? {
+                let key: Option<Vec<String>> = key
+                    .into_iter()
+                    .map(|v| match v {
+                        meridian_core::Value::Text(t) => Some(t),
+                        _ => None,
+                    })
+                    .collect();
+                splits.extend(key);
+            }
+        }
+        let mut tx = conn.begin().await?;
+        let copy_id: Option<String> = sqlx::query_scalar(
+            "UPDATE meridian.sync_tables SET state = 'copying', rows_expected = $3,
+                    started_at = now()
+              WHERE destination = $1 AND table_name = $2 AND state = 'waiting'
+              RETURNING copy_id::text",
+        )
+        .bind(&self.destination)
+        .bind(name)
+        .bind(rows)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(copy_id) = copy_id else {
+            return Ok(()); // requested again meanwhile: the next pass plans it
+        };
+        sqlx::query("DELETE FROM meridian.sync_ranges WHERE destination = $1 AND table_name = $2")
+            .bind(&self.destination)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        // range i: after split i-1 (the start for the first), up to split i
+        // (the end for the last)
+        for i in 0..=splits.len() {
+            let after = i.checked_sub(1).map(|j| &splits[j]);
+            let upto = splits.get(i);
+            sqlx::query(
+                "INSERT INTO meridian.sync_ranges
+                    (destination, table_name, copy_id, range_no, after_key, upto_key)
+                 VALUES ($1, $2, $3::uuid, $4, $5, $6)",
+            )
+            .bind(&self.destination)
+            .bind(name)
+            .bind(&copy_id)
+            .bind(i as i32)
+            .bind(after)
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(source = %self.source, destination = %self.destination, table = name,
+            rows, ranges = splits.len() + 1, "initial sync planned");
+        Ok(())
+    }
+
+    /// Copies one range chunk by chunk, recording each once durable.
+    async fn copy_range(
+        &self,
+        conn: &mut PgConnection,
+        table: &SyncTable,
+        range: Range,
+    ) -> anyhow::Result<()> {
+        let mut after = range.after.clone();
+        let mut limit = snapshot::CHUNK_FIRST_ROWS;
+        let mut outstanding: VecDeque<Outstanding> = VecDeque::new();
+        let mut read_all = false;
+        loop {
+            if !read_all && outstanding.len() < OUTSTANDING_CHUNKS {
+                let chunk = self
+                    .read_chunk(conn, table, after.as_deref(), range.upto.as_deref(), limit)
+                    .await?;
+                read_all = chunk.last;
+                limit = snapshot::next_chunk_rows(chunk.rows, chunk.bytes);
+                if chunk.last_key.is_some() {
+                    after = chunk.last_key.clone();
+                }
+                outstanding.push_back(chunk);
+                continue;
+            }
+            let Some(front) = outstanding.front_mut() else {
+                return Ok(());
+            };
+            if front.end.is_none() {
+                match front.placed.take() {
+                    Some(placed) => front.end = Some(placed.await?),
+                    None => front.end = Some(Lsn(0)),
+                }
+            }
+            let end = front.end.expect("set above");
+            while self.acked.load(Ordering::Acquire) < end.0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let done = outstanding.pop_front().expect("front");
+            let recorded = sqlx::query(
+                "UPDATE meridian.sync_ranges
+                    SET after_key = coalesce($5, after_key), rows = rows + $6,
+                        bytes = bytes + $7, chunks = chunks + $8, done = $9,
+                        updated_at = now()
+                  WHERE destination = $1 AND table_name = $2 AND copy_id = $3::uuid
+                    AND range_no = $4",
+            )
+            .bind(&self.destination)
+            .bind(&range.table)
+            .bind(&range.copy_id)
+            .bind(range.range_no)
+            .bind(&done.last_key)
+            .bind(done.rows as i64)
+            .bind(done.bytes as i64)
+            .bind(i64::from(done.rows > 0))
+            .bind(done.last)
+            .execute(&mut *conn)
+            .await?;
+            if recorded.rows_affected() == 0 {
+                // a new copy of the table was requested: this one is over
+                // (chunks already marked still ship: rows at their position)
+                return Ok(());
+            }
+            sqlx::query(
+                "UPDATE meridian.sync_tables SET last_error = NULL
+                  WHERE destination = $1 AND table_name = $2 AND last_error IS NOT NULL",
+            )
+            .bind(&self.destination)
+            .bind(&range.table)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+
+    /// Reads the next chunk of a range under the table's lock and marks its
+    /// position in the WAL; capture places it there.
+    async fn read_chunk(
+        &self,
+        conn: &mut PgConnection,
+        table: &SyncTable,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: usize,
+    ) -> anyhow::Result<Outstanding> {
+        let query = table.chunk_query(&self.source, after, upto, limit);
+        let chunk: u128 = uuid::Uuid::new_v4().as_u128();
+        loop {
+            conn.execute("BEGIN").await?;
+            let read = async {
+                conn.execute(format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'").as_str())
+                    .await?;
+                conn.execute(table.lock_statement().as_str()).await?;
+                let data = copy_rows(conn, &query).await?;
+                let rows: Vec<Row> = snapshot::parse_copy_text(&data, table.table.columns.len())?;
+                let bytes: usize = rows.iter().map(meridian_core::change::row_bytes).sum();
+                let last_key = rows.last().and_then(|r| table.key_of(r));
+                let count = rows.len();
+                let placed = match count {
+                    0 => None,
+                    _ => {
+                        let placed = self.chunks.add(chunk, table.inserts(rows));
+                        let mark = Mark {
+                            destination: self.destination.clone(),
+                            chunk,
+                        };
+                        sqlx::query("SELECT pg_logical_emit_message(true, $1, $2)")
+                            .bind(snapshot::MARK_PREFIX)
+                            .bind(mark.content())
+                            .execute(&mut *conn)
+                            .await?;
+                        Some(placed)
+                    }
+                };
+                Ok::<_, anyhow::Error>(Outstanding {
+                    placed,
+                    end: None,
+                    last_key,
+                    rows: count,
+                    bytes,
+                    last: count < limit,
+                })
+            }
+            .await;
+            match read {
+                Ok(read) => {
+                    if let Err(e) = conn.execute("COMMIT").await {
+                        self.chunks.forget(chunk);
+                        return Err(e.into());
+                    }
+                    return Ok(read);
+                }
+                Err(e) => {
+                    self.chunks.forget(chunk);
+                    let _ = conn.execute("ROLLBACK").await;
+                    if is_lock_timeout(&e) {
+                        tracing::info!(table = %table.table.qualified_name(),
+                            "initial sync waits for the table's writers; trying again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// What `COPY (query) TO STDOUT` writes.
+async fn copy_rows(conn: &mut PgConnection, query: &str) -> anyhow::Result<Vec<u8>> {
+    let mut stream = conn
+        .copy_out_raw(&format!("COPY ({query}) TO STDOUT"))
+        .await?;
+    let mut data = Vec::new();
+    while let Some(bytes) = stream.next().await {
+        data.extend_from_slice(&bytes?);
+    }
+    Ok(data)
+}
+
+fn is_lock_timeout(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03")
+}
+
+/// One table's copy to one destination, as recorded in the source store.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct TableReport {
+    pub destination: String,
+    pub table_name: String,
+    /// waiting, copying, done or not_copied.
+    pub state: String,
+    pub reason: String,
+    /// Rows homed in the source when the copy started.
+    pub rows_expected: Option<i64>,
+    /// Rows and bytes (values, before the policy) recorded as durable at
+    /// the next hop.
+    pub rows: i64,
+    pub bytes: i64,
+    pub chunks: i64,
+    pub ranges: i64,
+    pub ranges_done: i64,
+    /// Seconds since the copy started (until it finished, once done).
+    pub elapsed_seconds: Option<f64>,
+    /// Why the copy last failed, while it is retried.
+    pub last_error: Option<String>,
+}
+
+impl TableReport {
+    /// Fraction, rate and time left ([`snapshot::progress`]).
+    pub fn progress(&self) -> snapshot::Progress {
+        let expected = match self.state.as_str() {
+            "done" => self.rows.max(0) as u64,
+            _ => self.rows_expected.unwrap_or(0).max(0) as u64,
+        };
+        snapshot::progress(
+            self.rows.max(0) as u64,
+            expected,
+            self.elapsed_seconds.unwrap_or(0.0),
+        )
+    }
+}
+
+/// Every copy recorded in a source store, by destination and table.
+pub async fn report(conn: impl sqlx::PgExecutor<'_>) -> Result<Vec<TableReport>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT t.destination, t.table_name, t.state, t.reason, t.rows_expected,
+                coalesce(sum(r.rows), 0)::bigint AS rows,
+                coalesce(sum(r.bytes), 0)::bigint AS bytes,
+                coalesce(sum(r.chunks), 0)::bigint AS chunks,
+                count(r.range_no) AS ranges,
+                count(r.range_no) FILTER (WHERE r.done) AS ranges_done,
+                extract(epoch FROM coalesce(t.finished_at, now()) - t.started_at)::float8
+                    AS elapsed_seconds,
+                t.last_error
+           FROM meridian.sync_tables t
+           LEFT JOIN meridian.sync_ranges r
+             ON r.destination = t.destination AND r.table_name = t.table_name
+            AND r.copy_id = t.copy_id
+          GROUP BY t.destination, t.table_name
+          ORDER BY t.destination, t.table_name",
+    )
+    .fetch_all(conn)
+    .await
+}
