@@ -339,6 +339,15 @@ enum PolicyCommand {
         #[arg(long)]
         against: Option<String>,
     },
+    /// What changing the policy from OLD to NEW does to each route (table,
+    /// source -> destination): what is newly sent, what no longer is, and
+    /// what a reload will do about it. Run before `policy reload`.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Make the agents re-read the residency policy file (as SIGHUP does).
     /// An invalid file is refused by each agent and its policy stays.
     Reload {
@@ -417,6 +426,9 @@ fn run() -> anyhow::Result<()> {
             Command::Policy {
                 command: PolicyCommand::Reload { config, region },
             } => policy::reload(&config, region.as_deref()).await,
+            Command::Policy {
+                command: PolicyCommand::Diff { old, new, config },
+            } => policy::diff(&old, &new, &config),
             Command::Policy {
                 command:
                     PolicyCommand::Check {

@@ -1,4 +1,4 @@
-//! `meridian policy check` and `meridian policy explain`.
+//! `meridian policy check`, `explain` and `diff`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -248,6 +248,55 @@ pub(crate) async fn reload(config: &Path, only: Option<&str>) -> anyhow::Result<
     }
     if failed > 0 {
         bail!("{failed} region(s) did not reload their policy");
+    }
+    Ok(())
+}
+
+/// `meridian policy diff OLD NEW`: every route whose rules change, in
+/// words, and what a reload does about it.
+pub(crate) fn diff(old: &Path, new: &Path, config: &Path) -> anyhow::Result<()> {
+    let topology = meridian_agent::load_topology(config)?;
+    let has_key = std::env::var(residency::HASH_KEY_ENV).is_ok_and(|k| !k.is_empty());
+    let read = |file: &Path| -> anyhow::Result<meridian_policy::Policy> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read policy file {}", file.display()))?;
+        residency::parse(&topology, &text, &file.display().to_string(), has_key)
+    };
+    let (before, after) = (read(old)?, read(new)?);
+    let regions: Vec<String> = topology.regions.keys().cloned().collect();
+    let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+    let changes = meridian_policy::diff::diff(Some(&before), Some(&after), &regions, &tables);
+    println!(
+        "policy version {} -> {}: {} route(s) change",
+        before.version,
+        after.version,
+        changes.len()
+    );
+    for c in &changes {
+        println!("{} {} -> {}:", c.table, c.source, c.destination);
+        for w in &c.widened {
+            println!("  + {w}");
+        }
+        for t in &c.tightened {
+            println!("  - {t}");
+        }
+        println!(
+            "  on reload: {}'s agent copies the table to {} again under the new policy",
+            c.source, c.destination
+        );
+        if c.rows_no_longer_sent {
+            println!(
+                "  rows no longer sent stay in {} until deleted there (not purged by the reload)",
+                c.destination
+            );
+        }
+    }
+    if after.version <= before.version && !changes.is_empty() {
+        println!(
+            "warning: the new policy's version ({}) is not above the old one's ({}); raise it so \
+             receivers tell the two apart",
+            after.version, before.version
+        );
     }
     Ok(())
 }

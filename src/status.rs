@@ -113,6 +113,67 @@ pub(crate) struct LinkReport {
     pub error_is_history: bool,
     /// ok, warn or critical.
     pub health: &'static str,
+    /// The link's initial syncs, as its source reports them.
+    pub copy: Option<CopyReport>,
+}
+
+/// A link's initial syncs (one per table), summed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct CopyReport {
+    /// Tables waiting or being copied.
+    pub tables_pending: usize,
+    pub tables_done: usize,
+    /// Tables of a link older than initial sync, never copied.
+    pub tables_not_copied: usize,
+    pub rows: i64,
+    /// Rows the pending and done copies expect (counted when each started).
+    pub rows_expected: i64,
+    pub bytes: i64,
+    pub rows_per_second: f64,
+    pub remaining_seconds: Option<f64>,
+    /// Why a pending copy fails (it is retried), if one does.
+    pub error: Option<String>,
+    /// The longest a pending copy recorded nothing, seconds.
+    pub idle_seconds: Option<f64>,
+}
+
+impl CopyReport {
+    fn from_reply(copies: &[&meridian_proto::admin::CopyStatus]) -> CopyReport {
+        let mut c = CopyReport::default();
+        let mut elapsed: f64 = 0.0;
+        for t in copies {
+            match t.state.as_str() {
+                "waiting" | "copying" => {
+                    c.tables_pending += 1;
+                    c.rows_expected += t.rows_expected.max(t.rows);
+                    if !t.last_error.is_empty() {
+                        c.error = Some(format!("{}: {}", t.table, t.last_error));
+                    }
+                    if t.idle_seconds >= 0.0 {
+                        c.idle_seconds = Some(c.idle_seconds.unwrap_or(0.0).max(t.idle_seconds));
+                    }
+                    elapsed = elapsed.max(t.elapsed_seconds);
+                }
+                "done" => {
+                    c.tables_done += 1;
+                    c.rows_expected += t.rows;
+                }
+                _ => c.tables_not_copied += 1,
+            }
+            c.rows += t.rows;
+            c.bytes += t.bytes;
+        }
+        let p = meridian_core::snapshot::progress(
+            c.rows.max(0) as u64,
+            c.rows_expected.max(0) as u64,
+            elapsed,
+        );
+        if c.tables_pending > 0 {
+            c.rows_per_second = p.rows_per_second;
+            c.remaining_seconds = p.remaining_seconds;
+        }
+        c
+    }
 }
 
 /// Asks every region's agent at once, each with `timeout`.
@@ -168,6 +229,14 @@ pub(crate) async fn gather(
                             problem: None,
                             error_is_history: false,
                             health: health(&l.state, l.lag_seconds, thresholds),
+                            copy: {
+                                let copies: Vec<_> = reply
+                                    .copies
+                                    .iter()
+                                    .filter(|c| &c.destination == peer)
+                                    .collect();
+                                (!copies.is_empty()).then(|| CopyReport::from_reply(&copies))
+                            },
                         },
                         None => unknown_link(&region, peer, "the agent has no such link"),
                     });
@@ -269,6 +338,20 @@ pub(crate) async fn gather(
         }
     }
     for l in &mut links {
+        // a copy that fails, or records nothing, while rows wait to be
+        // copied is a stall, however healthy the stream looks
+        if let Some(c) = l.copy.as_ref().filter(|c| c.tables_pending > 0) {
+            let idle = c.idle_seconds.unwrap_or(0.0);
+            let stalled = match &c.error {
+                Some(_) => idle >= thresholds.warn_seconds,
+                None => idle >= thresholds.critical_seconds,
+            };
+            if stalled {
+                l.health = "critical";
+            } else if c.error.is_some() && l.health == "ok" {
+                l.health = "warn";
+            }
+        }
         l.problem = problem(l, config, thresholds);
         // an error from before the link connected again is history
         l.error_is_history = l.state == "connected"
@@ -319,6 +402,23 @@ fn problem(l: &LinkReport, config: &Path, t: Thresholds) -> Option<String> {
             });
         }
     }
+    if let Some(c) = l.copy.as_ref().filter(|c| c.tables_pending > 0) {
+        let idle = crate::human::duration(c.idle_seconds.unwrap_or(0.0));
+        match &c.error {
+            Some(e) => {
+                return Some(format!(
+                    "initial sync failing ({idle} without progress): {e}"
+                ));
+            }
+            None if c.idle_seconds.unwrap_or(0.0) >= t.critical_seconds => {
+                return Some(format!(
+                    "initial sync recorded nothing for {idle} (meridian sync status --config {})",
+                    config.display()
+                ));
+            }
+            None => {}
+        }
+    }
     if let Some(lag) = l.lag_seconds.filter(|lag| *lag >= t.warn_seconds) {
         return Some(format!("lag {}", crate::human::duration(lag)));
     }
@@ -352,6 +452,7 @@ fn unknown_link(source: &str, destination: &str, why: &str) -> LinkReport {
         problem: None,
         error_is_history: false,
         health: "critical",
+        copy: None,
     }
 }
 
@@ -544,6 +645,24 @@ pub(crate) fn render(report: &Report) -> String {
             l.health,
             said,
         ));
+        if let Some(c) = l.copy.as_ref().filter(|c| c.tables_pending > 0) {
+            let p = meridian_core::snapshot::progress(
+                c.rows.max(0) as u64,
+                c.rows_expected.max(0) as u64,
+                1.0,
+            );
+            line(format!(
+                "{:<14} initial sync of {} table(s): {:.1}%, {} of {} rows, {}/s, {}",
+                "",
+                c.tables_pending,
+                p.fraction * 100.0,
+                count(c.rows as f64),
+                count(c.rows_expected as f64),
+                count(c.rows_per_second),
+                c.remaining_seconds
+                    .map_or("starting".to_owned(), |s| format!("{} left", duration(s))),
+            ));
+        }
     }
     line(String::new());
     if report.drift.is_empty() {

@@ -106,6 +106,13 @@ fn bar(reports: &[TableReport]) -> String {
         .iter()
         .filter_map(|r| r.elapsed_seconds)
         .fold(0.0, f64::max);
+    if reports.iter().any(|r| r.state == "waiting") || reports.is_empty() {
+        return format!(
+            "planning the copy ({} of {} tables done)",
+            reports.iter().filter(|r| r.state == "done").count(),
+            reports.len()
+        );
+    }
     let p = meridian_core::snapshot::progress(rows as u64, expected as u64, elapsed);
     const WIDTH: usize = 30;
     let filled = (p.fraction * WIDTH as f64).round() as usize;
@@ -155,9 +162,10 @@ pub(crate) async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
                     "state": r.state, "reason": r.reason, "rows": r.rows,
                     "rows_expected": r.rows_expected, "bytes": r.bytes, "chunks": r.chunks,
                     "ranges": r.ranges, "ranges_done": r.ranges_done,
-                    "elapsed_seconds": r.elapsed_seconds, "fraction": p.fraction,
-                    "rows_per_second": p.rows_per_second,
-                    "remaining_seconds": p.remaining_seconds,
+                    "elapsed_seconds": r.elapsed_seconds,
+                    "fraction": p.map(|p| p.fraction),
+                    "rows_per_second": p.map(|p| p.rows_per_second),
+                    "remaining_seconds": p.and_then(|p| p.remaining_seconds),
                     "last_error": r.last_error,
                 })
             })
@@ -173,8 +181,8 @@ pub(crate) async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
         );
         for (source, r) in &all {
             let p = r.progress();
-            let (done, left) = match r.state.as_str() {
-                "copying" | "done" => (
+            let (done, left) = match p {
+                Some(p) => (
                     format!("{:.1}%", p.fraction * 100.0),
                     match (r.state.as_str(), p.remaining_seconds) {
                         ("done", _) => "-".to_owned(),
@@ -182,7 +190,7 @@ pub(crate) async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
                         (_, None) => "?".to_owned(),
                     },
                 ),
-                _ => ("-".to_owned(), "-".to_owned()),
+                None => ("-".to_owned(), "-".to_owned()),
             };
             println!(
                 "{:<14} {:<28} {:<10} {:>7} {:>12} {:>10} {:>10} {:>10}  {}",
@@ -192,7 +200,7 @@ pub(crate) async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
                 done,
                 r.rows,
                 human::bytes(r.bytes.max(0) as f64),
-                human::count(p.rows_per_second),
+                p.map_or("-".to_owned(), |p| human::count(p.rows_per_second)),
                 left,
                 r.reason
             );

@@ -633,3 +633,287 @@ async fn a_region_added_to_a_running_deployment_gets_its_peers_rows_and_sends_it
     );
     Ok(())
 }
+
+/// `meridian policy <args> --config <the deployment's>`: success and output.
+fn policy_command(d: &Deployment, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(binary())
+        .arg("policy")
+        .args(args)
+        .arg("--config")
+        .arg(&d.config)
+        .output()
+        .expect("run meridian policy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Waits until na's copy of `table` to eu, queued for `reason`, is done.
+async fn wait_copy(d: &Deployment, table: &str, reason: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state: Option<String> = sqlx::query_scalar(
+            "SELECT state FROM meridian.sync_tables
+              WHERE destination = 'eu' AND table_name = $1 AND reason = $2",
+        )
+        .bind(table)
+        .bind(reason)
+        .fetch_optional(d.pool("na"))
+        .await?;
+        if state.as_deref() == Some("done") {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{table}'s copy for {reason:?} is {state:?} after 120 s; log:\n{}",
+            d.agent_log("na")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyhow::Result<()> {
+    let na = seed("na", 20_000, 0);
+    let d = Deployment::start_seeded(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables: TABLES,
+            proxied: &[],
+            extra_topology: "",
+            policy: Some(POLICY),
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+        &[("na", &na)],
+    )
+    .await?;
+    wait_all_done(&d, "na", &d.pool("na").clone()).await?;
+    wait_equal(&d, "na", "eu").await?;
+    let copies = "SELECT string_agg(copy_id::text, ',' ORDER BY table_name)
+                    FROM meridian.sync_tables WHERE table_name <> 'public.accounts'";
+    let untouched: String = sqlx::query_scalar(copies).fetch_one(d.pool("na")).await?;
+
+    // wider: enterprise accounts and secrets may go to eu
+    let dir = d.config.parent().expect("folder");
+    let wider = POLICY
+        .replace("version = 1", "version = 2")
+        .replace(
+            r#"in = ["free", "pro"]"#,
+            r#"in = ["free", "pro", "enterprise"]"#,
+        )
+        .replace(
+            r#"email = "keep", secret = "null" }"#,
+            r#"email = "keep", secret = "keep" }"#,
+        );
+    std::fs::write(dir.join("wider.toml"), &wider)?;
+    let (ok, out) = policy_command(
+        &d,
+        &[
+            "diff",
+            &dir.join("policy.toml").display().to_string(),
+            &dir.join("wider.toml").display().to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("policy version 1 -> 2: 1 route(s) change")
+            && out.contains("public.accounts na -> eu:")
+            && out.contains(r#"+ rows where plan in ["free", "pro", "enterprise"] are sent"#)
+            && out.contains("+ column secret: null -> kept")
+            && out.contains("copies the table to eu again"),
+        "{out}"
+    );
+    d.write_policy(&wider)?;
+    let (ok, out) = policy_command(&d, &["reload"]);
+    assert!(ok, "{out}");
+    wait_copy(&d, "public.accounts", "policy version 1 -> 2").await?;
+    let want = digest(d.pool("na"), "SELECT * FROM accounts WHERE home = 'na'").await?;
+    let got = digest(d.pool("eu"), "SELECT * FROM accounts WHERE home = 'na'").await?;
+    assert_eq!(
+        got, want,
+        "eu holds every na account whole after the widening"
+    );
+    assert_eq!(
+        sqlx::query_scalar::<_, String>(copies)
+            .fetch_one(d.pool("na"))
+            .await?,
+        untouched,
+        "routes the change did not touch were not copied again"
+    );
+
+    // narrower: secrets are nulled again for the accounts still sent
+    let narrower = POLICY.replace("version = 1", "version = 3");
+    std::fs::write(dir.join("narrower.toml"), &narrower)?;
+    let (ok, out) = policy_command(
+        &d,
+        &[
+            "diff",
+            &dir.join("wider.toml").display().to_string(),
+            &dir.join("narrower.toml").display().to_string(),
+        ],
+    );
+    assert!(
+        ok && out.contains("- column secret: kept -> null")
+            && out.contains("rows no longer sent stay in eu until deleted there"),
+        "{out}"
+    );
+    d.write_policy(&narrower)?;
+    let (ok, out) = policy_command(&d, &["reload"]);
+    assert!(ok, "{out}");
+    wait_copy(&d, "public.accounts", "policy version 2 -> 3").await?;
+    let (want, got) = (
+        digest(
+            d.pool("na"),
+            "SELECT id, home, plan, email, NULL::text FROM accounts
+              WHERE home = 'na' AND plan IN ('free', 'pro')",
+        )
+        .await?,
+        digest(
+            d.pool("eu"),
+            "SELECT id, home, plan, email, secret FROM accounts
+              WHERE home = 'na' AND plan IN ('free', 'pro')",
+        )
+        .await?,
+    );
+    assert_eq!(got, want, "the accounts still sent hold no secret at eu");
+    // the copies went through the policy: the audit counts them by rule
+    // (flushed every 2 s)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audited: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(changes), 0)::bigint FROM meridian.residency_audit
+              WHERE table_name = 'public.accounts' AND destination_region = 'eu'",
+        )
+        .fetch_one(d.pool("na"))
+        .await?;
+        if audited >= 3 * 6_000 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the audit counted {audited} account changes for three copies of 6,000"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// `meridian status --json` with tight thresholds: exit code and the link
+/// `source -> destination`.
+fn link_status(
+    d: &Deployment,
+    source: &str,
+    destination: &str,
+) -> (Option<i32>, serde_json::Value) {
+    let out = std::process::Command::new(binary())
+        .args([
+            "status",
+            "--json",
+            "--warn-seconds",
+            "1",
+            "--critical-seconds",
+            "60",
+            "--config",
+        ])
+        .arg(&d.config)
+        .output()
+        .expect("run meridian status");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let link = report["links"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|l| l["source"] == source && l["destination"] == destination)
+        })
+        .cloned()
+        .unwrap_or_default();
+    (out.status.code(), link)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> anyhow::Result<()> {
+    let na = seed("na", 10_000, 0);
+    let d = Deployment::start_seeded(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables: TABLES,
+            proxied: &[],
+            extra_topology: "",
+            policy: Some(POLICY),
+            agent_env: &[],
+            global_schema: None,
+            kafka: false,
+        },
+        &[("na", &na)],
+    )
+    .await?;
+    wait_all_done(&d, "na", &d.pool("na").clone()).await?;
+    // someone holds accounts; a copy is asked for meanwhile
+    let mut holder = d.pool("na").begin().await?;
+    sqlx::query("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let out = std::process::Command::new(binary())
+        .args([
+            "sync",
+            "start",
+            "--detach",
+            "--link",
+            "na:eu",
+            "--table",
+            "public.accounts",
+            "--config",
+        ])
+        .arg(&d.config)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, link) = link_status(&d, "na", "eu");
+        let problem = link["problem"].as_str().unwrap_or_default().to_owned();
+        if link["copy"]["tables_pending"] == 1
+            && problem.contains("initial sync failing")
+            && problem.contains("public.accounts")
+        {
+            assert_eq!(link["health"], "critical", "{link}");
+            assert_eq!(code, Some(1), "status exits unhealthy: {link}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the held-back copy never showed as failing: {link}\n{}",
+            d.agent_log("na")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // the lock goes; the copy finishes and the link is healthy again
+    holder.rollback().await?;
+    wait_copy(&d, "public.accounts", "requested (meridian sync start)").await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, link) = link_status(&d, "na", "eu");
+        if code == Some(0) && link["health"] == "ok" && link["copy"]["tables_pending"] == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the link is not healthy after its copy: {link}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_equal(&d, "na", "eu").await?;
+    Ok(())
+}

@@ -50,8 +50,15 @@ impl Admin for AdminService {
         if let Some(who) = caller {
             tracing::info!(region = %self.region, caller = %who, "policy reload requested");
         }
-        let version = residency::reload(&self.topology, &self.columns, &self.policy)
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let version = residency::reload_and_copy(
+            &self.topology,
+            &self.columns,
+            &self.policy,
+            &self.pool,
+            &self.region,
+        )
+        .await
+        .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         Ok(Response::new(ReloadPolicyReply {
             region: self.region.clone(),
             version,
@@ -71,7 +78,21 @@ impl Admin for AdminService {
             store_error: format!("the store did not answer within {BASELINE_TIMEOUT:?}"),
             ..Default::default()
         });
+        let (copies, copies_error) =
+            match tokio::time::timeout(BASELINE_TIMEOUT, crate::sync::report(&self.pool)).await {
+                Ok(Ok(reports)) => (
+                    reports.into_iter().map(copy_status).collect(),
+                    String::new(),
+                ),
+                Ok(Err(e)) => (Vec::new(), format!("reading meridian.sync_tables: {e}")),
+                Err(_) => (
+                    Vec::new(),
+                    format!("the store did not answer within {BASELINE_TIMEOUT:?}"),
+                ),
+            };
         Ok(Response::new(StatusReply {
+            copies,
+            copies_error,
             baseline: Some(baseline),
             region: self.region.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -141,5 +162,21 @@ impl Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// A copy as `Admin.Status` reports it.
+fn copy_status(r: crate::sync::TableReport) -> meridian_proto::admin::CopyStatus {
+    meridian_proto::admin::CopyStatus {
+        destination: r.destination,
+        table: r.table_name,
+        state: r.state,
+        reason: r.reason,
+        rows: r.rows,
+        rows_expected: r.rows_expected.unwrap_or(-1),
+        bytes: r.bytes,
+        elapsed_seconds: r.elapsed_seconds.unwrap_or(0.0),
+        last_error: r.last_error.unwrap_or_default(),
+        idle_seconds: r.idle_seconds.unwrap_or(-1.0),
     }
 }

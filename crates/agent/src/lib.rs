@@ -164,10 +164,16 @@ pub async fn run(
         ),
     }
     let policy: residency::SharedPolicy = Arc::new(std::sync::RwLock::new(policy.map(Arc::new)));
-    residency::reload_on_hangup(topology.clone(), columns.clone(), policy.clone());
     meridian_apply::migrate(&pool)
         .await
         .with_context(|| format!("migrating region {region}'s store"))?;
+    residency::reload_on_hangup(
+        topology.clone(),
+        columns.clone(),
+        policy.clone(),
+        pool.clone(),
+        region.to_owned(),
+    );
     let publication = publication_name(region);
     ensure_publication(&pool, &publication, &topology.tables)
         .await
@@ -179,12 +185,19 @@ pub async fn run(
         .cloned()
         .collect();
     for peer in &peers {
-        let created = lifecycle::prepare_slot(&pool, &slot_name(region, peer))
+        let slot = slot_name(region, peer);
+        let queueing = || format!("queueing the initial sync of link {region} -> {peer}");
+        if lifecycle::slot_is_new(&pool, &slot).await? {
+            sync::queue_new_link(&pool, peer, &topology.tables)
+                .await
+                .with_context(queueing)?;
+        }
+        let created = lifecycle::prepare_slot(&pool, &slot)
             .await
             .with_context(|| format!("creating the slot for link {region} -> {peer}"))?;
-        sync::queue_at_start(&pool, peer, &topology.tables, created)
+        sync::queue_at_start(&pool, region, peer, &topology.tables, created)
             .await
-            .with_context(|| format!("queueing the initial sync of link {region} -> {peer}"))?;
+            .with_context(queueing)?;
     }
     let global_tables = residency::current(&policy)
         .map(|p| p.policy().global.clone())

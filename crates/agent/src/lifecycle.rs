@@ -31,6 +31,18 @@ fn resync(source: &str, destination: &str) -> String {
     )
 }
 
+/// Whether the link's slot was never made here (neither recorded nor
+/// existing): [`prepare_slot`] will make it.
+pub async fn slot_is_new(pool: &PgPool, slot: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM meridian.slots WHERE slot_name = $1)
+            AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await
+}
+
 /// Creates the link's slot if this store never had it (recording its
 /// incarnation); a slot recorded before is never made again here. True if
 /// it made the slot (the link is new).

@@ -157,15 +157,75 @@ pub fn reload(
     }
 }
 
-/// Reloads the policy on SIGHUP.
-pub fn reload_on_hangup(topology: Topology, columns: StoreColumns, shared: SharedPolicy) {
+/// Reloads the policy, then queues a copy (initial sync) of every route
+/// from `region` whose rules changed ([`meridian_policy::diff`]): rows and
+/// values newly allowed arrive, and rows still sent are rewritten in their
+/// new form. Rows no longer sent are named in the log; they stay at the
+/// destination until deleted there.
+pub async fn reload_and_copy(
+    topology: &Topology,
+    columns: &StoreColumns,
+    shared: &SharedPolicy,
+    pool: &sqlx::PgPool,
+    region: &str,
+) -> anyhow::Result<u64> {
+    let before = current(shared);
+    let version = reload(topology, columns, shared)?;
+    let after = current(shared);
+    let regions: Vec<String> = topology.regions.keys().cloned().collect();
+    let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+    let changes = meridian_policy::diff::diff(
+        before.as_deref().map(Enforcer::policy),
+        after.as_deref().map(Enforcer::policy),
+        &regions,
+        &tables,
+    );
+    let mut by_destination: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for c in changes.iter().filter(|c| c.source == region) {
+        tracing::info!(table = %c.table, destination = %c.destination,
+            widened = %c.widened.join("; "), tightened = %c.tightened.join("; "),
+            "policy change: the route is copied again under the new policy");
+        if c.rows_no_longer_sent {
+            tracing::warn!(table = %c.table, destination = %c.destination,
+                "policy change: rows the new policy no longer sends stay at the destination \
+                 until deleted there");
+        }
+        by_destination
+            .entry(&c.destination)
+            .or_default()
+            .push(c.table.clone());
+    }
+    let reason = format!(
+        "policy version {} -> {version}",
+        before.as_ref().map_or(0, |p| p.version())
+    );
+    for (destination, tables) in by_destination {
+        crate::sync::request(pool, destination, &tables, &reason)
+            .await
+            .with_context(|| {
+                format!("policy {version} is in force, but queueing the copy to {destination} failed; run meridian sync start")
+            })?;
+    }
+    Ok(version)
+}
+
+/// Reloads the policy on SIGHUP ([`reload_and_copy`]).
+pub fn reload_on_hangup(
+    topology: Topology,
+    columns: StoreColumns,
+    shared: SharedPolicy,
+    pool: sqlx::PgPool,
+    region: String,
+) {
     tokio::spawn(async move {
         let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
         };
         while hangup.recv().await.is_some() {
-            let _ = reload(&topology, &columns, &shared);
+            if let Err(e) = reload_and_copy(&topology, &columns, &shared, &pool, &region).await {
+                tracing::error!(error = %format!("{e:#}"), "policy reload");
+            }
         }
     });
 }

@@ -37,9 +37,16 @@ const OUTSTANDING_CHUNKS: usize = 8;
 /// A range per this many rows, at most [`MAX_RANGES`].
 const ROWS_PER_RANGE: i64 = 100_000;
 const MAX_RANGES: i64 = 16;
-/// How long a chunk waits for the table's writers before trying again:
-/// a writer waiting behind the chunk's lock waits at most this long.
+/// How long a chunk's `LOCK TABLE` waits for the table's writers before
+/// trying again (jittered): while it waits, new writers queue behind it,
+/// so it never waits long.
+const LOCK_WAIT: &str = "50ms";
+/// After this many tries in a row, a lock wait shows as the copy's error.
+const LOCK_WAITS_SHOWN: u32 = 40;
+/// Any other statement of the copier waits at most this long for a lock.
 const LOCK_TIMEOUT: &str = "2s";
+/// Longest a chunk's read may hold the table's writers back.
+const READ_TIMEOUT: &str = "30s";
 
 /// A chunk read by this session's copiers, waiting for capture to reach its
 /// mark.
@@ -99,25 +106,45 @@ pub mod reason {
         "the link predates initial sync (run meridian sync start to copy existing rows)";
 }
 
-/// At agent start, for the link to `destination`: queues every table when
-/// the link is new (`new_link`: its slot was just made), and tables new to
-/// the topology otherwise. A link with no record at all predates initial
-/// sync: its tables are recorded as not copied, nothing is queued.
+/// At agent start, before the link's slot is prepared: when the slot is
+/// new (`new_link`), queues every table, so a kill between making the slot
+/// and queueing cannot leave a new link uncopied.
+pub async fn queue_new_link(
+    pool: &PgPool,
+    destination: &str,
+    tables: &[TableSpec],
+) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    request(pool, destination, &names, reason::NEW_LINK).await
+}
+
+/// At agent start, once the link's slot exists: forgets copies of tables
+/// no longer in the topology (one that comes back is copied again), queues
+/// tables new to the topology, and records a link with no record at all
+/// (it predates initial sync) as not copied. Tables of a new link
+/// (`new_link`) that hold no row homed in `source` now need no copy: a row
+/// written after the slot was made is streamed, and none was there before
+/// that is not deleted since.
 pub async fn queue_at_start(
     pool: &PgPool,
+    source: &str,
     destination: &str,
     tables: &[TableSpec],
     new_link: bool,
 ) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    sqlx::query(
+        "DELETE FROM meridian.sync_tables WHERE destination = $1 AND NOT (table_name = ANY($2))",
+    )
+    .bind(destination)
+    .bind(&names)
+    .execute(pool)
+    .await?;
     let known: i64 =
         sqlx::query_scalar("SELECT count(*) FROM meridian.sync_tables WHERE destination = $1")
             .bind(destination)
             .fetch_one(pool)
             .await?;
-    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
-    if new_link {
-        return request(pool, destination, &names, reason::NEW_LINK).await;
-    }
     let (state, why) = match known {
         0 => ("not_copied", reason::PREDATES),
         _ => ("waiting", reason::NEW_TABLE),
@@ -133,6 +160,34 @@ pub async fn queue_at_start(
     .bind(&names)
     .execute(pool)
     .await?;
+    if new_link {
+        for t in tables {
+            let (schema, name) = t.split_name();
+            let home = quote_ident(&t.home_column);
+            let holds: bool = sqlx::query_scalar(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {home} = $1 OR {home} IS NULL)",
+                quote_ident(schema),
+                quote_ident(name)
+            ))
+            .bind(source)
+            .fetch_one(pool)
+            .await?;
+            if !holds {
+                sqlx::query(
+                    "UPDATE meridian.sync_tables
+                        SET state = 'done', rows_expected = 0, started_at = now(),
+                            finished_at = now()
+                      WHERE destination = $1 AND table_name = $2 AND state = 'waiting'
+                        AND reason = $3",
+                )
+                .bind(destination)
+                .bind(&t.name)
+                .bind(reason::NEW_LINK)
+                .execute(pool)
+                .await?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -144,8 +199,11 @@ pub async fn request(
     tables: &[String],
     why: &str,
 ) -> Result<(), sqlx::Error> {
+    // a copier still recording the old copy finds no range and stops
     sqlx::query(
-        "INSERT INTO meridian.sync_tables (destination, table_name, state, reason)
+        "WITH gone AS (DELETE FROM meridian.sync_ranges
+                        WHERE destination = $1 AND table_name = ANY($3))
+         INSERT INTO meridian.sync_tables (destination, table_name, state, reason)
          SELECT $1, t, 'waiting', $2 FROM unnest($3::text[]) t
          ON CONFLICT (destination, table_name) DO UPDATE
             SET state = 'waiting', reason = EXCLUDED.reason, copy_id = gen_random_uuid(),
@@ -203,7 +261,7 @@ impl Copier {
             let pass = async {
                 let c = match &mut conn {
                     Some(c) => c,
-                    None => conn.insert(PgConnection::connect(&this.store).await?),
+                    None => conn.insert(connect(&this.store).await?),
                 };
                 this.clone().pass(c).await
             };
@@ -213,7 +271,7 @@ impl Copier {
                 Err(e) => {
                     conn = None;
                     tracing::warn!(source = %this.source, destination = %this.destination,
-                        error = %e, "initial sync interrupted; retrying in 5 s");
+                        error = %describe(&e), "initial sync interrupted; retrying in 5 s");
                     this.record_error(&e).await;
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
@@ -222,7 +280,7 @@ impl Copier {
     }
 
     /// Shows why the copy failed in `meridian sync status` until a chunk is
-    /// recorded (the error names tables and columns, never values).
+    /// recorded ([`describe`]: names, never values).
     async fn record_error(&self, e: &anyhow::Error) {
         let recorded = async {
             let mut conn = PgConnection::connect(&self.store).await?;
@@ -231,7 +289,7 @@ impl Copier {
                   WHERE destination = $1 AND state IN ('waiting', 'copying')",
             )
             .bind(&self.destination)
-            .bind(format!("{e:#}"))
+            .bind(describe(e))
             .execute(&mut conn)
             .await?;
             Ok::<_, sqlx::Error>(())
@@ -270,27 +328,15 @@ impl Copier {
         .into();
         let ranges = queue.len();
         let queue = Arc::new(Mutex::new(queue));
-        let shapes = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
         let copiers = (0..COPIERS.min(ranges)).map(|_| {
-            let (this, queue, shapes) = (self.clone(), queue.clone(), shapes.clone());
+            let (this, queue) = (self.clone(), queue.clone());
             async move {
-                let mut conn = PgConnection::connect(&this.store).await?;
+                let mut conn = connect(&this.store).await?;
                 loop {
                     let Some(range) = queue.lock().expect("queue").pop_front() else {
                         return Ok::<_, anyhow::Error>(());
                     };
-                    let table = {
-                        let mut shapes = shapes.lock().await;
-                        match shapes.get(&range.table) {
-                            Some(t) => Arc::clone(t),
-                            None => {
-                                let t = Arc::new(this.shape(&mut conn, &range.table).await?);
-                                shapes.insert(range.table.clone(), t.clone());
-                                t
-                            }
-                        }
-                    };
-                    this.copy_range(&mut conn, &table, range).await?;
+                    this.copy_range(&mut conn, range).await?;
                 }
             }
         });
@@ -313,13 +359,7 @@ impl Copier {
 
     /// The table as capture would describe it, from the store's catalog.
     async fn shape(&self, conn: &mut PgConnection, name: &str) -> anyhow::Result<SyncTable> {
-        let spec = self.tables.iter().find(|t| t.name == name).ok_or_else(|| {
-            anyhow::anyhow!(
-                "table {name} is queued for a copy to {} but is not in the topology; \
-                     remove it with meridian sync start --cancel, or add it back",
-                self.destination
-            )
-        })?;
+        let spec = self.spec(name)?;
         let (schema, table) = spec.split_name();
         let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let columns: Vec<(String, i64, String)> = sqlx::query_as(
@@ -421,23 +461,25 @@ impl Copier {
     }
 
     /// Copies one range chunk by chunk, recording each once durable.
-    async fn copy_range(
-        &self,
-        conn: &mut PgConnection,
-        table: &SyncTable,
-        range: Range,
-    ) -> anyhow::Result<()> {
+    async fn copy_range(&self, conn: &mut PgConnection, range: Range) -> anyhow::Result<()> {
         let mut after = range.after.clone();
-        let mut limit = snapshot::CHUNK_FIRST_ROWS;
+        let mut largest = 0;
         let mut outstanding: VecDeque<Outstanding> = VecDeque::new();
         let mut read_all = false;
         loop {
             if !read_all && outstanding.len() < OUTSTANDING_CHUNKS {
-                let chunk = self
-                    .read_chunk(conn, table, after.as_deref(), range.upto.as_deref(), limit)
+                let limit = snapshot::next_chunk_rows(largest);
+                let (chunk, chunk_largest) = self
+                    .read_chunk(
+                        conn,
+                        &range.table,
+                        after.as_deref(),
+                        range.upto.as_deref(),
+                        limit,
+                    )
                     .await?;
                 read_all = chunk.last;
-                limit = snapshot::next_chunk_rows(chunk.rows, chunk.bytes);
+                largest = largest.max(chunk_largest);
                 if chunk.last_key.is_some() {
                     after = chunk.last_key.clone();
                 }
@@ -494,26 +536,54 @@ impl Copier {
     }
 
     /// Reads the next chunk of a range under the table's lock and marks its
-    /// position in the WAL; capture places it there.
+    /// position in the WAL; capture places it there. The table's shape is
+    /// read under the lock too (no column can change meanwhile), so the
+    /// rows carry every column the table has at that position. Returns the
+    /// chunk and its largest row's bytes.
     async fn read_chunk(
         &self,
         conn: &mut PgConnection,
-        table: &SyncTable,
+        name: &str,
         after: Option<&[String]>,
         upto: Option<&[String]>,
         limit: usize,
-    ) -> anyhow::Result<Outstanding> {
-        let query = table.chunk_query(&self.source, after, upto, limit);
+    ) -> anyhow::Result<(Outstanding, usize)> {
         let chunk: u128 = uuid::Uuid::new_v4().as_u128();
+        let mut waits = 0u32;
         loop {
             conn.execute("BEGIN").await?;
             let read = async {
-                conn.execute(format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'").as_str())
+                // wait briefly: writers queue behind a waiting SHARE request
+                conn.execute(format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'").as_str())
                     .await?;
-                conn.execute(table.lock_statement().as_str()).await?;
+                let spec = self.spec(name)?;
+                let (schema, table) = spec.split_name();
+                conn.execute(
+                    format!(
+                        "LOCK TABLE {}.{} IN SHARE MODE",
+                        quote_ident(schema),
+                        quote_ident(table)
+                    )
+                    .as_str(),
+                )
+                .await?;
+                // writers wait for the read: bound it
+                conn.execute(
+                    format!(
+                        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
+                         SET LOCAL statement_timeout = '{READ_TIMEOUT}'"
+                    )
+                    .as_str(),
+                )
+                .await?;
+                let table = self.shape(conn, name).await?;
+                let query = table.chunk_query(&self.source, after, upto, limit);
                 let data = copy_rows(conn, &query).await?;
                 let rows: Vec<Row> = snapshot::parse_copy_text(&data, table.table.columns.len())?;
-                let bytes: usize = rows.iter().map(meridian_core::change::row_bytes).sum();
+                drop(data);
+                let sizes = rows.iter().map(meridian_core::change::row_bytes);
+                let bytes: usize = sizes.clone().sum();
+                let largest = sizes.max().unwrap_or(0);
                 let last_key = rows.last().and_then(|r| table.key_of(r));
                 let count = rows.len();
                 let placed = match count {
@@ -532,14 +602,15 @@ impl Copier {
                         Some(placed)
                     }
                 };
-                Ok::<_, anyhow::Error>(Outstanding {
+                let read = Outstanding {
                     placed,
                     end: None,
                     last_key,
                     rows: count,
                     bytes,
                     last: count < limit,
-                })
+                };
+                Ok::<_, anyhow::Error>((read, largest))
             }
             .await;
             match read {
@@ -553,17 +624,80 @@ impl Copier {
                 Err(e) => {
                     self.chunks.forget(chunk);
                     let _ = conn.execute("ROLLBACK").await;
-                    if is_lock_timeout(&e) {
-                        tracing::info!(table = %table.table.qualified_name(),
-                            "initial sync waits for the table's writers; trying again");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
+                    if !is_lock_timeout(&e) {
+                        return Err(e);
                     }
-                    return Err(e);
+                    waits += 1;
+                    tracing::debug!(
+                        table = name,
+                        waits,
+                        "initial sync waits for the table's writers; trying again"
+                    );
+                    // a wait that lasts shows in status, retried all the same
+                    if waits.is_multiple_of(LOCK_WAITS_SHOWN) {
+                        self.record_error(&e.context(format!(
+                            "{name}: the copy could not lock the table in {waits} tries \
+                             (a long transaction writes it, or holds a stronger lock; \
+                             see pg_locks); it keeps trying"
+                        )))
+                        .await;
+                    }
+                    // jittered, so copies of several links do not wait in step
+                    let jitter = (chunk.wrapping_add(waits as u128) % 200) as u64;
+                    tokio::time::sleep(Duration::from_millis(100 + jitter)).await;
                 }
             }
         }
     }
+
+    /// A replicated table's topology entry.
+    fn spec(&self, name: &str) -> anyhow::Result<&TableSpec> {
+        self.tables.iter().find(|t| t.name == name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "table {name} is queued for a copy to {} but is not in this agent's topology; \
+                 it is forgotten at the agent's next start",
+                self.destination
+            )
+        })
+    }
+}
+
+/// An error as the copier logs and records it: its own contexts (names of
+/// tables and regions), and of a store error only its SQLSTATE and the
+/// names it points at, never its message (which may quote a value).
+fn describe(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => {
+                let mut s = format!(
+                    "store error SQLSTATE {}",
+                    db.code().as_deref().unwrap_or("?")
+                );
+                if let Some(t) = db.table() {
+                    s += &format!(" on table {t}");
+                }
+                if let Some(c) = db.constraint() {
+                    s += &format!(" (constraint {c})");
+                }
+                s
+            }
+            _ => cause.to_string(),
+        })
+        .collect();
+    parts.join(": ")
+}
+
+/// A connection for the copier: no statement waits for a lock longer than
+/// [`LOCK_TIMEOUT`], so a table someone holds shows as a failing copy
+/// instead of a silent wait (and never queues writers behind the copy).
+async fn connect(store: &str) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect(store).await?;
+    conn.execute(format!("SET lock_timeout = '{LOCK_TIMEOUT}'").as_str())
+        .await?;
+    conn.execute("SET application_name = 'meridian-sync'")
+        .await?;
+    Ok(conn)
 }
 
 /// What `COPY (query) TO STDOUT` writes.
@@ -606,20 +740,24 @@ pub struct TableReport {
     pub elapsed_seconds: Option<f64>,
     /// Why the copy last failed, while it is retried.
     pub last_error: Option<String>,
+    /// Seconds since a chunk was last recorded (or the copy started).
+    pub idle_seconds: Option<f64>,
 }
 
 impl TableReport {
-    /// Fraction, rate and time left ([`snapshot::progress`]).
-    pub fn progress(&self) -> snapshot::Progress {
+    /// Fraction, rate and time left ([`snapshot::progress`]); None before
+    /// the copy started (or for a table never copied).
+    pub fn progress(&self) -> Option<snapshot::Progress> {
         let expected = match self.state.as_str() {
             "done" => self.rows.max(0) as u64,
-            _ => self.rows_expected.unwrap_or(0).max(0) as u64,
+            "copying" => self.rows_expected?.max(0) as u64,
+            _ => return None,
         };
-        snapshot::progress(
+        Some(snapshot::progress(
             self.rows.max(0) as u64,
             expected,
             self.elapsed_seconds.unwrap_or(0.0),
-        )
+        ))
     }
 }
 
@@ -634,7 +772,10 @@ pub async fn report(conn: impl sqlx::PgExecutor<'_>) -> Result<Vec<TableReport>,
                 count(r.range_no) FILTER (WHERE r.done) AS ranges_done,
                 extract(epoch FROM coalesce(t.finished_at, now()) - t.started_at)::float8
                     AS elapsed_seconds,
-                t.last_error
+                t.last_error,
+                extract(epoch FROM now() - greatest(coalesce(t.started_at, t.requested_at),
+                                                    max(r.updated_at)))::float8
+                    AS idle_seconds
            FROM meridian.sync_tables t
            LEFT JOIN meridian.sync_ranges r
              ON r.destination = t.destination AND r.table_name = t.table_name

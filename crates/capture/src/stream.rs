@@ -195,6 +195,14 @@ impl ReplicationStream {
                 ("database", info.database.as_str()),
                 ("replication", "database"),
                 ("application_name", "meridian-capture"),
+                // values in the text forms the agent's other connections
+                // (sqlx: initial sync, reselect) read, whatever the
+                // server's defaults: a value copied and the same value
+                // streamed hash and compare alike, in every region
+                ("DateStyle", "ISO, MDY"),
+                ("TimeZone", "UTC"),
+                ("extra_float_digits", "2"),
+                ("client_encoding", "UTF8"),
             ],
             &mut buf,
         )?;

@@ -57,17 +57,19 @@ impl Mark {
 pub const CHUNK_BYTES: usize = crate::pgoutput::FRAGMENT_BYTES;
 /// Most rows in a chunk (one fragment's changes).
 pub const CHUNK_MAX_ROWS: usize = crate::pgoutput::FRAGMENT_CHANGES;
-/// Rows read by a range's first chunk, before its rows' size is known.
-pub const CHUNK_FIRST_ROWS: usize = 500;
+/// Rows read by a range's first chunk, before its rows' size is known
+/// (few: a row may be megabytes).
+pub const CHUNK_FIRST_ROWS: usize = 16;
 
-/// Rows the next chunk should read, given what the last one read: about
-/// [`CHUNK_BYTES`] of values, between 1 and [`CHUNK_MAX_ROWS`] rows.
-pub fn next_chunk_rows(last_rows: usize, last_bytes: usize) -> usize {
-    if last_rows == 0 || last_bytes == 0 {
-        return CHUNK_FIRST_ROWS;
+/// Rows the next chunk should read, given the largest row seen so far in
+/// the range: about [`CHUNK_BYTES`] of values were every row that large,
+/// between 1 and [`CHUNK_MAX_ROWS`] rows. (Sizing by the largest row, not
+/// the average, keeps a chunk of rows like the largest within bounds.)
+pub fn next_chunk_rows(largest_row_bytes: usize) -> usize {
+    match largest_row_bytes {
+        0 => CHUNK_FIRST_ROWS,
+        largest => (CHUNK_BYTES / largest).clamp(1, CHUNK_MAX_ROWS),
     }
-    let per_row = last_bytes.div_ceil(last_rows).max(1);
-    (CHUNK_BYTES / per_row).clamp(1, CHUNK_MAX_ROWS)
 }
 
 /// A table as the initial sync reads it: the columns the publication sends
@@ -116,6 +118,13 @@ impl SyncTable {
         format!("({})", parts.join(", "))
     }
 
+    /// Rows homed in `source`: a NULL home counts as the capturing region's,
+    /// as the policy takes it for streamed changes.
+    fn homed(&self, source: &str) -> String {
+        let home = quote_ident(&self.home_column);
+        format!("({home} = {} OR {home} IS NULL)", literal(source))
+    }
+
     /// The rows homed in `source`, in key order, after `after` (exclusive)
     /// and up to `upto` (inclusive), at most `limit`: the statement inside
     /// `COPY (...) TO STDOUT`.
@@ -135,10 +144,9 @@ impl SyncTable {
             .join(", ");
         let keys = self.key_list();
         let mut query = format!(
-            "SELECT {columns} FROM {} WHERE {} = {}",
+            "SELECT {columns} FROM {} WHERE {}",
             self.qualified(),
-            quote_ident(&self.home_column),
-            literal(source)
+            self.homed(source)
         );
         if let Some(after) = after {
             query += &format!(" AND ({keys}) > {}", self.key_literal(after));
@@ -157,10 +165,9 @@ impl SyncTable {
         let keys = self.key_list();
         format!(
             "SELECT {keys} FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS n \
-             FROM {} WHERE {} = {}) s WHERE n % {step} = 0 ORDER BY {keys} LIMIT {splits}",
+             FROM {} WHERE {}) s WHERE n % {step} = 0 ORDER BY {keys} LIMIT {splits}",
             self.qualified(),
-            quote_ident(&self.home_column),
-            literal(source),
+            self.homed(source),
             step = step.max(1)
         )
     }
@@ -168,10 +175,9 @@ impl SyncTable {
     /// How many rows are homed in `source`.
     pub fn count_query(&self, source: &str) -> String {
         format!(
-            "SELECT count(*) FROM {} WHERE {} = {}",
+            "SELECT count(*) FROM {} WHERE {}",
             self.qualified(),
-            quote_ident(&self.home_column),
-            literal(source)
+            self.homed(source)
         )
     }
 
@@ -405,7 +411,8 @@ mod tests {
         let q = t.chunk_query("na", Some(&after), Some(&upto), 500);
         assert_eq!(
             q,
-            "SELECT \"tenant\", \"line\", \"home\" FROM \"app\".\"order lines\" WHERE \"home\" = 'na' \
+            "SELECT \"tenant\", \"line\", \"home\" FROM \"app\".\"order lines\" \
+             WHERE (\"home\" = 'na' OR \"home\" IS NULL) \
              AND (\"tenant\", \"line\") > ('it''s'::text, '7'::bigint) \
              AND (\"tenant\", \"line\") <= ('z'::text, '1'::bigint) \
              ORDER BY \"tenant\", \"line\" LIMIT 500"
@@ -484,14 +491,12 @@ mod tests {
         }
 
         #[test]
-        fn chunks_stay_within_bounds(rows in 0usize..100_000, bytes in 0usize..1 << 34) {
-            let n = next_chunk_rows(rows, bytes);
+        fn chunks_stay_within_bounds(largest in 0usize..1 << 34) {
+            let n = next_chunk_rows(largest);
             prop_assert!((1..=CHUNK_MAX_ROWS).contains(&n));
-            if rows > 0 && bytes > 0 {
-                // about a chunk's bytes, unless one row alone is larger
-                let per_row = bytes.div_ceil(rows);
-                prop_assert!(n * per_row <= CHUNK_BYTES.max(per_row));
-            }
+            // rows as large as the largest fill about a chunk, unless one
+            // row alone is larger
+            prop_assert!(n * largest <= CHUNK_BYTES.max(largest));
         }
     }
 

@@ -12,9 +12,12 @@
 //!   file:line:column diagnostics.
 //! - [`evaluate`]: decisions and transformations per destination (sender),
 //!   and the re-check of what arrived (receiver).
+//! - [`diff`]: what a policy change does to each route (table, source,
+//!   destination): newly sent, no longer sent, column forms.
 //! - [`fit`]: whether the column actions fit the store's column types and
 //!   nullability.
 
+pub mod diff;
 pub mod evaluate;
 pub mod file;
 pub mod fit;
