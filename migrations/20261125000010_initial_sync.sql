@@ -43,3 +43,13 @@ CREATE TABLE meridian.sync_ranges (
     FOREIGN KEY (destination, table_name)
         REFERENCES meridian.sync_tables ON DELETE CASCADE
 );
+
+-- The residency policy (its text) the copies were last queued for: a policy
+-- changed while the agent was down, or whose copies could not be queued at
+-- its reload, is compared with it at the next start or reload.
+CREATE TABLE meridian.sync_policy (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    -- NULL: no policy
+    policy text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

@@ -256,11 +256,11 @@ pub(crate) async fn reload(config: &Path, only: Option<&str>) -> anyhow::Result<
 /// words, and what a reload does about it.
 pub(crate) fn diff(old: &Path, new: &Path, config: &Path) -> anyhow::Result<()> {
     let topology = meridian_agent::load_topology(config)?;
-    let has_key = std::env::var(residency::HASH_KEY_ENV).is_ok_and(|k| !k.is_empty());
+    // comparing rules needs no hash key
     let read = |file: &Path| -> anyhow::Result<meridian_policy::Policy> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read policy file {}", file.display()))?;
-        residency::parse(&topology, &text, &file.display().to_string(), has_key)
+        residency::parse(&topology, &text, &file.display().to_string(), true)
     };
     let (before, after) = (read(old)?, read(new)?);
     let regions: Vec<String> = topology.regions.keys().cloned().collect();
@@ -279,6 +279,9 @@ pub(crate) fn diff(old: &Path, new: &Path, config: &Path) -> anyhow::Result<()> 
         }
         for t in &c.tightened {
             println!("  - {t}");
+        }
+        for t in &c.changed {
+            println!("  ~ {t}");
         }
         println!(
             "  on reload: {}'s agent copies the table to {} again under the new policy",

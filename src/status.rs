@@ -125,16 +125,20 @@ pub(crate) struct CopyReport {
     pub tables_done: usize,
     /// Tables of a link older than initial sync, never copied.
     pub tables_not_copied: usize,
+    /// Rows copied and expected by the pending copies (each counted when
+    /// it started), and bytes copied by them.
     pub rows: i64,
-    /// Rows the pending and done copies expect (counted when each started).
     pub rows_expected: i64,
     pub bytes: i64,
     pub rows_per_second: f64,
     pub remaining_seconds: Option<f64>,
     /// Why a pending copy fails (it is retried), if one does.
     pub error: Option<String>,
-    /// The longest a pending copy recorded nothing, seconds.
+    /// Seconds since the link's copier last recorded progress on any
+    /// pending table (tables queued behind another wait their turn).
     pub idle_seconds: Option<f64>,
+    /// Why the source could not report its copies, if it could not.
+    pub unreadable: Option<String>,
 }
 
 impl CopyReport {
@@ -145,23 +149,23 @@ impl CopyReport {
             match t.state.as_str() {
                 "waiting" | "copying" => {
                     c.tables_pending += 1;
+                    c.rows += t.rows;
+                    c.bytes += t.bytes;
                     c.rows_expected += t.rows_expected.max(t.rows);
                     if !t.last_error.is_empty() {
                         c.error = Some(format!("{}: {}", t.table, t.last_error));
                     }
                     if t.idle_seconds >= 0.0 {
-                        c.idle_seconds = Some(c.idle_seconds.unwrap_or(0.0).max(t.idle_seconds));
+                        c.idle_seconds = Some(
+                            c.idle_seconds
+                                .map_or(t.idle_seconds, |i: f64| i.min(t.idle_seconds)),
+                        );
                     }
                     elapsed = elapsed.max(t.elapsed_seconds);
                 }
-                "done" => {
-                    c.tables_done += 1;
-                    c.rows_expected += t.rows;
-                }
+                "done" => c.tables_done += 1,
                 _ => c.tables_not_copied += 1,
             }
-            c.rows += t.rows;
-            c.bytes += t.bytes;
         }
         let p = meridian_core::snapshot::progress(
             c.rows.max(0) as u64,
@@ -235,7 +239,14 @@ pub(crate) async fn gather(
                                     .iter()
                                     .filter(|c| &c.destination == peer)
                                     .collect();
-                                (!copies.is_empty()).then(|| CopyReport::from_reply(&copies))
+                                match reply.copies_error.is_empty() {
+                                    true => (!copies.is_empty())
+                                        .then(|| CopyReport::from_reply(&copies)),
+                                    false => Some(CopyReport {
+                                        unreadable: Some(reply.copies_error.clone()),
+                                        ..CopyReport::default()
+                                    }),
+                                }
                             },
                         },
                         None => unknown_link(&region, peer, "the agent has no such link"),
@@ -352,6 +363,10 @@ pub(crate) async fn gather(
                 l.health = "warn";
             }
         }
+        // copies that cannot be read may hide a stall
+        if l.copy.as_ref().is_some_and(|c| c.unreadable.is_some()) && l.health == "ok" {
+            l.health = "warn";
+        }
         l.problem = problem(l, config, thresholds);
         // an error from before the link connected again is history
         l.error_is_history = l.state == "connected"
@@ -418,6 +433,9 @@ fn problem(l: &LinkReport, config: &Path, t: Thresholds) -> Option<String> {
             }
             None => {}
         }
+    }
+    if let Some(why) = l.copy.as_ref().and_then(|c| c.unreadable.as_ref()) {
+        return Some(format!("initial syncs unreadable at {}: {why}", l.source));
     }
     if let Some(lag) = l.lag_seconds.filter(|lag| *lag >= t.warn_seconds) {
         return Some(format!("lag {}", crate::human::duration(lag)));

@@ -678,7 +678,7 @@ async fn wait_copy(d: &Deployment, table: &str, reason: &str) -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyhow::Result<()> {
     let na = seed("na", 20_000, 0);
-    let d = Deployment::start_seeded(
+    let mut d = Deployment::start_seeded(
         binary(),
         &Spec {
             regions: &["na", "eu"],
@@ -733,7 +733,7 @@ async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyh
     d.write_policy(&wider)?;
     let (ok, out) = policy_command(&d, &["reload"]);
     assert!(ok, "{out}");
-    wait_copy(&d, "public.accounts", "policy version 1 -> 2").await?;
+    wait_copy(&d, "public.accounts", "policy version 2").await?;
     let want = digest(d.pool("na"), "SELECT * FROM accounts WHERE home = 'na'").await?;
     let got = digest(d.pool("eu"), "SELECT * FROM accounts WHERE home = 'na'").await?;
     assert_eq!(
@@ -767,7 +767,7 @@ async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyh
     d.write_policy(&narrower)?;
     let (ok, out) = policy_command(&d, &["reload"]);
     assert!(ok, "{out}");
-    wait_copy(&d, "public.accounts", "policy version 2 -> 3").await?;
+    wait_copy(&d, "public.accounts", "policy version 3").await?;
     let (want, got) = (
         digest(
             d.pool("na"),
@@ -783,8 +783,26 @@ async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyh
         .await?,
     );
     assert_eq!(got, want, "the accounts still sent hold no secret at eu");
-    // the copies went through the policy: the audit counts them by rule
-    // (flushed every 2 s)
+    // the copies went through the policy: the audit counts them (three
+    // copies of 6,000 accounts so far)
+    let audited = wait_audited(&d, 3 * 6_000).await?;
+    // a policy changed while the source's agent is down is compared at its
+    // start with the one its copies were queued for (receivers first)
+    d.agent("na").kill9();
+    d.write_policy(&wider.replace("version = 2", "version = 4"))?;
+    d.agent("eu").restart()?;
+    d.agent("na").restart()?;
+    wait_copy(&d, "public.accounts", "policy version 4").await?;
+    let want = digest(d.pool("na"), "SELECT * FROM accounts WHERE home = 'na'").await?;
+    let got = digest(d.pool("eu"), "SELECT * FROM accounts WHERE home = 'na'").await?;
+    assert_eq!(got, want, "the change made while na was down was copied");
+    wait_audited(&d, audited + 6_000).await?;
+    Ok(())
+}
+
+/// Waits until na's residency audit counts at least `at_least` account
+/// changes for eu (flushed every 2 s); returns the count.
+async fn wait_audited(d: &Deployment, at_least: i64) -> anyhow::Result<i64> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let audited: i64 = sqlx::query_scalar(
@@ -793,31 +811,31 @@ async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyh
         )
         .fetch_one(d.pool("na"))
         .await?;
-        if audited >= 3 * 6_000 {
-            break;
+        if audited >= at_least {
+            return Ok(audited);
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the audit counted {audited} account changes for three copies of 6,000"
+            "the audit counted {audited} account changes, expected at least {at_least}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(())
 }
 
-/// `meridian status --json` with tight thresholds: exit code and the link
+/// `meridian status --json --warn-seconds <warn>`: exit code and the link
 /// `source -> destination`.
 fn link_status(
     d: &Deployment,
     source: &str,
     destination: &str,
+    warn: &str,
 ) -> (Option<i32>, serde_json::Value) {
     let out = std::process::Command::new(binary())
         .args([
             "status",
             "--json",
             "--warn-seconds",
-            "1",
+            warn,
             "--critical-seconds",
             "60",
             "--config",
@@ -857,9 +875,9 @@ async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> a
     )
     .await?;
     wait_all_done(&d, "na", &d.pool("na").clone()).await?;
-    // someone holds accounts; a copy is asked for meanwhile
+    // a long transaction writes accounts; a copy is asked for meanwhile
     let mut holder = d.pool("na").begin().await?;
-    sqlx::query("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+    sqlx::query("UPDATE accounts SET email = 'held' WHERE id = 1")
         .execute(&mut *holder)
         .await?;
     let out = std::process::Command::new(binary())
@@ -882,11 +900,11 @@ async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> a
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (code, link) = link_status(&d, "na", "eu");
+        let (code, link) = link_status(&d, "na", "eu", "1");
         let problem = link["problem"].as_str().unwrap_or_default().to_owned();
         if link["copy"]["tables_pending"] == 1
             && problem.contains("initial sync failing")
-            && problem.contains("public.accounts")
+            && problem.contains("could not lock the table")
         {
             assert_eq!(link["health"], "critical", "{link}");
             assert_eq!(code, Some(1), "status exits unhealthy: {link}");
@@ -899,12 +917,16 @@ async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> a
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // the lock goes; the copy finishes and the link is healthy again
-    holder.rollback().await?;
+    // meanwhile the application writes on: the copy never queues it
+    sqlx::raw_sql("UPDATE accounts SET email = 'not held back' WHERE id = 2")
+        .execute(d.pool("na"))
+        .await?;
+    // the transaction ends; the copy finishes and the link is healthy again
+    holder.commit().await?;
     wait_copy(&d, "public.accounts", "requested (meridian sync start)").await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (code, link) = link_status(&d, "na", "eu");
+        let (code, link) = link_status(&d, "na", "eu", "30");
         if code == Some(0) && link["health"] == "ok" && link["copy"]["tables_pending"] == 0 {
             break;
         }

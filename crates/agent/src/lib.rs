@@ -199,6 +199,15 @@ pub async fn run(
             .await
             .with_context(queueing)?;
     }
+    // a policy changed while the agent was down: copy the routes it changed
+    residency::queue_policy_changes(
+        &pool,
+        &topology,
+        region,
+        residency::current(&policy).as_deref(),
+    )
+    .await
+    .with_context(|| format!("queueing the copies of region {region}'s policy changes"))?;
     let global_tables = residency::current(&policy)
         .map(|p| p.policy().global.clone())
         .unwrap_or_default();

@@ -157,11 +157,11 @@ pub fn reload(
     }
 }
 
+/// Reloads and copy queueing run one at a time (SIGHUP and `Admin`).
+static RELOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Reloads the policy, then queues a copy (initial sync) of every route
-/// from `region` whose rules changed ([`meridian_policy::diff`]): rows and
-/// values newly allowed arrive, and rows still sent are rewritten in their
-/// new form. Rows no longer sent are named in the log; they stay at the
-/// destination until deleted there.
+/// from `region` whose rules changed ([`queue_policy_changes`]).
 pub async fn reload_and_copy(
     topology: &Topology,
     columns: &StoreColumns,
@@ -169,21 +169,93 @@ pub async fn reload_and_copy(
     pool: &sqlx::PgPool,
     region: &str,
 ) -> anyhow::Result<u64> {
-    let before = current(shared);
+    let _one = RELOADING.lock().await;
     let version = reload(topology, columns, shared)?;
-    let after = current(shared);
-    let regions: Vec<String> = topology.regions.keys().cloned().collect();
-    let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
-    let changes = meridian_policy::diff::diff(
-        before.as_deref().map(Enforcer::policy),
-        after.as_deref().map(Enforcer::policy),
-        &regions,
-        &tables,
-    );
+    queue_policy_changes(pool, topology, region, current(shared).as_deref())
+        .await
+        .with_context(|| {
+            format!(
+                "policy version {version} is in force, but the copies it calls for were not \
+                 queued; they are at the next reload or agent start"
+            )
+        })?;
+    Ok(version)
+}
+
+/// Compares `policy` (in force) with the policy the copies were last
+/// queued for (`meridian.sync_policy`), and queues a copy of every route
+/// from `region` whose rules changed ([`meridian_policy::diff`]): rows and
+/// values newly allowed arrive, rows still sent are rewritten in their new
+/// form. Rows no longer sent are named in the log; they stay at the
+/// destination until deleted there. The copies and the record of `policy`
+/// commit together, so a failure is retried at the next reload or start.
+pub async fn queue_policy_changes(
+    pool: &sqlx::PgPool,
+    topology: &Topology,
+    region: &str,
+    policy: Option<&Enforcer>,
+) -> anyhow::Result<()> {
+    // the text behind the policy in force (unless the file changed since)
+    let text = match (&topology.policy, policy) {
+        (Some(path), Some(p)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read policy file {path}"))?;
+            if meridian_core::digest::sha256_hex(text.as_bytes()) != p.digest() {
+                tracing::warn!(file = %path, "the policy file changed since it was loaded; \
+                    its copies are queued at the next reload");
+                return Ok(());
+            }
+            Some(text)
+        }
+        _ => None,
+    };
+    let mut tx = pool.begin().await?;
+    let recorded: Option<Option<String>> =
+        sqlx::query_scalar("SELECT policy FROM meridian.sync_policy FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
+    let changes = match &recorded {
+        // the first policy this store knows: new links copy what it allows
+        None => Vec::new(),
+        Some(before) if before == &text => Vec::new(),
+        Some(before) => {
+            let before = before
+                .as_deref()
+                .map(|t| parse(topology, t, "the previous policy", true));
+            let regions: Vec<String> = topology.regions.keys().cloned().collect();
+            let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+            match before {
+                // a previous policy that no longer fits the topology: every route may differ
+                Some(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"),
+                        "the previous policy no longer parses; every route is copied again");
+                    meridian_policy::diff::diff(
+                        None,
+                        policy.map(Enforcer::policy),
+                        &regions,
+                        &tables,
+                    )
+                }
+                Some(Ok(before)) => meridian_policy::diff::diff(
+                    Some(&before),
+                    policy.map(Enforcer::policy),
+                    &regions,
+                    &tables,
+                ),
+                None => meridian_policy::diff::diff(
+                    None,
+                    policy.map(Enforcer::policy),
+                    &regions,
+                    &tables,
+                ),
+            }
+        }
+    };
     let mut by_destination: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for c in changes.iter().filter(|c| c.source == region) {
         tracing::info!(table = %c.table, destination = %c.destination,
             widened = %c.widened.join("; "), tightened = %c.tightened.join("; "),
+            changed = %c.changed.join("; "),
             "policy change: the route is copied again under the new policy");
         if c.rows_no_longer_sent {
             tracing::warn!(table = %c.table, destination = %c.destination,
@@ -195,18 +267,31 @@ pub async fn reload_and_copy(
             .or_default()
             .push(c.table.clone());
     }
-    let reason = format!(
-        "policy version {} -> {version}",
-        before.as_ref().map_or(0, |p| p.version())
-    );
+    let reason = format!("policy version {}", policy.map_or(0, |p| p.version()));
     for (destination, tables) in by_destination {
-        crate::sync::request(pool, destination, &tables, &reason)
-            .await
-            .with_context(|| {
-                format!("policy {version} is in force, but queueing the copy to {destination} failed; run meridian sync start")
-            })?;
+        // a copy still waiting to start runs under this policy anyway
+        let waiting: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name FROM meridian.sync_tables
+              WHERE destination = $1 AND state = 'waiting'",
+        )
+        .bind(destination)
+        .fetch_all(&mut *tx)
+        .await?;
+        let tables: Vec<String> = tables
+            .into_iter()
+            .filter(|t| !waiting.contains(t))
+            .collect();
+        crate::sync::request(&mut *tx, destination, &tables, &reason).await?;
     }
-    Ok(version)
+    sqlx::query(
+        "INSERT INTO meridian.sync_policy (one, policy) VALUES (true, $1)
+         ON CONFLICT (one) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+    )
+    .bind(&text)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Reloads the policy on SIGHUP ([`reload_and_copy`]).

@@ -165,7 +165,7 @@ pub async fn queue_at_start(
             let (schema, name) = t.split_name();
             let home = quote_ident(&t.home_column);
             let holds: bool = sqlx::query_scalar(&format!(
-                "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {home} = $1 OR {home} IS NULL)",
+                "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {home} = $1)",
                 quote_ident(schema),
                 quote_ident(name)
             ))
@@ -524,12 +524,12 @@ impl Copier {
                 // (chunks already marked still ship: rows at their position)
                 return Ok(());
             }
+            // the copy moves: an earlier failure is history
             sqlx::query(
                 "UPDATE meridian.sync_tables SET last_error = NULL
-                  WHERE destination = $1 AND table_name = $2 AND last_error IS NOT NULL",
+                  WHERE destination = $1 AND last_error IS NOT NULL",
             )
             .bind(&self.destination)
-            .bind(&range.table)
             .execute(&mut *conn)
             .await?;
         }
@@ -666,25 +666,25 @@ impl Copier {
 /// tables and regions), and of a store error only its SQLSTATE and the
 /// names it points at, never its message (which may quote a value).
 fn describe(e: &anyhow::Error) -> String {
-    let parts: Vec<String> = e
-        .chain()
-        .map(|cause| match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Database(db)) => {
-                let mut s = format!(
-                    "store error SQLSTATE {}",
-                    db.code().as_deref().unwrap_or("?")
-                );
-                if let Some(t) = db.table() {
-                    s += &format!(" on table {t}");
-                }
-                if let Some(c) = db.constraint() {
-                    s += &format!(" (constraint {c})");
-                }
-                s
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        if let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() {
+            let mut s = format!(
+                "store error SQLSTATE {}",
+                db.code().as_deref().unwrap_or("?")
+            );
+            if let Some(t) = db.table() {
+                s += &format!(" on table {t}");
             }
-            _ => cause.to_string(),
-        })
-        .collect();
+            if let Some(c) = db.constraint() {
+                s += &format!(" (constraint {c})");
+            }
+            parts.push(s);
+            // its sources are the server's message itself
+            break;
+        }
+        parts.push(cause.to_string());
+    }
     parts.join(": ")
 }
 

@@ -118,11 +118,11 @@ impl SyncTable {
         format!("({})", parts.join(", "))
     }
 
-    /// Rows homed in `source`: a NULL home counts as the capturing region's,
-    /// as the policy takes it for streamed changes.
+    /// Rows homed in `source`. (Not rows with no home: every region holding
+    /// a copy of one would copy it, and an older copy could overwrite the
+    /// region that wrote it.)
     fn homed(&self, source: &str) -> String {
-        let home = quote_ident(&self.home_column);
-        format!("({home} = {} OR {home} IS NULL)", literal(source))
+        format!("{} = {}", quote_ident(&self.home_column), literal(source))
     }
 
     /// The rows homed in `source`, in key order, after `after` (exclusive)
@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(
             q,
             "SELECT \"tenant\", \"line\", \"home\" FROM \"app\".\"order lines\" \
-             WHERE (\"home\" = 'na' OR \"home\" IS NULL) \
+             WHERE \"home\" = 'na' \
              AND (\"tenant\", \"line\") > ('it''s'::text, '7'::bigint) \
              AND (\"tenant\", \"line\") <= ('z'::text, '1'::bigint) \
              ORDER BY \"tenant\", \"line\" LIMIT 500"

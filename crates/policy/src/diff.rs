@@ -24,6 +24,9 @@ pub struct RouteChange {
     pub widened: Vec<String>,
     /// What no longer reaches it, or in a weaker form, in words.
     pub tightened: Vec<String>,
+    /// What changed without more or less reaching it (a redaction's text,
+    /// rules reordered or regrouped), in words.
+    pub changed: Vec<String>,
     /// Some rows sent before may no longer be sent: they stay at the
     /// destination until deleted there.
     pub rows_no_longer_sent: bool,
@@ -67,6 +70,30 @@ fn conditions(when: &[Condition]) -> String {
         })
         .collect();
     format!("rows where {}", parts.join(" and "))
+}
+
+/// The values a condition accepts, when it is about values.
+fn accepted(c: &Condition) -> Option<BTreeSet<&String>> {
+    match c {
+        Condition::Equals { value, .. } => Some([value].into_iter().collect()),
+        Condition::In { values, .. } => Some(values.iter().collect()),
+        Condition::IsNull { .. } => None,
+    }
+}
+
+/// Whether every row that meets `narrow` meets `wide` too: each of
+/// `wide`'s conditions is implied by one of `narrow`'s on the same column.
+fn covers(wide: &[Condition], narrow: &[Condition]) -> bool {
+    wide.iter().all(|w| {
+        narrow.iter().any(|n| {
+            n.column() == w.column()
+                && match (accepted(w), accepted(n)) {
+                    (Some(w), Some(n)) => n.is_subset(&w),
+                    (None, None) => w == n,
+                    _ => false,
+                }
+        })
+    })
 }
 
 /// The rules deciding `table` from `source` to `destination`, in order.
@@ -124,6 +151,7 @@ fn diff_route(
         destination: destination.to_owned(),
         widened: Vec::new(),
         tightened: Vec::new(),
+        changed: Vec::new(),
         rows_no_longer_sent: false,
     };
     let (before, after) = match (old, new) {
@@ -156,50 +184,71 @@ fn diff_route(
     if same {
         return None;
     }
-    // rows
-    let rows = |rules: &[&Rule]| -> BTreeSet<String> {
-        rules.iter().map(|r| conditions(&r.when)).collect()
-    };
-    let (rows_before, rows_after) = (rows(&before), rows(&after));
-    let all_before = before.iter().any(|r| r.when.is_empty());
-    let all_after = after.iter().any(|r| r.when.is_empty());
-    for r in rows_after.difference(&rows_before) {
-        if !all_before {
-            change.widened.push(format!("{r} are sent"));
+    // rows: a rule's conditions send no row another rule's do not cover
+    for r in &after {
+        if !before.iter().any(|b| covers(&b.when, &r.when)) {
+            change
+                .widened
+                .push(format!("{} are sent", conditions(&r.when)));
         }
     }
-    for r in rows_before.difference(&rows_after) {
-        if !all_after {
-            change.tightened.push(format!("{r} are no longer sent"));
+    for b in &before {
+        if !after.iter().any(|r| covers(&r.when, &b.when)) {
+            change
+                .tightened
+                .push(format!("{} are no longer sent", conditions(&b.when)));
             change.rows_no_longer_sent = true;
         }
     }
-    // columns
+    // columns: rule by rule when the rules pair up, else the most any
+    // rule lets through
     let columns: BTreeSet<&String> = before
         .iter()
         .chain(&after)
         .flat_map(|r| r.columns.keys())
         .collect();
+    // rules pair up when each new rule has an old one with the same
+    // conditions
+    let same = |a: &Rule, b: &Rule| covers(&a.when, &b.when) && covers(&b.when, &a.when);
+    let matched: Option<Vec<(&Rule, &Rule)>> = (before.len() == after.len())
+        .then(|| {
+            after
+                .iter()
+                .map(|a| before.iter().find(|b| same(b, a)).map(|b| (*b, *a)))
+                .collect()
+        })
+        .flatten();
+    let pairs: Vec<(Vec<&Rule>, Vec<&Rule>, String)> = match matched {
+        Some(matched) => matched
+            .into_iter()
+            .map(|(b, a)| (vec![b], vec![a], format!(" ({})", conditions(&a.when))))
+            .collect(),
+        None => vec![(before.clone(), after.clone(), String::new())],
+    };
     for column in columns {
-        let (was, is) = (most_open(&before, column), most_open(&after, column));
-        let (o, n) = (openness(was), openness(is));
-        let words = format!(
-            "column {column}: {} -> {}",
-            action_name(was),
-            action_name(is)
-        );
-        match n.cmp(&o) {
-            std::cmp::Ordering::Greater => change.widened.push(words),
-            std::cmp::Ordering::Less => change.tightened.push(words),
-            std::cmp::Ordering::Equal => {}
+        for (was_rules, is_rules, which) in &pairs {
+            let (was, is) = (most_open(was_rules, column), most_open(is_rules, column));
+            let words = format!(
+                "column {column}{which}: {} -> {}",
+                action_name(was),
+                action_name(is)
+            );
+            match openness(is).cmp(&openness(was)) {
+                std::cmp::Ordering::Greater => change.widened.push(words),
+                std::cmp::Ordering::Less => change.tightened.push(words),
+                std::cmp::Ordering::Equal if was != is => change
+                    .changed
+                    .push(format!("column {column}{which}: redaction text")),
+                std::cmp::Ordering::Equal => {}
+            }
         }
     }
-    if change.widened.is_empty() && change.tightened.is_empty() {
-        // same conditions and forms, in another order or split otherwise:
+    if change.widened.is_empty() && change.tightened.is_empty() && change.changed.is_empty() {
+        // the same conditions and forms, in another order or grouping:
         // which rule decides a row may change
         change
-            .widened
-            .push("the rules deciding rows changed (order or grouping)".into());
+            .changed
+            .push("the rules deciding rows were reordered or regrouped".into());
         change.rows_no_longer_sent = true;
     }
     Some(change)
@@ -268,15 +317,18 @@ columns = { id = "keep", home = "keep", plan = "keep", email = "null" }
                 .contains(&"column email: null -> hashed".to_owned()),
             "{c:?}"
         );
-        // the old condition is gone too: rows of it may stop
-        assert!(c.rows_no_longer_sent);
+        // the new condition covers the old one: no row stops
+        assert!(!c.rows_no_longer_sent && c.tightened.is_empty(), "{c:?}");
     }
 
     #[test]
     fn tightening_columns_only_keeps_rows() {
         let narrower = BASE.replace(r#"plan = "keep""#, r#"plan = "drop""#);
         let c = &changes(BASE, &narrower)[0];
-        assert_eq!(c.tightened, vec!["column plan: kept -> not sent"]);
+        assert_eq!(
+            c.tightened,
+            vec![r#"column plan (rows where plan in ["pro"]): kept -> not sent"#]
+        );
         assert!(c.widened.is_empty() && !c.rows_no_longer_sent, "{c:?}");
     }
 
@@ -294,6 +346,49 @@ columns = { id = "keep", home = "keep", plan = "keep", email = "null" }
         // and the other way round, rows are sent
         let c = &changes(none, BASE)[0];
         assert!(!c.rows_no_longer_sent && !c.widened.is_empty(), "{c:?}");
+    }
+
+    #[test]
+    fn one_rule_tightened_beside_another_is_a_tightening() {
+        let two = BASE.to_owned()
+            + r#"
+[[rules]]
+table = "public.accounts"
+from = ["na"]
+to = ["eu"]
+when = [{ column = "plan", equals = "free" }]
+columns = { id = "keep", home = "keep", plan = "keep", email = "keep" }
+"#;
+        let one_less = two.replacen(r#"email = "keep" }"#, r#"email = "null" }"#, 1);
+        let c = &changes(&two, &one_less)[0];
+        assert_eq!(
+            c.tightened,
+            vec![r#"column email (rows where plan = "free"): kept -> null"#]
+        );
+        assert!(c.widened.is_empty() && !c.rows_no_longer_sent, "{c:?}");
+        // the same rules in the other order: nothing more or less, but
+        // which rule decides may change
+        let swapped = BASE.to_owned() + &two[BASE.len()..];
+        let reordered = two[BASE.len()..]
+            .to_owned()
+            .replace("[[rules]]", "version = 1\n[[rules]]")
+            + &BASE.replace("version = 1", "");
+        assert!(changes(&two, &swapped).is_empty());
+        let c = &changes(&two, &reordered)[0];
+        assert!(c.widened.is_empty() && c.tightened.is_empty(), "{c:?}");
+        assert!(!c.changed.is_empty() && c.rows_no_longer_sent, "{c:?}");
+    }
+
+    #[test]
+    fn a_redaction_text_is_a_change_not_a_widening() {
+        let redacted = BASE.replace(r#"email = "null""#, r#"email = { redact = "x" }"#);
+        let other = redacted.replace(r#"redact = "x""#, r#"redact = "y""#);
+        let c = &changes(&redacted, &other)[0];
+        assert!(c.widened.is_empty() && c.tightened.is_empty(), "{c:?}");
+        assert_eq!(
+            c.changed,
+            vec![r#"column email (rows where plan in ["pro"]): redaction text"#]
+        );
     }
 
     #[test]
