@@ -44,6 +44,23 @@ pub(crate) struct RegionReport {
     pub inbound: Vec<InboundReport>,
     /// What it should share with the other regions.
     pub baseline: Option<crate::drift::Baseline>,
+    /// Its initial syncs to its peers, one per destination and table.
+    pub copies: Vec<CopyRow>,
+}
+
+/// One table's initial sync to one destination, as its source reports it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct CopyRow {
+    pub destination: String,
+    pub table: String,
+    /// waiting, copying, done or not_copied.
+    pub state: String,
+    pub rows: i64,
+    /// None before the copy counted them.
+    pub rows_expected: Option<i64>,
+    pub bytes: i64,
+    pub elapsed_seconds: f64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -254,7 +271,22 @@ pub(crate) async fn gather(
                 }
                 let baseline =
                     crate::drift::Baseline::from_reply(&reply.version, reply.baseline.as_ref());
+                let copies = reply
+                    .copies
+                    .iter()
+                    .map(|c| CopyRow {
+                        destination: c.destination.clone(),
+                        table: c.table.clone(),
+                        state: c.state.clone(),
+                        rows: c.rows,
+                        rows_expected: (c.rows_expected >= 0).then_some(c.rows_expected),
+                        bytes: c.bytes,
+                        elapsed_seconds: c.elapsed_seconds,
+                        last_error: (!c.last_error.is_empty()).then(|| c.last_error.clone()),
+                    })
+                    .collect();
                 regions.push(RegionReport {
+                    copies,
                     baseline: Some(baseline),
                     region,
                     reachable: true,
@@ -310,6 +342,7 @@ pub(crate) async fn gather(
                     slots: Vec::new(),
                     inbound: Vec::new(),
                     baseline: None,
+                    copies: Vec::new(),
                 });
             }
         }

@@ -917,6 +917,24 @@ async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> a
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // what the dashboard shows per table: na's copy of accounts to eu
+    let (_, report) = d.status(binary())?;
+    let na_copies = report["regions"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["region"] == "na"))
+        .map(|r| r["copies"].clone())
+        .unwrap_or_default();
+    assert!(
+        na_copies
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["destination"] == "eu"
+                && c["table"] == "public.accounts"
+                && c["state"] == "copying"
+                && c["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("could not lock")))),
+        "{na_copies}"
+    );
     // meanwhile the application writes on: the copy never queues it
     sqlx::raw_sql("UPDATE accounts SET email = 'not held back' WHERE id = 2")
         .execute(d.pool("na"))
