@@ -18,8 +18,11 @@ CREATE TABLE meridian.sync_tables (
     requested_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
     finished_at timestamptz,
-    -- why the copy last failed (it is retried), until a chunk is recorded
+    -- why the copy last failed (it is retried), until a chunk is recorded:
+    -- of this table when the error is the table's own (a lock it cannot
+    -- get), of any table of the link otherwise
     last_error text,
+    last_error_table_only boolean NOT NULL DEFAULT false,
     PRIMARY KEY (destination, table_name)
 );
 
@@ -49,7 +52,10 @@ CREATE TABLE meridian.sync_ranges (
 -- its reload, is compared with it at the next start or reload.
 CREATE TABLE meridian.sync_policy (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    -- false until the agent first records the policy in force
+    recorded boolean NOT NULL DEFAULT false,
     -- NULL: no policy
     policy text,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+INSERT INTO meridian.sync_policy DEFAULT VALUES;

@@ -154,6 +154,8 @@ pub(crate) struct CopyReport {
     /// Seconds since the link's copier last recorded progress on any
     /// pending table (tables queued behind another wait their turn).
     pub idle_seconds: Option<f64>,
+    /// The longest a failing table went without progress, seconds.
+    pub error_idle_seconds: Option<f64>,
     /// Why the source could not report its copies, if it could not.
     pub unreadable: Option<String>,
 }
@@ -171,6 +173,11 @@ impl CopyReport {
                     c.rows_expected += t.rows_expected.max(t.rows);
                     if !t.last_error.is_empty() {
                         c.error = Some(format!("{}: {}", t.table, t.last_error));
+                        c.error_idle_seconds = Some(
+                            c.error_idle_seconds
+                                .unwrap_or(0.0)
+                                .max(t.idle_seconds.max(0.0)),
+                        );
                     }
                     if t.idle_seconds >= 0.0 {
                         c.idle_seconds = Some(
@@ -385,10 +392,10 @@ pub(crate) async fn gather(
         // a copy that fails, or records nothing, while rows wait to be
         // copied is a stall, however healthy the stream looks
         if let Some(c) = l.copy.as_ref().filter(|c| c.tables_pending > 0) {
-            let idle = c.idle_seconds.unwrap_or(0.0);
-            let stalled = match &c.error {
-                Some(_) => idle >= thresholds.warn_seconds,
-                None => idle >= thresholds.critical_seconds,
+            // a failing table stalls however the link's other tables move
+            let stalled = match c.error_idle_seconds {
+                Some(idle) => idle >= thresholds.warn_seconds,
+                None => c.idle_seconds.unwrap_or(0.0) >= thresholds.critical_seconds,
             };
             if stalled {
                 l.health = "critical";
@@ -454,8 +461,9 @@ fn problem(l: &LinkReport, config: &Path, t: Thresholds) -> Option<String> {
         let idle = crate::human::duration(c.idle_seconds.unwrap_or(0.0));
         match &c.error {
             Some(e) => {
+                let stuck = crate::human::duration(c.error_idle_seconds.unwrap_or(0.0));
                 return Some(format!(
-                    "initial sync failing ({idle} without progress): {e}"
+                    "initial sync failing ({stuck} without progress): {e}"
                 ));
             }
             None if c.idle_seconds.unwrap_or(0.0) >= t.critical_seconds => {

@@ -84,7 +84,13 @@ impl Admin for AdminService {
                     reports.into_iter().map(copy_status).collect(),
                     String::new(),
                 ),
-                Ok(Err(e)) => (Vec::new(), format!("reading meridian.sync_tables: {e}")),
+                Ok(Err(e)) => (
+                    Vec::new(),
+                    format!(
+                        "reading meridian.sync_tables: {}",
+                        crate::sync::describe(&e.into())
+                    ),
+                ),
                 Err(_) => (
                     Vec::new(),
                     format!("the store did not answer within {BASELINE_TIMEOUT:?}"),

@@ -79,8 +79,7 @@ pub fn load(topology: &Topology, columns: &StoreColumns) -> anyhow::Result<Optio
         .map(|t| (t.name.clone(), t.home_column.clone()))
         .collect();
     Ok(Some(
-        Enforcer::new(policy, hash_key.map(String::into_bytes), &homes)
-            .with_digest(meridian_core::digest::sha256_hex(text.as_bytes())),
+        Enforcer::new(policy, hash_key.map(String::into_bytes), &homes).with_source(&text),
     ))
 }
 
@@ -171,7 +170,7 @@ pub async fn reload_and_copy(
 ) -> anyhow::Result<u64> {
     let _one = RELOADING.lock().await;
     let version = reload(topology, columns, shared)?;
-    queue_policy_changes(pool, topology, region, current(shared).as_deref())
+    queue_changes(pool, topology, region, current(shared).as_deref())
         .await
         .with_context(|| {
             format!(
@@ -195,61 +194,48 @@ pub async fn queue_policy_changes(
     region: &str,
     policy: Option<&Enforcer>,
 ) -> anyhow::Result<()> {
-    // the text behind the policy in force (unless the file changed since)
-    let text = match (&topology.policy, policy) {
-        (Some(path), Some(p)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read policy file {path}"))?;
-            if meridian_core::digest::sha256_hex(text.as_bytes()) != p.digest() {
-                tracing::warn!(file = %path, "the policy file changed since it was loaded; \
-                    its copies are queued at the next reload");
-                return Ok(());
-            }
-            Some(text)
-        }
-        _ => None,
-    };
+    let _one = RELOADING.lock().await;
+    queue_changes(pool, topology, region, policy).await
+}
+
+/// [`queue_policy_changes`], with [`RELOADING`] held.
+async fn queue_changes(
+    pool: &sqlx::PgPool,
+    topology: &Topology,
+    region: &str,
+    policy: Option<&Enforcer>,
+) -> anyhow::Result<()> {
+    let text = policy.map(|p| p.source().to_owned());
+    let regions: Vec<String> = topology.regions.keys().cloned().collect();
+    let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
     let mut tx = pool.begin().await?;
-    let recorded: Option<Option<String>> =
-        sqlx::query_scalar("SELECT policy FROM meridian.sync_policy FOR UPDATE")
-            .fetch_optional(&mut *tx)
+    // the migration made the row: it is locked even on a first start
+    let (recorded, before): (bool, Option<String>) =
+        sqlx::query_as("SELECT recorded, policy FROM meridian.sync_policy FOR UPDATE")
+            .fetch_one(&mut *tx)
             .await?;
-    let changes = match &recorded {
+    let changes = match (recorded, before) {
         // the first policy this store knows: new links copy what it allows
-        None => Vec::new(),
-        Some(before) if before == &text => Vec::new(),
-        Some(before) => {
-            let before = before
-                .as_deref()
-                .map(|t| parse(topology, t, "the previous policy", true));
-            let regions: Vec<String> = topology.regions.keys().cloned().collect();
-            let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
-            match before {
-                // a previous policy that no longer fits the topology: every route may differ
-                Some(Err(e)) => {
-                    tracing::warn!(error = %format!("{e:#}"),
-                        "the previous policy no longer parses; every route is copied again");
-                    meridian_policy::diff::diff(
-                        None,
-                        policy.map(Enforcer::policy),
-                        &regions,
-                        &tables,
-                    )
-                }
-                Some(Ok(before)) => meridian_policy::diff::diff(
-                    Some(&before),
-                    policy.map(Enforcer::policy),
-                    &regions,
-                    &tables,
-                ),
-                None => meridian_policy::diff::diff(
-                    None,
-                    policy.map(Enforcer::policy),
-                    &regions,
-                    &tables,
-                ),
-            }
+        (false, _) => Vec::new(),
+        (true, before) if before == text => Vec::new(),
+        (true, None) => {
+            meridian_policy::diff::diff(None, policy.map(Enforcer::policy), &regions, &tables)
         }
+        (true, Some(before)) => match parse(topology, &before, "the previous policy", true) {
+            Ok(before) => meridian_policy::diff::diff(
+                Some(&before),
+                policy.map(Enforcer::policy),
+                &regions,
+                &tables,
+            ),
+            // a previous policy that no longer fits the topology: every
+            // route may differ, every one is copied again
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"),
+                    "the previous policy no longer parses; every route is copied again");
+                every_route(&regions, &tables)
+            }
+        },
     };
     let mut by_destination: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for c in changes.iter().filter(|c| c.source == region) {
@@ -283,15 +269,33 @@ pub async fn queue_policy_changes(
             .collect();
         crate::sync::request(&mut *tx, destination, &tables, &reason).await?;
     }
-    sqlx::query(
-        "INSERT INTO meridian.sync_policy (one, policy) VALUES (true, $1)
-         ON CONFLICT (one) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
-    )
-    .bind(&text)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("UPDATE meridian.sync_policy SET recorded = true, policy = $1, updated_at = now()")
+        .bind(&text)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Every route between `regions` of `tables`, changed in a way not known.
+fn every_route(regions: &[String], tables: &[String]) -> Vec<meridian_policy::diff::RouteChange> {
+    let mut routes = Vec::new();
+    for table in tables {
+        for source in regions {
+            for destination in regions.iter().filter(|d| *d != source) {
+                routes.push(meridian_policy::diff::RouteChange {
+                    table: table.clone(),
+                    source: source.clone(),
+                    destination: destination.clone(),
+                    widened: Vec::new(),
+                    tightened: Vec::new(),
+                    changed: vec!["the previous policy no longer parses".into()],
+                    rows_no_longer_sent: true,
+                });
+            }
+        }
+    }
+    routes
 }
 
 /// Reloads the policy on SIGHUP ([`reload_and_copy`]).

@@ -282,14 +282,23 @@ impl Copier {
     /// Shows why the copy failed in `meridian sync status` until a chunk is
     /// recorded ([`describe`]: names, never values).
     async fn record_error(&self, e: &anyhow::Error) {
+        self.record_error_of(None, e).await
+    }
+
+    /// [`Copier::record_error`] for one table only (`Some`), or for every
+    /// pending table of the link (`None`).
+    async fn record_error_of(&self, table: Option<&str>, e: &anyhow::Error) {
         let recorded = async {
             let mut conn = PgConnection::connect(&self.store).await?;
             sqlx::query(
-                "UPDATE meridian.sync_tables SET last_error = $2
-                  WHERE destination = $1 AND state IN ('waiting', 'copying')",
+                "UPDATE meridian.sync_tables
+                    SET last_error = $2, last_error_table_only = $3::text IS NOT NULL
+                  WHERE destination = $1 AND state IN ('waiting', 'copying')
+                    AND ($3::text IS NULL OR table_name = $3)",
             )
             .bind(&self.destination)
             .bind(describe(e))
+            .bind(table)
             .execute(&mut conn)
             .await?;
             Ok::<_, sqlx::Error>(())
@@ -524,12 +533,15 @@ impl Copier {
                 // (chunks already marked still ship: rows at their position)
                 return Ok(());
             }
-            // the copy moves: an earlier failure is history
+            // the copy moves: an earlier failure of the link, or of this
+            // table, is history
             sqlx::query(
                 "UPDATE meridian.sync_tables SET last_error = NULL
-                  WHERE destination = $1 AND last_error IS NOT NULL",
+                  WHERE destination = $1 AND last_error IS NOT NULL
+                    AND (NOT last_error_table_only OR table_name = $2)",
             )
             .bind(&self.destination)
+            .bind(&range.table)
             .execute(&mut *conn)
             .await?;
         }
@@ -635,11 +647,14 @@ impl Copier {
                     );
                     // a wait that lasts shows in status, retried all the same
                     if waits.is_multiple_of(LOCK_WAITS_SHOWN) {
-                        self.record_error(&e.context(format!(
-                            "{name}: the copy could not lock the table in {waits} tries \
+                        self.record_error_of(
+                            Some(name),
+                            &e.context(format!(
+                                "{name}: the copy could not lock the table in {waits} tries \
                              (a long transaction writes it, or holds a stronger lock; \
                              see pg_locks); it keeps trying"
-                        )))
+                            )),
+                        )
                         .await;
                     }
                     // jittered, so copies of several links do not wait in step
@@ -665,7 +680,7 @@ impl Copier {
 /// An error as the copier logs and records it: its own contexts (names of
 /// tables and regions), and of a store error only its SQLSTATE and the
 /// names it points at, never its message (which may quote a value).
-fn describe(e: &anyhow::Error) -> String {
+pub fn describe(e: &anyhow::Error) -> String {
     let mut parts = Vec::new();
     for cause in e.chain() {
         if let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() {

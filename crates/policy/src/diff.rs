@@ -24,8 +24,9 @@ pub struct RouteChange {
     pub widened: Vec<String>,
     /// What no longer reaches it, or in a weaker form, in words.
     pub tightened: Vec<String>,
-    /// What changed without more or less reaching it (a redaction's text,
-    /// rules reordered or regrouped), in words.
+    /// What changed without being simply more or less (a redaction's text;
+    /// rules reordered or regrouped, which changes which rule decides a
+    /// row, so either), in words.
     pub changed: Vec<String>,
     /// Some rows sent before may no longer be sent: they stay at the
     /// destination until deleted there.
@@ -236,9 +237,11 @@ fn diff_route(
             match openness(is).cmp(&openness(was)) {
                 std::cmp::Ordering::Greater => change.widened.push(words),
                 std::cmp::Ordering::Less => change.tightened.push(words),
-                std::cmp::Ordering::Equal if was != is => change
-                    .changed
-                    .push(format!("column {column}{which}: redaction text")),
+                std::cmp::Ordering::Equal if matches!((was, is), (Some(Action::Redact(a)), Some(Action::Redact(b))) if a != b) => {
+                    change
+                        .changed
+                        .push(format!("column {column}{which}: redaction text"))
+                }
                 std::cmp::Ordering::Equal => {}
             }
         }

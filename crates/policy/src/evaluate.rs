@@ -80,16 +80,24 @@ pub struct Enforcer {
     global: Vec<String>,
     /// sha256 (hex) of the policy file's text; empty if not given.
     digest: String,
+    source: String,
 }
 
 impl Enforcer {
-    /// Records the sha256 (hex) of the file the policy was read from.
-    pub fn with_digest(mut self, digest: String) -> Enforcer {
-        self.digest = digest;
+    /// Records the text of the file the policy was read from, and its
+    /// sha256 (hex).
+    pub fn with_source(mut self, text: &str) -> Enforcer {
+        self.digest = meridian_core::digest::sha256_hex(text.as_bytes());
+        self.source = text.to_owned();
         self
     }
 
-    /// sha256 (hex) of the policy file's text, as [`Enforcer::with_digest`]
+    /// The policy file's text, as [`Enforcer::with_source`] recorded it.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// sha256 (hex) of the policy file's text, as [`Enforcer::with_source`]
     /// recorded it.
     pub fn digest(&self) -> &str {
         &self.digest
@@ -123,6 +131,7 @@ impl Enforcer {
             tables,
             global,
             digest: String::new(),
+            source: String::new(),
         }
     }
 
