@@ -6,15 +6,17 @@
 //! destination and table: waiting, copying, done, or not copied) and
 //! `meridian.sync_ranges` (a table's key ranges, each with the last key
 //! whose chunk the next hop holds durably). A link session runs one
-//! [`run`] task beside its capture: it plans waiting tables into ranges,
+//! [`Copier`] beside its capture: it plans waiting tables into ranges,
 //! reads ranges' chunks with [`COPIERS`] connections at once, and records a
 //! chunk only once the link's acknowledged position passed it, so a kill of
 //! either agent resumes from the last recorded chunk (a chunk read again is
 //! read at a new position, and applying it again is an upsert of the
 //! table's state there).
 //!
-//! A table is queued when its link is new (its slot was just made), when it
-//! joins the topology of a running link, and by `meridian sync start`.
+//! A table is queued when its link is new (its slot is about to be made),
+//! when it joins the topology of a running link, when a policy change
+//! alters its route (`residency::queue_policy_changes`), and by `meridian
+//! sync start` and `meridian resync`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
