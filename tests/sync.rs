@@ -234,6 +234,33 @@ async fn wait_equal(d: &Deployment, source: &str, destination: &str) -> anyhow::
     Ok(())
 }
 
+/// na and eu, their stores holding `seed` (`(region, sql)`) before the
+/// agents start.
+async fn start(
+    seed: &[(&str, &str)],
+    tables: &[(&str, &str, &str)],
+    policy: Option<&str>,
+    extra_topology: &str,
+    kafka: bool,
+) -> anyhow::Result<Deployment> {
+    Deployment::start_seeded(
+        binary(),
+        &Spec {
+            regions: &["na", "eu"],
+            schema: SCHEMA,
+            tables,
+            proxied: &[],
+            extra_topology,
+            policy,
+            agent_env: &[],
+            global_schema: None,
+            kafka,
+        },
+        seed,
+    )
+    .await
+}
+
 /// Rows to seed: `MERIDIAN_SYNC_ROWS` (default 1,000,000 in na, a tenth of
 /// that in eu).
 fn rows() -> i64 {
@@ -255,22 +282,7 @@ async fn copies_existing_rows_through_kills(kafka: bool, na_rows: i64) -> anyhow
     let na = format!("{na_seed}{stale}");
     let eu = seed("eu", eu_rows, 1 << 40);
     let started = Instant::now();
-    let mut d = Deployment::start_seeded(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: TABLES,
-            proxied: &[],
-            extra_topology: "",
-            policy: Some(POLICY),
-            agent_env: &[],
-            global_schema: None,
-            kafka,
-        },
-        &[("na", &na), ("eu", &eu)],
-    )
-    .await?;
+    let mut d = start(&[("na", &na), ("eu", &eu)], TABLES, Some(POLICY), "", kafka).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let inserted = Arc::new(AtomicI64::new(0));
     let writers = [
@@ -418,20 +430,12 @@ async fn a_table_added_to_the_topology_is_copied_then_streamed() -> anyhow::Resu
         .filter(|rule| !rule.contains("public.notes"))
         .collect::<Vec<_>>()
         .join("[[rules]]");
-    let mut d = Deployment::start_seeded(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: &TABLES[..2],
-            proxied: &[],
-            extra_topology: "",
-            policy: Some(&without_notes),
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
+    let mut d = start(
         &[("na", &na)],
+        &TABLES[..2],
+        Some(&without_notes),
+        "",
+        false,
     )
     .await?;
     wait_all_done(&d, "na", &d.pool("na").clone()).await?;
@@ -538,20 +542,12 @@ async fn a_region_added_to_a_running_deployment_gets_its_peers_rows_and_sends_it
 -> anyhow::Result<()> {
     let na = seed("na", 20_000, 0);
     let eu = seed("eu", 20_000, 1 << 40);
-    let mut d = Deployment::start_seeded(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: TABLES,
-            proxied: &[],
-            extra_topology: "[security]\nplaintext = true\n",
-            policy: None,
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
+    let mut d = start(
         &[("na", &na), ("eu", &eu)],
+        TABLES,
+        None,
+        "[security]\nplaintext = true\n",
+        false,
     )
     .await?;
     for r in ["na", "eu"] {
@@ -678,22 +674,7 @@ async fn wait_copy(d: &Deployment, table: &str, reason: &str) -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_widens_backfills_and_one_that_tightens_rewrites() -> anyhow::Result<()> {
     let na = seed("na", 20_000, 0);
-    let mut d = Deployment::start_seeded(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: TABLES,
-            proxied: &[],
-            extra_topology: "",
-            policy: Some(POLICY),
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-        &[("na", &na)],
-    )
-    .await?;
+    let mut d = start(&[("na", &na)], TABLES, Some(POLICY), "", false).await?;
     wait_all_done(&d, "na", &d.pool("na").clone()).await?;
     wait_equal(&d, "na", "eu").await?;
     let copies = "SELECT string_agg(copy_id::text, ',' ORDER BY table_name)
@@ -829,51 +810,19 @@ fn link_status(
     source: &str,
     destination: &str,
     warn: &str,
-) -> (Option<i32>, serde_json::Value) {
-    let out = std::process::Command::new(binary())
-        .args([
-            "status",
-            "--json",
-            "--warn-seconds",
-            warn,
-            "--critical-seconds",
-            "60",
-            "--config",
-        ])
-        .arg(&d.config)
-        .output()
-        .expect("run meridian status");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let link = report["links"]
-        .as_array()
-        .and_then(|l| {
-            l.iter()
-                .find(|l| l["source"] == source && l["destination"] == destination)
-        })
-        .cloned()
-        .unwrap_or_default();
-    (out.status.code(), link)
+) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
+    d.link_status_with(
+        binary(),
+        source,
+        destination,
+        &["--warn-seconds", warn, "--critical-seconds", "60"],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> anyhow::Result<()> {
     let na = seed("na", 10_000, 0);
-    let d = Deployment::start_seeded(
-        binary(),
-        &Spec {
-            regions: &["na", "eu"],
-            schema: SCHEMA,
-            tables: TABLES,
-            proxied: &[],
-            extra_topology: "",
-            policy: Some(POLICY),
-            agent_env: &[],
-            global_schema: None,
-            kafka: false,
-        },
-        &[("na", &na)],
-    )
-    .await?;
+    let d = start(&[("na", &na)], TABLES, Some(POLICY), "", false).await?;
     wait_all_done(&d, "na", &d.pool("na").clone()).await?;
     // a long transaction writes accounts; a copy is asked for meanwhile
     let mut holder = d.pool("na").begin().await?;
@@ -900,7 +849,7 @@ async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> a
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (code, link) = link_status(&d, "na", "eu", "1");
+        let (code, link) = link_status(&d, "na", "eu", "1")?;
         let problem = link["problem"].as_str().unwrap_or_default().to_owned();
         if link["copy"]["tables_pending"] == 1
             && problem.contains("initial sync failing")
@@ -944,7 +893,7 @@ async fn a_copy_held_back_by_a_lock_is_unhealthy_in_status_until_it_moves() -> a
     wait_copy(&d, "public.accounts", "requested (meridian sync start)").await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (code, link) = link_status(&d, "na", "eu", "30");
+        let (code, link) = link_status(&d, "na", "eu", "30")?;
         if code == Some(0) && link["health"] == "ok" && link["copy"]["tables_pending"] == 0 {
             break;
         }

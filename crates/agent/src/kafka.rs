@@ -39,7 +39,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::inbound::{self, RecordVerdict};
-use crate::link::{self, AbortOnDrop, LinkError, Outbound};
+use crate::link::{self, LinkError, Outbound};
 use crate::residency::{self, Audit, SharedPolicy};
 use crate::telemetry::{self, LinkState, Telemetry};
 
@@ -448,27 +448,14 @@ impl KafkaLink {
         let confirmed = stream.confirmed();
         self.acked
             .fetch_max(confirmed.load(Ordering::Acquire), Ordering::AcqRel);
-        let (queue, mut changes) = link::capture_queue();
-        let chunks = crate::sync::Chunks::new(&self.destination);
-        let mut capture = tokio::spawn(link::capture(
+        let (mut changes, mut capture, _tasks) = link::start_capture(
             stream,
-            queue,
-            self.store.clone(),
-            chunks.clone(),
-        ));
-        let _abort = AbortOnDrop(capture.abort_handle());
-        let copier = tokio::spawn(
-            crate::sync::Copier {
-                store: self.store.clone(),
-                source: self.source.clone(),
-                destination: self.destination.clone(),
-                tables: self.tables.clone(),
-                chunks,
-                acked: self.acked.clone(),
-            }
-            .run(),
+            &self.store,
+            &self.source,
+            &self.destination,
+            &self.tables,
+            &self.acked,
         );
-        let _abort_copier = AbortOnDrop(copier.abort_handle());
         self.telemetry
             .set_link_state(&self.destination, LinkState::Connected, None);
         tracing::info!(source = %self.source, destination = %self.destination, %topic,

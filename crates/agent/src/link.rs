@@ -246,18 +246,6 @@ impl Outbound for Link {
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Link {
-    /// The session's initial-sync copier, placing chunks through `chunks`.
-    fn copier(&self, chunks: Arc<crate::sync::Chunks>) -> crate::sync::Copier {
-        crate::sync::Copier {
-            store: self.store.clone(),
-            source: self.source.clone(),
-            destination: self.destination.clone(),
-            tables: self.tables.clone(),
-            chunks,
-            acked: self.acked.clone(),
-        }
-    }
-
     async fn session(&self) -> Result<(), LinkError> {
         let (incarnation, source_pool) =
             crate::lifecycle::check_link(&self.store, &self.slot, &self.source, &self.destination)
@@ -347,12 +335,14 @@ impl Link {
 
         // capture runs in its own task so a slow peer never stalls the
         // replication connection's status reports
-        let (queue, mut changes) = capture_queue();
-        let chunks = crate::sync::Chunks::new(&self.destination);
-        let mut capture = tokio::spawn(capture(stream, queue, self.store.clone(), chunks.clone()));
-        let _abort = AbortOnDrop(capture.abort_handle());
-        let copier = tokio::spawn(self.copier(chunks).run());
-        let _abort_copier = AbortOnDrop(copier.abort_handle());
+        let (mut changes, mut capture, _tasks) = start_capture(
+            stream,
+            &self.store,
+            &self.source,
+            &self.destination,
+            &self.tables,
+            &self.acked,
+        );
 
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut seq = 0u64;
@@ -544,6 +534,51 @@ fn too_large(batch: &[Transaction], max_change_bytes: usize) -> Option<String> {
          first) and restart them: the link waits at that change, nothing is skipped",
         change.table.schema, change.table.name
     ))
+}
+
+/// A link session's capture task and initial-sync copier: aborted when
+/// dropped, with the session.
+pub(crate) struct SessionTasks {
+    _aborts: [AbortOnDrop; 2],
+}
+
+/// Starts a link session's capture from `stream` (into a queue bounded by
+/// [`capture_queue`]) and its initial-sync copier, whose chunks the capture
+/// places ([`crate::sync`]). Returns the queue, the capture task (it ends
+/// only on an error), and what keeps both running.
+pub(crate) fn start_capture(
+    stream: ReplicationStream,
+    store: &str,
+    source: &str,
+    destination: &str,
+    tables: &[meridian_core::topology::TableSpec],
+    acked: &Arc<AtomicU64>,
+) -> (
+    mpsc::Receiver<Captured>,
+    tokio::task::JoinHandle<Result<(), CaptureError>>,
+    SessionTasks,
+) {
+    let (queue, changes) = capture_queue();
+    let chunks = crate::sync::Chunks::new(destination);
+    let capture = tokio::spawn(capture(stream, queue, store.to_owned(), chunks.clone()));
+    let copier = tokio::spawn(
+        crate::sync::Copier {
+            store: store.to_owned(),
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            tables: tables.to_vec(),
+            chunks,
+            acked: acked.clone(),
+        }
+        .run(),
+    );
+    let tasks = SessionTasks {
+        _aborts: [
+            AbortOnDrop(capture.abort_handle()),
+            AbortOnDrop(copier.abort_handle()),
+        ],
+    };
+    (changes, capture, tasks)
 }
 
 /// Reads committed transactions from the slot into `out`, keeping the

@@ -572,15 +572,8 @@ impl Copier {
                     .await?;
                 let spec = self.spec(name)?;
                 let (schema, table) = spec.split_name();
-                conn.execute(
-                    format!(
-                        "LOCK TABLE {}.{} IN SHARE MODE",
-                        quote_ident(schema),
-                        quote_ident(table)
-                    )
-                    .as_str(),
-                )
-                .await?;
+                conn.execute(snapshot::lock_statement(schema, table).as_str())
+                    .await?;
                 // writers wait for the read: bound it
                 conn.execute(
                     format!(
@@ -686,17 +679,12 @@ pub fn describe(e: &anyhow::Error) -> String {
     let mut parts = Vec::new();
     for cause in e.chain() {
         if let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() {
-            let mut s = format!(
-                "store error SQLSTATE {}",
-                db.code().as_deref().unwrap_or("?")
-            );
-            if let Some(t) = db.table() {
-                s += &format!(" on table {t}");
-            }
-            if let Some(c) = db.constraint() {
-                s += &format!(" (constraint {c})");
-            }
-            parts.push(s);
+            parts.push(meridian_apply::error::data_reason(
+                db.table().unwrap_or("the store"),
+                db.code().as_deref().unwrap_or("?"),
+                None,
+                db.constraint(),
+            ));
             // its sources are the server's message itself
             break;
         }

@@ -181,11 +181,6 @@ impl SyncTable {
         )
     }
 
-    /// The statement that holds writers back while a chunk is read.
-    pub fn lock_statement(&self) -> String {
-        format!("LOCK TABLE {} IN SHARE MODE", self.qualified())
-    }
-
     /// The chunk's rows as inserts (upserts at the destination).
     pub fn inserts(&self, rows: Vec<Row>) -> Vec<Change> {
         rows.into_iter()
@@ -206,6 +201,16 @@ impl SyncTable {
             })
             .collect()
     }
+}
+
+/// The statement that holds the writers of `schema.table` back while a
+/// chunk is read.
+pub fn lock_statement(schema: &str, table: &str) -> String {
+    format!(
+        "LOCK TABLE {}.{} IN SHARE MODE",
+        quote_ident(schema),
+        quote_ident(table)
+    )
 }
 
 /// A string as an SQL literal (standard conforming strings).
@@ -419,7 +424,7 @@ mod tests {
         );
         assert!(!t.chunk_query("na", None, None, 1).contains(" > "));
         assert_eq!(
-            t.lock_statement(),
+            lock_statement("app", "order lines"),
             "LOCK TABLE \"app\".\"order lines\" IN SHARE MODE"
         );
     }

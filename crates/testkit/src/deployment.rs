@@ -560,8 +560,19 @@ impl Deployment {
 
     /// `binary status --json`: its exit code and report.
     pub fn status(&self, binary: &Path) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
+        self.status_with(binary, &[])
+    }
+
+    /// [`Deployment::status`] with more arguments (thresholds).
+    pub fn status_with(
+        &self,
+        binary: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
         let out = std::process::Command::new(binary)
-            .args(["status", "--json", "--config"])
+            .args(["status", "--json"])
+            .args(args)
+            .arg("--config")
             .arg(&self.config)
             .output()?;
         let report = serde_json::from_slice(&out.stdout).with_context(|| {
@@ -582,7 +593,20 @@ impl Deployment {
         source: &str,
         destination: &str,
     ) -> anyhow::Result<(bool, serde_json::Value)> {
-        let (code, report) = self.status(binary)?;
+        let (code, link) = self.link_status_with(binary, source, destination, &[])?;
+        Ok((code == Some(0), link))
+    }
+
+    /// The link `source -> destination` as `binary status --json <args>`
+    /// reports it (null when absent), and the exit code.
+    pub fn link_status_with(
+        &self,
+        binary: &Path,
+        source: &str,
+        destination: &str,
+        args: &[&str],
+    ) -> anyhow::Result<(Option<i32>, serde_json::Value)> {
+        let (code, report) = self.status_with(binary, args)?;
         let link = report["links"]
             .as_array()
             .and_then(|l| {
@@ -591,7 +615,7 @@ impl Deployment {
             })
             .cloned()
             .unwrap_or_default();
-        Ok((code == Some(0), link))
+        Ok((code, link))
     }
 
     /// md5 and row count of a table's rows in primary-key order.
